@@ -1,0 +1,392 @@
+"""The one typed configuration: dataclass schema, YAML load/merge, validation, CLI dotlist overrides.
+
+Precedence: CLI dotlist > profile > base file. Every error names the dotted key and the source it came from.
+No other module reads YAML or environment variables for settings; they receive a `PillSnapConfig`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "pillsnap.yaml"
+PROFILE_DIR = REPO_ROOT / "configs" / "profiles"
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is wrong; the message names it."""
+
+
+@dataclass
+class PathsConfig:
+    data_root: str = "data/aihub"  # AIHub layout root holding train/ (and val/ = the sealed test split)
+    manifest_csv: Optional[str] = None  # a plain manifest CSV instead of the AIHub layout
+    exp_dir: str = "exp/exp01"
+    pretrained_dir: Optional[str] = None
+
+
+@dataclass
+class SynthConfig:
+    out_dir: str = "data/synthetic"
+    num_classes: int = 50
+    images_per_class: int = 100
+    test_images_per_class: int = 10
+    combinations: int = 40  # distinct combination folders (2-5 pills each) in train
+    test_combinations: int = 8
+    images_per_combination: int = 4
+    width: int = 976
+    height: int = 1280
+    seed: int = 0
+    workers: int = 0  # 0 = one per core
+
+
+@dataclass
+class StageSpec:
+    classes: Optional[int] = None  # None = every class of the manifest
+    images: Optional[int] = None  # single-pill images (train + val); None = all of those classes
+    min_accuracy: float = 0.78
+    max_latency_ms: float = 220.0
+    min_coverage: float = 0.20
+    min_eval_samples: int = 2000
+    max_acc_drop: float = 0.02
+    epsilon_acc: float = 0.002
+
+
+@dataclass
+class ValidationConfig:
+    check_images: bool = True  # decode every image (detects truncated / unreadable files)
+    hash_duplicates: bool = True  # content-hash images to find duplicates across splits
+    workers: int = 0  # 0 = one per core
+    max_corrupt_fraction: float = 0.01
+    max_missing_fraction: float = 0.01
+    max_bbox_error_fraction: float = 0.01
+    max_duplicate_fraction: float = 0.01
+    fail_on_val_only_classes: bool = False
+    min_images_per_class: int = 2
+
+
+@dataclass
+class DataConfig:
+    source: str = "aihub"  # aihub | csv | synthetic
+    seed: int = 42
+    val_fraction: float = 0.15
+    current_stage: int = 1
+    stages: Dict[int, StageSpec] = field(default_factory=dict)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    include_combination_crops: bool = False  # add combination pills (cropped) to classifier training
+
+
+@dataclass
+class PipelineConfig:
+    mode: str = "user_controlled"  # user_controlled: the caller picks single | combo | auto
+
+
+@dataclass
+class ClassificationConfig:
+    backbone: str = "tf_efficientnetv2_s"
+    image_size: int = 384
+    pretrained_path: Optional[str] = None  # local weights file; None = from scratch
+    drop_rate: float = 0.2
+    drop_path_rate: float = 0.1
+    crop_padding: float = 0.15  # padding around a detected box when classifying crops
+
+
+@dataclass
+class DetectionConfig:
+    enabled: bool = True
+    scale: str = "m"  # n | s | m | l | x
+    image_size: int = 640
+    activation: str = "silu"  # silu | relu | leaky_relu
+    pretrained_path: Optional[str] = None
+    conf_threshold: float = 0.25
+    iou_threshold: float = 0.5
+    max_det: int = 50
+    include_single_images: bool = False
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = True
+    monitor: str = "macro_f1"
+    mode: str = "max"
+    patience: int = 7
+    min_delta: float = 0.0
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9998
+
+
+@dataclass
+class OomConfig:
+    # Guard-rail keys (D-8): they must be present in the config; the schema has no default for them.
+    max_retries: int = MISSING
+    max_grad_accum: int = MISSING
+    min_batch: int = MISSING
+    cooldown_sec: float = MISSING
+    escalate_to_fp16: bool = MISSING
+    inject_at_steps: List[int] = field(default_factory=list)  # fault injection: synthetic OOM at these steps
+
+
+@dataclass
+class ModelTrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    auto_batch_tune: bool = True
+    auto_batch_max: int = 64
+
+
+@dataclass
+class StageOverride:
+    batch_size_override: Optional[int] = None
+    compile_mode: Optional[str] = None
+    memory_format: Optional[str] = None
+    num_workers_override: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    strategy: str = "interleaved"  # sequential | interleaved
+    interleave_ratio: List[int] = field(default_factory=lambda: [1, 1])
+    grad_accum_steps: int = 1
+    weight_decay: float = 0.05
+    scheduler: str = "cosine"
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    zero_grad_set_to_none: bool = True
+    seed: int = 42
+    deterministic: bool = False
+    resume: str = "last"  # none | last
+    recovery_every_steps: int = 500
+    step_log_interval: int = 50
+    max_steps_per_epoch: Optional[int] = None  # cap for smoke runs
+    auto_batch_vram_headroom: float = 0.88
+    classification: ModelTrainConfig = field(default_factory=ModelTrainConfig)
+    detection: ModelTrainConfig = field(
+        default_factory=lambda: ModelTrainConfig(epochs=50, batch_size=16, lr=1.0e-3, auto_batch_max=16)
+    )
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    oom: OomConfig = field(default_factory=OomConfig)
+    stage_overrides: Dict[str, StageOverride] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizationConfig:
+    amp: bool = True
+    amp_dtype: str = "auto"  # auto | bf16 | fp16
+    tf32: bool = True
+    channels_last: bool = True
+    torch_compile: str = "reduce-overhead"  # none | reduce-overhead | max-autotune
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = True
+    dir: Optional[str] = None  # None = <exp_dir>/data/cache
+
+
+@dataclass
+class DataloaderConfig:
+    num_workers: int = 8
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 4
+    drop_last: bool = True
+    autotune_workers: bool = True
+    autotune_candidates: List[int] = field(default_factory=lambda: [4, 8, 12, 16])
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.1
+    use_class_weights: bool = False
+    class_weight_mode: str = "inverse_frequency"  # inverse_frequency | effective_number
+    weighted_sampler: bool = False
+
+
+@dataclass
+class InferenceConfig:
+    mode: str = "auto"  # single | combo | auto
+    engine: str = "torch"  # torch | onnx
+    single_confidence_threshold: float = 0.30
+    lazy_load_detector: bool = True
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 17
+    dynamic_batch: bool = True
+    parity_samples: int = 64
+    min_top1_agreement: float = 0.995
+    max_map_diff: float = 0.01
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "INFO"
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class OrchestrationConfig:
+    interactive_review: bool = False  # pause the flow for a human choice in the UI
+    review_timeout_s: int = 3600
+    unattended_policy: Dict[str, str] = field(
+        default_factory=lambda: {"RECOMMEND_PROCEED": "proceed", "SUGGEST_OPTIMIZE": "stop", "WARN_STOP": "stop"}
+    )
+    webhook_url: Optional[str] = None
+
+
+@dataclass
+class PillSnapConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+
+    @property
+    def exp_dir(self) -> Path:
+        return Path(self.paths.exp_dir)
+
+    def stage(self, n: int) -> StageSpec:
+        if n not in self.data.stages:
+            raise ConfigError(f"data.stages: no stage {n} (have {sorted(self.data.stages)})")
+        return self.data.stages[n]
+
+
+# Values checked beyond their type: key -> allowed values.
+_CHOICES = {
+    "data.source": {"aihub", "csv", "synthetic"},
+    "detection.scale": {"n", "s", "m", "l", "x"},
+    "detection.activation": {"silu", "relu", "leaky_relu"},
+    "train.strategy": {"sequential", "interleaved"},
+    "train.resume": {"none", "last"},
+    "train.scheduler": {"cosine", "constant"},
+    "train.early_stopping.mode": {"max", "min"},
+    "optimization.amp_dtype": {"auto", "bf16", "fp16"},
+    "optimization.torch_compile": {"none", "reduce-overhead", "max-autotune"},
+    "loss.class_weight_mode": {"inverse_frequency", "effective_number"},
+    "inference.mode": {"single", "combo", "auto"},
+    "inference.engine": {"torch", "onnx"},
+}
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: bad config key '{key}': {msg}") from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # yaml parser errors have many types
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def _check(cfg: DictConfig, source: str) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{source}: missing required config key(s): {', '.join(missing)}")
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {key}={value!r} is not one of {sorted(allowed)}")
+    ratio = list(cfg.train.interleave_ratio)
+    if len(ratio) != 2 or min(ratio) < 0 or sum(ratio) == 0:
+        raise ConfigError(f"{source}: train.interleave_ratio={ratio} must be two non-negative ints, not both 0")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"{source}: data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+
+
+def profile_path(profile: str) -> Path:
+    path = Path(profile)
+    if path.suffix in {".yaml", ".yml"}:
+        return path
+    candidate = PROFILE_DIR / f"{profile}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown profile '{profile}' (known: {', '.join(known)})")
+    return candidate
+
+
+def load_config(
+    config_path: Optional[str | Path] = None,
+    profile: Optional[str] = None,
+    overrides: Sequence[str] = (),
+) -> PillSnapConfig:
+    """Base file, then the profile, then `key=value` overrides; validated; returned as a typed object."""
+    base_path = Path(config_path) if config_path else DEFAULT_CONFIG
+    cfg = OmegaConf.structured(PillSnapConfig)
+    cfg = _merge(cfg, _read_yaml(base_path), str(base_path))
+    source = str(base_path)
+    if profile:
+        path = profile_path(profile)
+        cfg = _merge(cfg, _read_yaml(path), str(path))
+        source = f"{base_path} + {path}"
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"command-line override: {e}") from None
+        cfg = _merge(cfg, dotlist, "command-line override")
+        source += " + command line"
+    _check(cfg, source)
+    return OmegaConf.to_object(cfg)
+
+
+def to_dict(cfg: PillSnapConfig) -> Dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_dict(data: Dict[str, Any]) -> PillSnapConfig:
+    cfg = _merge(OmegaConf.structured(PillSnapConfig), data, "config dict")
+    _check(cfg, "config dict")
+    return OmegaConf.to_object(cfg)
+
+
+def to_yaml(cfg: PillSnapConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: PillSnapConfig) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_resolved(cfg: PillSnapConfig, exp_dir: Optional[Path] = None) -> Path:
+    out = Path(exp_dir or cfg.exp_dir) / "config.resolved.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(out)
+    return out
