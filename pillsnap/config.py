@@ -250,6 +250,49 @@ class OrchestrationConfig:
 
 
 @dataclass
+class TargetSpec:
+    """One stage target (D-14): the result at dotted key `metric` must be `op` (>= | <=) `value`."""
+
+    metric: str = MISSING  # dotted key into the evaluation results, e.g. "detection.mAP_0.5"
+    op: str = ">="
+    value: float = MISSING
+
+
+@dataclass
+class StageCriteria:
+    mandatory_checks: List[str] = field(default_factory=list)  # names in results["mandatory_checks"]
+    targets: List[TargetSpec] = field(default_factory=list)  # scored (performance score)
+    advanced: List[TargetSpec] = field(default_factory=list)  # reported, not scored
+
+
+@dataclass
+class RecommendationThresholds:
+    # Spec D-14 advisor code: score >= 0.7 proceed, >= 0.5 optimize, else stop.
+    # Set proceed_min_score: 1.0 for the stricter D-14 table ("proceed only when every target is met").
+    proceed_min_score: float = 0.7
+    optimize_min_score: float = 0.5
+
+
+@dataclass
+class AdvisorConfig:
+    max_repeated_oom: int = 5  # more OOMs than this in one run is a critical failure
+    max_data_corruption_rate: float = 0.01
+    gpu_memory_high_gb: float = 14.0
+    max_data_to_compute_ratio: float = 0.5  # data_time above this fraction of compute_time = input-bound
+    max_data_loading_s: float = 3.0
+    low_metric_fraction: float = 0.8  # a metric below this fraction of its target gets suggestions
+    max_class_imbalance_ratio: float = 10.0
+    worst_classes: int = 10
+
+
+@dataclass
+class EvaluationConfig:
+    recommendation: RecommendationThresholds = field(default_factory=RecommendationThresholds)
+    advisor: AdvisorConfig = field(default_factory=AdvisorConfig)
+    stages: Dict[int, StageCriteria] = field(default_factory=dict)  # D-14 tables, in the YAML
+
+
+@dataclass
 class PillSnapConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -265,6 +308,7 @@ class PillSnapConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     @property
     def exp_dir(self) -> Path:

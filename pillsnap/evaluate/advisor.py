@@ -1,0 +1,223 @@
+"""D-14 OptimizationAdvisor: turns a stage's results into a recommendation, options and config suggestions.
+
+It only returns data. The orchestrator shows it and pauses for a human choice among `Advice.options`
+(stable ids: "proceed", "rerun_optimized", "stop"), or applies `orchestration.unattended_policy`.
+Order of judgement: critical failures, then mandatory checks, then the performance score.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+from pillsnap.config import PillSnapConfig
+from pillsnap.evaluate.criteria import (
+    RECOMMEND_PROCEED,
+    SUGGEST_OPTIMIZE,
+    WARN_STOP,
+    CriteriaReport,
+    evaluate_criteria,
+    read_metric,
+    recommendation_for_score,
+)
+from pillsnap.evaluate.suggestions import (
+    LOSS_KEYS,
+    Suggestion,
+    dedupe,
+    diagnose,
+    memory_suggestions,
+    nan_loss_suggestions,
+    worst_classes,
+)
+
+PROCEED, RERUN_OPTIMIZED, STOP = "proceed", "rerun_optimized", "stop"
+OPTION_IDS = (PROCEED, RERUN_OPTIMIZED, STOP)
+
+REPEATED_OOM, NAN_LOSS, DATA_CORRUPTION = "REPEATED_OOM", "NAN_LOSS", "DATA_CORRUPTION"
+_COLORS = {RECOMMEND_PROCEED: "green", SUGGEST_OPTIMIZE: "yellow", WARN_STOP: "red"}
+
+
+@dataclass(frozen=True)
+class Option:
+    id: str  # proceed | rerun_optimized | stop
+    label: str
+
+
+@dataclass(frozen=True)
+class CriticalFailure:
+    code: str  # REPEATED_OOM | NAN_LOSS | DATA_CORRUPTION
+    key: str  # the results key that showed it
+    measured: float
+    limit: Optional[float]
+
+
+@dataclass(frozen=True)
+class Advice:
+    stage: int
+    recommendation: str  # RECOMMEND_PROCEED | SUGGEST_OPTIMIZE | WARN_STOP
+    reason: str
+    message: str
+    performance_score: Optional[float]
+    options: List[Option]  # in the spec's order; the first is the recommended choice
+    suggestions: List[Suggestion] = field(default_factory=list)
+    critical_failures: List[CriticalFailure] = field(default_factory=list)
+    failed_mandatory: List[str] = field(default_factory=list)
+    worst_classes: List[Dict[str, Any]] = field(default_factory=list)
+    criteria: Optional[CriteriaReport] = None
+
+    @property
+    def color(self) -> str:
+        return _COLORS[self.recommendation]
+
+    @property
+    def recommended_option(self) -> str:
+        return self.options[0].id
+
+    @property
+    def option_ids(self) -> List[str]:
+        return [o.id for o in self.options]
+
+    def overrides(self) -> List[str]:
+        """The suggestions as CLI dotlist overrides, for a rerun."""
+        return [s.as_override() for s in self.suggestions]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "recommendation": self.recommendation,
+            "color": self.color,
+            "reason": self.reason,
+            "message": self.message,
+            "performance_score": self.performance_score,
+            "recommended_option": self.recommended_option,
+            "options": [{"id": o.id, "label": o.label} for o in self.options],
+            "suggestions": [s.to_dict() for s in self.suggestions],
+            "overrides": self.overrides(),
+            "critical_failures": [asdict(c) for c in self.critical_failures],
+            "failed_mandatory": list(self.failed_mandatory),
+            "worst_classes": list(self.worst_classes),
+            "criteria": self.criteria.to_dict() if self.criteria else None,
+        }
+
+
+def _next_step(stage: int) -> str:
+    return "the final test" if stage >= 4 else f"Stage {stage + 1}"
+
+
+def _options(reason: str, stage: int) -> List[Option]:
+    """The user's choices per outcome; labels keep the spec's meaning, ids are what the orchestrator acts on."""
+    nxt = _next_step(stage)
+    table = {
+        "all_targets_met": [
+            Option(PROCEED, f"Proceed to {nxt}"),
+            Option(RERUN_OPTIMIZED, "Optimize further at the current stage"),
+            Option(STOP, "Stop here and review the detailed analysis report"),
+        ],
+        "sufficient_performance": [
+            Option(PROCEED, f"Proceed to {nxt} with the current performance"),
+            Option(RERUN_OPTIMIZED, "Apply the recommended optimizations and retry"),
+            Option(STOP, "Stop for manual hyperparameter tuning"),
+        ],
+        "performance_below_target": [
+            Option(RERUN_OPTIMIZED, "Apply the suggestions and retry"),
+            Option(PROCEED, f"Proceed to {nxt} with the current performance (risky)"),
+            Option(STOP, "Stop for detailed debugging"),
+        ],
+        "performance_too_low": [
+            Option(RERUN_OPTIMIZED, "Apply strong optimizations and retry"),
+            Option(STOP, "Stop to review the architecture and check data quality"),
+        ],
+        "nothing_measured": [
+            Option(RERUN_OPTIMIZED, "Rerun the stage so that its targets get measured"),
+            Option(STOP, "Stop and find out why no target was measured"),
+        ],
+        "mandatory_checks_failed": [
+            Option(RERUN_OPTIMIZED, "Fix the failing mandatory checks and rerun the stage"),
+            Option(STOP, "Stop and investigate the failing checks"),
+        ],
+        "critical_failure": [
+            Option(STOP, "Stop and investigate (logs, OOM history, data validation report)"),
+            Option(RERUN_OPTIMIZED, "Apply the suggested fixes and rerun the stage"),
+        ],
+    }
+    return table[reason]
+
+
+def detect_critical_failures(results: Mapping[str, Any], max_repeated_oom: int, max_corruption: float) -> List[CriticalFailure]:
+    """Stop criteria common to all stages: repeated OOM, a NaN/inf loss, too much corrupt data."""
+    found = []
+    ooms = read_metric(results, "repeated_oom")
+    if ooms is not None and ooms > max_repeated_oom:
+        found.append(CriticalFailure(REPEATED_OOM, "repeated_oom", ooms, max_repeated_oom))
+    for key in LOSS_KEYS:
+        loss = read_metric(results, key)
+        if loss is not None and not math.isfinite(loss):
+            found.append(CriticalFailure(NAN_LOSS, key, loss, None))
+    corruption = read_metric(results, "data_corruption_rate")
+    if corruption is not None and corruption > max_corruption:
+        found.append(CriticalFailure(DATA_CORRUPTION, "data_corruption_rate", corruption, max_corruption))
+    return found
+
+
+class OptimizationAdvisor:
+    def __init__(self, cfg: PillSnapConfig):
+        self.cfg = cfg
+
+    def evaluate_and_recommend(self, stage: int, results: Mapping[str, Any]) -> Advice:
+        if not isinstance(results, Mapping):
+            raise TypeError(f"results must be a dict, got {type(results).__name__}")
+        limits = self.cfg.evaluation.advisor
+        report = evaluate_criteria(self.cfg.evaluation, stage, results)
+        worst = worst_classes(results, limits.worst_classes)
+        critical = detect_critical_failures(results, limits.max_repeated_oom, limits.max_data_corruption_rate)
+        if critical:
+            return self._critical_failure(stage, results, report, critical, worst)
+        if not report.mandatory_passed:
+            return self._advice(stage, WARN_STOP, "mandatory_checks_failed", report, results, worst,
+                                f"Stage {stage}: mandatory checks not passed: {', '.join(report.failed_mandatory)}")
+        level = recommendation_for_score(report.performance_score, self.cfg.evaluation.recommendation)
+        reason, message = self._reason_for(stage, level, report)
+        return self._advice(stage, level, reason, report, results, worst, message)
+
+    def diagnose_and_suggest(self, stage: int, results: Mapping[str, Any]) -> List[Suggestion]:
+        report = evaluate_criteria(self.cfg.evaluation, stage, results)
+        return diagnose(self.cfg, results, report)
+
+    @staticmethod
+    def _reason_for(stage: int, level: str, report: CriteriaReport) -> tuple[str, str]:
+        score = report.performance_score
+        if score is None:
+            return "nothing_measured", f"Stage {stage}: no performance target was measured"
+        if level == RECOMMEND_PROCEED and report.all_targets_met:
+            return "all_targets_met", f"Stage {stage}: all targets met"
+        if level == RECOMMEND_PROCEED:
+            return "sufficient_performance", f"Stage {stage}: sufficient performance (score {score:.3f})"
+        if level == SUGGEST_OPTIMIZE:
+            return "performance_below_target", f"Stage {stage}: performance below target; optimization recommended"
+        return "performance_too_low", f"Stage {stage}: performance is very low (score {score:.3f})"
+
+    def _advice(self, stage: int, level: str, reason: str, report: CriteriaReport, results: Mapping[str, Any],
+                worst: List[Dict[str, Any]], message: str) -> Advice:
+        return Advice(
+            stage=stage, recommendation=level, reason=reason, message=message,
+            performance_score=report.performance_score, options=_options(reason, stage),
+            suggestions=diagnose(self.cfg, results, report), failed_mandatory=report.failed_mandatory,
+            worst_classes=worst, criteria=report,
+        )
+
+    def _critical_failure(self, stage: int, results: Mapping[str, Any], report: CriteriaReport,
+                          critical: List[CriticalFailure], worst: List[Dict[str, Any]]) -> Advice:
+        fixes: List[Suggestion] = []
+        for failure in critical:
+            if failure.code == REPEATED_OOM:
+                fixes += memory_suggestions(self.cfg, results, why=f"{int(failure.measured)} OOMs in one run")
+            elif failure.code == NAN_LOSS:
+                fixes += nan_loss_suggestions(self.cfg)
+        codes = ", ".join(sorted({c.code for c in critical}))
+        return Advice(
+            stage=stage, recommendation=WARN_STOP, reason="critical_failure",
+            message=f"Stage {stage}: critical failure ({codes}); the results cannot be trusted",
+            performance_score=report.performance_score, options=_options("critical_failure", stage),
+            suggestions=dedupe(fixes + diagnose(self.cfg, results, report)), critical_failures=critical,
+            failed_mandatory=report.failed_mandatory, worst_classes=worst, criteria=report,
+        )

@@ -1,0 +1,215 @@
+"""D-14 stage criteria: mandatory checks, performance targets, and the performance score.
+
+The tables live in the config (`evaluation.stages[n]`), so this module holds only the rules.
+
+Results layout: a dict, nested by group, e.g.
+    {"mandatory_checks": {"pipeline_complete": True, ...},
+     "detection": {"mAP_0.5": 0.41, "mAP_0.5_0.95": 0.22, "precision": 0.5, "recall": 0.4, "inference_time_ms": 31},
+     "classification": {"accuracy": 0.7, "macro_f1": 0.6, "top5": 0.9, "per_class_f1_min": 0.2, ...},
+     "system": {"gpu_memory_gb": 11.2, "data_loading_s": 0.8, "data_time_s": 0.02, "compute_time_s": 0.11},
+     "optimization": {...}, "scalability": {...}, "production": {...}, "advanced": {...}}
+A target's `metric` is a dotted path into it ("detection.mAP_0.5"); a flat key spelled the same way works too.
+The "classification" group is what `pillsnap.evaluate.metrics.classification_metrics` returns.
+
+Performance score (one number per stage, 0..1): the mean, over the targets that were measured, of
+    min(measured / target, 1)   for ">=" targets (higher is better)
+    min(target / measured, 1)   for "<=" targets (lower is better)
+so 1.0 means every measured target is met, and a metric at half its target contributes 0.5.
+A NaN measurement contributes 0. Targets with no measurement are reported as "not_measured" and left out
+of the mean; when nothing was measured the score is None (callers must not read that as a pass).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from pillsnap.config import ConfigError, EvaluationConfig, RecommendationThresholds, StageCriteria, TargetSpec
+
+GE, LE = ">=", "<="
+MET, NOT_MET, NOT_MEASURED = "met", "not_met", "not_measured"
+PASSED, FAILED = "passed", "failed"
+RECOMMEND_PROCEED, SUGGEST_OPTIMIZE, WARN_STOP = "RECOMMEND_PROCEED", "SUGGEST_OPTIMIZE", "WARN_STOP"
+
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    metric: str
+    op: str
+    target: float
+    measured: Optional[float]
+    status: str  # met | not_met | not_measured
+    score: Optional[float]  # contribution to the performance score; None when not measured
+
+
+@dataclass(frozen=True)
+class MandatoryResult:
+    name: str
+    status: str  # passed | failed | not_measured
+
+
+@dataclass(frozen=True)
+class CriteriaReport:
+    stage: int
+    mandatory: List[MandatoryResult]
+    targets: List[TargetResult]
+    advanced: List[TargetResult]  # reported only; not part of the score
+    performance_score: Optional[float]
+
+    @property
+    def mandatory_passed(self) -> bool:
+        return all(m.status == PASSED for m in self.mandatory)
+
+    @property
+    def failed_mandatory(self) -> List[str]:
+        return [m.name for m in self.mandatory if m.status != PASSED]
+
+    @property
+    def all_targets_met(self) -> bool:
+        return all(t.status == MET for t in self.targets)
+
+    @property
+    def not_measured(self) -> List[str]:
+        checks = [m.name for m in self.mandatory if m.status == NOT_MEASURED]
+        return checks + [t.metric for t in (*self.targets, *self.advanced) if t.status == NOT_MEASURED]
+
+    def target(self, metric: str) -> Optional[TargetResult]:
+        return next((t for t in self.targets if t.metric == metric), None)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "performance_score": self.performance_score,
+            "mandatory_passed": self.mandatory_passed,
+            "all_targets_met": self.all_targets_met,
+            "not_measured": self.not_measured,
+            "mandatory": [asdict(m) for m in self.mandatory],
+            "targets": [asdict(t) for t in self.targets],
+            "advanced": [asdict(t) for t in self.advanced],
+        }
+
+
+def lookup_metric(results: Mapping[str, Any], key: str) -> Any:
+    """The value at dotted `key`, or None. Metric names contain dots too ("mAP_0.5"), so every split is tried."""
+    value = _walk(results, key)
+    return None if value is _ABSENT else value
+
+
+def _walk(node: Mapping[str, Any], key: str) -> Any:
+    if key in node:
+        return node[key]
+    for i, char in enumerate(key):
+        if char == "." and isinstance(node.get(key[:i]), Mapping):
+            found = _walk(node[key[:i]], key[i + 1 :])
+            if found is not _ABSENT:
+                return found
+    return _ABSENT
+
+
+def read_metric(results: Mapping[str, Any], key: str) -> Optional[float]:
+    """A numeric measurement at `key`, None if absent; anything else is an error naming the key."""
+    value = lookup_metric(results, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "__float__")):
+        raise ValueError(f"results[{key!r}]={value!r} must be a number")
+    return float(value)
+
+
+def target_score(op: str, target: float, measured: float) -> float:
+    """One target's contribution: 1.0 when met, else how close (see the module docstring)."""
+    if math.isnan(measured):
+        return 0.0
+    if op == GE:
+        if target <= 0:
+            return 1.0 if measured >= target else 0.0
+        return max(0.0, min(measured / target, 1.0))
+    if op == LE:
+        if measured <= 0:
+            return 1.0 if measured <= target else 0.0
+        return max(0.0, min(target / measured, 1.0))
+    raise ValueError(f"target op {op!r} is not one of ['<=', '>=']")
+
+
+def _judge_target(spec: TargetSpec, results: Mapping[str, Any]) -> TargetResult:
+    measured = read_metric(results, spec.metric)
+    if measured is None:
+        return TargetResult(spec.metric, spec.op, spec.value, None, NOT_MEASURED, None)
+    met = measured >= spec.value if spec.op == GE else measured <= spec.value
+    return TargetResult(spec.metric, spec.op, spec.value, measured, MET if met else NOT_MET,
+                        target_score(spec.op, spec.value, measured))
+
+
+def _judge_mandatory(name: str, checks: Mapping[str, Any]) -> MandatoryResult:
+    value = checks.get(name)
+    if value is None:
+        return MandatoryResult(name, NOT_MEASURED)
+    if type(value).__name__ not in ("bool", "bool_"):
+        raise ValueError(f"results['mandatory_checks'][{name!r}]={value!r} must be true or false")
+    return MandatoryResult(name, PASSED if value else FAILED)
+
+
+def performance_score(targets: Sequence[TargetResult]) -> Optional[float]:
+    scores = [t.score for t in targets if t.score is not None]
+    return sum(scores) / len(scores) if scores else None
+
+
+def stage_criteria(evaluation: EvaluationConfig, stage: int) -> StageCriteria:
+    if stage not in evaluation.stages:
+        raise ConfigError(f"evaluation.stages: no stage {stage} (have {sorted(evaluation.stages)})")
+    criteria = evaluation.stages[stage]
+    _validate_targets(f"evaluation.stages.{stage}", criteria)
+    return criteria
+
+
+def _validate_targets(prefix: str, criteria: StageCriteria) -> None:
+    for group in ("targets", "advanced"):
+        for i, spec in enumerate(getattr(criteria, group)):
+            key = f"{prefix}.{group}[{i}]"
+            if spec.op not in (GE, LE):
+                raise ConfigError(f"{key}.op={spec.op!r} is not one of ['<=', '>=']")
+            if not spec.metric:
+                raise ConfigError(f"{key}.metric is empty")
+            if not math.isfinite(spec.value):
+                raise ConfigError(f"{key}.value={spec.value!r} must be a finite number")
+
+
+def validate_evaluation_config(evaluation: EvaluationConfig) -> None:
+    """Every stage table and the thresholds; raises ConfigError naming the bad key."""
+    for stage in evaluation.stages:
+        stage_criteria(evaluation, stage)
+    t = evaluation.recommendation
+    if not 0.0 <= t.optimize_min_score <= t.proceed_min_score <= 1.0:
+        raise ConfigError(
+            "evaluation.recommendation: need 0 <= optimize_min_score <= proceed_min_score <= 1, got "
+            f"optimize_min_score={t.optimize_min_score}, proceed_min_score={t.proceed_min_score}"
+        )
+
+
+def evaluate_criteria(evaluation: EvaluationConfig, stage: int, results: Mapping[str, Any]) -> CriteriaReport:
+    """Judge `results` against the stage's mandatory checks and targets (D-14)."""
+    criteria = stage_criteria(evaluation, stage)
+    checks = results.get("mandatory_checks") or {}
+    if not isinstance(checks, Mapping):
+        raise ValueError(f"results['mandatory_checks'] must be a dict of name -> bool, got {type(checks).__name__}")
+    targets = [_judge_target(t, results) for t in criteria.targets]
+    return CriteriaReport(
+        stage=stage,
+        mandatory=[_judge_mandatory(name, checks) for name in criteria.mandatory_checks],
+        targets=targets,
+        advanced=[_judge_target(t, results) for t in criteria.advanced],
+        performance_score=performance_score(targets),
+    )
+
+
+def recommendation_for_score(score: Optional[float], thresholds: RecommendationThresholds) -> str:
+    """The advisor level for a performance score; no score at all (nothing measured) is WARN_STOP."""
+    if score is None or math.isnan(score):
+        return WARN_STOP
+    if score >= thresholds.proceed_min_score:
+        return RECOMMEND_PROCEED
+    if score >= thresholds.optimize_min_score:
+        return SUGGEST_OPTIMIZE
+    return WARN_STOP

@@ -1,0 +1,173 @@
+"""D-14 stage criteria: the config tables, the performance score, the recommendation thresholds."""
+import math
+
+import pytest
+
+from pillsnap.config import ConfigError, RecommendationThresholds, load_config
+from pillsnap.evaluate.criteria import (
+    MET,
+    NOT_MEASURED,
+    NOT_MET,
+    RECOMMEND_PROCEED,
+    SUGGEST_OPTIMIZE,
+    WARN_STOP,
+    evaluate_criteria,
+    lookup_metric,
+    performance_score,
+    recommendation_for_score,
+    stage_criteria,
+    target_score,
+    validate_evaluation_config,
+)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config()
+
+
+def results_meeting(cfg, stage, fraction=1.0):
+    """Every target of the stage measured at `fraction` of the way to its target (1.0 = exactly met)."""
+    criteria = cfg.evaluation.stages[stage]
+    results = {"mandatory_checks": {name: True for name in criteria.mandatory_checks}}
+    for t in criteria.targets:
+        group, _, metric = t.metric.partition(".")
+        results.setdefault(group, {})[metric] = t.value * fraction if t.op == ">=" else t.value / fraction
+    return results
+
+
+def test_config_holds_the_spec_tables(cfg):
+    ev = cfg.evaluation
+    validate_evaluation_config(ev)
+    assert sorted(ev.stages) == [1, 2, 3, 4]
+    assert [len(ev.stages[n].targets) for n in (1, 2, 3, 4)] == [6, 9, 11, 11]
+    assert all(len(ev.stages[n].mandatory_checks) == 4 for n in (1, 2, 3, 4))
+    by_metric = {t.metric: (t.op, t.value) for t in ev.stages[4].targets}
+    assert by_metric["classification.accuracy"] == (">=", 0.92)
+    assert by_metric["production.inference_latency_ms"] == ("<=", 30)
+    assert {t.metric for t in ev.stages[2].advanced} == {
+        "advanced.class_imbalance_ratio", "advanced.loss_variance", "advanced.memory_peak_to_avg"}
+    assert ev.recommendation.proceed_min_score == 0.7 and ev.recommendation.optimize_min_score == 0.5
+
+
+@pytest.mark.parametrize(
+    "op, target, measured, expected",
+    [
+        (">=", 0.40, 0.40, 1.0),
+        (">=", 0.40, 0.90, 1.0),  # exceeding a target earns no extra credit
+        (">=", 0.40, 0.20, 0.5),
+        (">=", 0.40, -0.1, 0.0),
+        ("<=", 50.0, 25.0, 1.0),
+        ("<=", 50.0, 100.0, 0.5),
+        ("<=", 50.0, 0.0, 1.0),
+        (">=", 0.40, math.nan, 0.0),
+    ],
+)
+def test_target_score(op, target, measured, expected):
+    assert target_score(op, target, measured) == pytest.approx(expected)
+
+
+def test_target_score_rejects_an_unknown_op():
+    with pytest.raises(ValueError, match="'>'"):
+        target_score(">", 1.0, 1.0)
+
+
+def test_all_targets_met_scores_one(cfg):
+    report = evaluate_criteria(cfg.evaluation, 2, results_meeting(cfg, 2))
+    assert report.performance_score == pytest.approx(1.0)
+    assert report.mandatory_passed and report.all_targets_met
+    assert report.not_measured == ["advanced.class_imbalance_ratio", "advanced.loss_variance",
+                                   "advanced.memory_peak_to_avg"]
+
+
+def test_score_is_the_mean_of_capped_ratios(cfg):
+    results = results_meeting(cfg, 1)
+    results["detection"]["mAP_0.5"] = 0.15  # half of 0.30
+    results["system"]["gpu_memory_gb"] = 28.0  # twice the 14 GB limit
+    report = evaluate_criteria(cfg.evaluation, 1, results)
+    assert report.performance_score == pytest.approx((4 + 0.5 + 0.5) / 6)
+    assert [t.status for t in report.targets].count(NOT_MET) == 2
+    assert not report.all_targets_met
+
+
+def test_unmeasured_targets_are_reported_and_left_out_of_the_score(cfg):
+    results = results_meeting(cfg, 1)
+    del results["system"]
+    results["classification"]["accuracy"] = 0.2
+    report = evaluate_criteria(cfg.evaluation, 1, results)
+    assert report.performance_score == pytest.approx((3 + 0.5) / 4)
+    assert set(report.not_measured) == {"system.gpu_memory_gb", "system.data_loading_s"}
+    assert report.target("system.gpu_memory_gb").status == NOT_MEASURED
+    assert not report.all_targets_met
+
+
+def test_nothing_measured_has_no_score(cfg):
+    report = evaluate_criteria(cfg.evaluation, 3, {})
+    assert report.performance_score is None
+    assert performance_score([]) is None
+    assert not report.mandatory_passed
+    assert len(report.not_measured) == 4 + 11
+
+
+def test_mandatory_checks(cfg):
+    results = results_meeting(cfg, 1)
+    results["mandatory_checks"]["onnx_conversion_success"] = False
+    del results["mandatory_checks"]["pipeline_complete"]
+    report = evaluate_criteria(cfg.evaluation, 1, results)
+    assert report.failed_mandatory == ["pipeline_complete", "onnx_conversion_success"]
+    assert {m.name: m.status for m in report.mandatory}["pipeline_complete"] == NOT_MEASURED
+
+
+def test_advanced_metrics_are_judged_but_not_scored(cfg):
+    results = results_meeting(cfg, 2)
+    results["advanced"] = {"class_imbalance_ratio": 40.0}
+    report = evaluate_criteria(cfg.evaluation, 2, results)
+    assert report.performance_score == pytest.approx(1.0)
+    row = next(a for a in report.advanced if a.metric == "advanced.class_imbalance_ratio")
+    assert row.status == NOT_MET and row.score == pytest.approx(0.25)
+
+
+def test_lookup_handles_dots_inside_metric_names():
+    nested = {"detection": {"mAP_0.5": 0.3, "mAP_0.5_0.95": 0.2}}
+    assert lookup_metric(nested, "detection.mAP_0.5") == 0.3
+    assert lookup_metric(nested, "detection.mAP_0.5_0.95") == 0.2
+    assert lookup_metric({"detection.mAP_0.5": 0.4}, "detection.mAP_0.5") == 0.4
+    assert lookup_metric(nested, "detection.recall") is None
+
+
+def test_bad_measurements_name_the_key(cfg):
+    with pytest.raises(ValueError, match="classification.accuracy"):
+        evaluate_criteria(cfg.evaluation, 1, {"classification": {"accuracy": "high"}})
+    with pytest.raises(ValueError, match="pipeline_complete"):
+        evaluate_criteria(cfg.evaluation, 1, {"mandatory_checks": {"pipeline_complete": "yes"}})
+
+
+@pytest.mark.parametrize(
+    "score, level",
+    [(1.0, RECOMMEND_PROCEED), (0.7, RECOMMEND_PROCEED), (0.69, SUGGEST_OPTIMIZE), (0.5, SUGGEST_OPTIMIZE),
+     (0.49, WARN_STOP), (0.0, WARN_STOP), (None, WARN_STOP)],
+)
+def test_recommendation_thresholds(score, level):
+    assert recommendation_for_score(score, RecommendationThresholds()) == level
+
+
+def test_strict_proceed_threshold_from_the_config():
+    strict = load_config(overrides=["evaluation.recommendation.proceed_min_score=1.0"]).evaluation.recommendation
+    assert recommendation_for_score(0.95, strict) == SUGGEST_OPTIMIZE
+
+
+def test_bad_config_names_the_key():
+    bad_op = load_config()
+    bad_op.evaluation.stages[1].targets[0].op = ">"
+    with pytest.raises(ConfigError, match=r"evaluation\.stages\.1\.targets\[0\]\.op='>'"):
+        stage_criteria(bad_op.evaluation, 1)
+    with pytest.raises(ConfigError, match="no stage 7"):
+        stage_criteria(bad_op.evaluation, 7)
+    inverted = load_config(overrides=["evaluation.recommendation.optimize_min_score=0.9"])
+    with pytest.raises(ConfigError, match="optimize_min_score=0.9"):
+        validate_evaluation_config(inverted.evaluation)
+
+
+def test_met_status_at_exact_target(cfg):
+    report = evaluate_criteria(cfg.evaluation, 1, results_meeting(cfg, 1))
+    assert {t.status for t in report.targets} == {MET}

@@ -1,0 +1,158 @@
+"""D-12 Go/No-Go: each reason code on its own, the GO case, missing measurements, bad input."""
+import json
+import math
+
+import pytest
+
+from pillsnap.config import load_config
+from pillsnap.evaluate.go_no_go import (
+    ACC_BELOW_TARGET,
+    COVERAGE_TOO_LOW,
+    CRASH_DETECTED,
+    GO,
+    LATENCY_P95_TOO_HIGH,
+    MEMORY_UNSTABLE,
+    NO_GO,
+    NOT_ENOUGH_SAMPLES,
+    NOT_MEASURED,
+    REASON_CODES,
+    REGRESSION_TOO_LARGE,
+    SKIPPED,
+    evaluate_go_no_go,
+    format_table,
+)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config()
+
+
+def good_results(**changes):
+    results = {
+        "latency_p95_ms": 150.0,
+        "n_eval_samples": 2500,
+        "class_coverage": 0.5,
+        "accuracy": 0.80,
+        "no_crashes": True,
+        "memory_stable": True,
+    }
+    results.update(changes)
+    return results
+
+
+def test_all_checks_pass_is_go(cfg):
+    decision = evaluate_go_no_go(cfg.stage(1), good_results(), baseline={"accuracy": 0.79}, stage=1)
+    assert decision.decision == GO and decision.go
+    assert decision.reasons == []
+    assert {c.status for c in decision.checks} == {"pass"}
+    assert len(decision.checks) == len(REASON_CODES)
+
+
+# Each row changes one thing against stage 1 (min_accuracy 0.78, p95 220 ms, 2000 samples, coverage 0.2,
+# max_acc_drop 0.02): exactly that reason code must come out, and nothing else.
+REASON_TABLE = [
+    (LATENCY_P95_TOO_HIGH, {"latency_p95_ms": 221.0}, None),
+    (NOT_ENOUGH_SAMPLES, {"n_eval_samples": 1999}, None),
+    (COVERAGE_TOO_LOW, {"class_coverage": 0.19}, None),
+    (REGRESSION_TOO_LARGE, {"accuracy": 0.80}, {"accuracy": 0.83}),
+    (ACC_BELOW_TARGET, {"accuracy": 0.777}, None),
+    (CRASH_DETECTED, {"no_crashes": False}, None),
+    (MEMORY_UNSTABLE, {"memory_stable": False}, None),
+]
+
+
+@pytest.mark.parametrize("code, changes, baseline", REASON_TABLE, ids=[row[0] for row in REASON_TABLE])
+def test_each_reason_code_alone(cfg, code, changes, baseline):
+    decision = evaluate_go_no_go(cfg.stage(1), good_results(**changes), baseline=baseline)
+    assert decision.decision == NO_GO
+    assert decision.reasons == [code]
+    failing = [c for c in decision.checks if c.blocks_go]
+    assert len(failing) == 1 and failing[0].status == "fail" and failing[0].reason_code == code
+
+
+def test_reason_table_covers_every_code():
+    assert sorted(row[0] for row in REASON_TABLE) == sorted(REASON_CODES)
+
+
+def test_all_failures_are_reported_together(cfg):
+    bad = {"latency_p95_ms": 999, "n_eval_samples": 1, "class_coverage": 0.0, "accuracy": 0.1,
+           "no_crashes": False, "memory_stable": False}
+    decision = evaluate_go_no_go(cfg.stage(1), bad, baseline={"accuracy": 0.9})
+    assert decision.reasons == list(REASON_CODES)
+
+
+MEASUREMENT_KEYS = [
+    ("latency_p95_ms", LATENCY_P95_TOO_HIGH),
+    ("n_eval_samples", NOT_ENOUGH_SAMPLES),
+    ("class_coverage", COVERAGE_TOO_LOW),
+    ("no_crashes", CRASH_DETECTED),
+    ("memory_stable", MEMORY_UNSTABLE),
+]
+
+
+@pytest.mark.parametrize("key, code", MEASUREMENT_KEYS)
+def test_missing_measurement_blocks_go_and_says_so(cfg, key, code):
+    results = good_results()
+    del results[key]
+    decision = evaluate_go_no_go(cfg.stage(1), results)
+    assert decision.reasons == [code]
+    assert decision.not_measured == [key]
+    row = next(c for c in decision.checks if c.reason_code == code)
+    assert row.status == NOT_MEASURED and row.measured is None
+
+
+def test_missing_accuracy_blocks_both_accuracy_checks(cfg):
+    results = good_results()
+    results["accuracy"] = None
+    decision = evaluate_go_no_go(cfg.stage(1), results, baseline={"accuracy": 0.8})
+    assert decision.reasons == [REGRESSION_TOO_LARGE, ACC_BELOW_TARGET]
+    assert decision.not_measured == ["accuracy_regression", "accuracy"]
+
+
+def test_no_baseline_skips_regression_but_a_baseline_without_accuracy_blocks(cfg):
+    no_baseline = evaluate_go_no_go(cfg.stage(1), good_results())
+    row = next(c for c in no_baseline.checks if c.reason_code == REGRESSION_TOO_LARGE)
+    assert no_baseline.go and row.status == SKIPPED
+    empty_baseline = evaluate_go_no_go(cfg.stage(1), good_results(), baseline={})
+    assert empty_baseline.reasons == [REGRESSION_TOO_LARGE]
+
+
+def test_accuracy_hysteresis_uses_epsilon(cfg):
+    spec = cfg.stage(1)  # 0.78 - 0.002
+    assert evaluate_go_no_go(spec, good_results(accuracy=0.7785)).go
+    assert evaluate_go_no_go(spec, good_results(accuracy=0.7775)).reasons == [ACC_BELOW_TARGET]
+
+
+def test_regression_allows_the_configured_drop(cfg):
+    spec = cfg.stage(1)  # max_acc_drop 0.02
+    assert evaluate_go_no_go(spec, good_results(accuracy=0.815), baseline={"accuracy": 0.83}).go
+    row = next(c for c in evaluate_go_no_go(spec, good_results(), baseline={"accuracy": 0.83}).checks
+               if c.reason_code == REGRESSION_TOO_LARGE)
+    assert row.target == pytest.approx(0.81)
+
+
+def test_targets_come_from_the_stage(cfg):
+    results = good_results(latency_p95_ms=210.0, n_eval_samples=20000, class_coverage=0.8, accuracy=0.9)
+    assert evaluate_go_no_go(cfg.stage(1), results).go
+    assert evaluate_go_no_go(cfg.stage(3), results).reasons == [LATENCY_P95_TOO_HIGH]
+
+
+def test_nan_accuracy_fails(cfg):
+    assert evaluate_go_no_go(cfg.stage(1), good_results(accuracy=math.nan)).reasons == [ACC_BELOW_TARGET]
+
+
+@pytest.mark.parametrize("key, value", [("accuracy", "0.9"), ("n_eval_samples", True), ("no_crashes", 1)])
+def test_bad_value_names_the_key(cfg, key, value):
+    with pytest.raises(ValueError, match=key):
+        evaluate_go_no_go(cfg.stage(1), good_results(**{key: value}))
+
+
+def test_report_forms(cfg):
+    decision = evaluate_go_no_go(cfg.stage(2), good_results(), stage=2)
+    data = json.loads(json.dumps(decision.to_dict()))
+    assert data["decision"] == NO_GO and data["stage"] == 2
+    assert data["reasons"] == [NOT_ENOUGH_SAMPLES, ACC_BELOW_TARGET]
+    assert {row["name"] for row in data["checks"]} >= {"latency_p95_ms", "accuracy"}
+    table = format_table(decision)
+    assert "NO_GO" in table and "n_eval_samples" in table and "5000" in table
