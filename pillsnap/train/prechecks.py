@@ -1,0 +1,167 @@
+"""Pre-training checks (v3 lessons, phases 1-2): resources first, then the config.
+
+Everything is checked and reported together, so one run names every shortfall instead of the first one.
+`run_prechecks` raises PrecheckError whose message lists each problem with the numbers behind it.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import psutil
+import torch
+
+logger = logging.getLogger(__name__)
+
+GB = 1e9
+DETECTOR_STRIDE = 32  # YOLO downsamples by 32: other sizes are silently rounded by ultralytics
+
+
+@dataclass
+class PrecheckRequirements:
+    min_free_disk_gb_data: float = 5.0  # preprocessing cache and validation reports grow next to the data
+    min_free_disk_gb_exp: float = 5.0  # checkpoints (last/best/recovery), TensorBoard, exports
+    min_available_ram_gb: float = 8.0
+    min_free_gpu_gb: Optional[float] = None  # None: report GPU memory, do not require any
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class PrecheckReport:
+    results: List[CheckResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    @property
+    def problems(self) -> List[str]:
+        return [r.detail for r in self.results if not r.ok]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"ok": self.ok, "results": [asdict(r) for r in self.results]}
+
+
+class PrecheckError(RuntimeError):
+    def __init__(self, report: PrecheckReport):
+        self.report = report
+        super().__init__("pre-training checks failed: " + "; ".join(report.problems))
+
+
+def _nearest_existing(path: Path) -> Path:
+    """disk_usage needs an existing path; the experiment dir may not exist before the first run."""
+    path = path.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_disk(name: str, path: Path, min_free_gb: float,
+               disk_usage: Callable[[Path], Any] = shutil.disk_usage) -> CheckResult:
+    free_gb = disk_usage(_nearest_existing(path)).free / GB
+    ok = free_gb >= min_free_gb
+    relation = ">=" if ok else "<"
+    return CheckResult(name, ok, f"free disk at {path}: {free_gb:.1f} GB {relation} required {min_free_gb:g} GB")
+
+
+def check_ram(min_available_gb: float, virtual_memory: Callable[[], Any] = psutil.virtual_memory) -> CheckResult:
+    available_gb = virtual_memory().available / GB
+    ok = available_gb >= min_available_gb
+    relation = ">=" if ok else "<"
+    return CheckResult("ram", ok, f"available RAM: {available_gb:.1f} GB {relation} required {min_available_gb:g} GB")
+
+
+def _cuda_free_total() -> Optional[Tuple[int, int]]:
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return int(free), int(total)
+
+
+def check_gpu(min_free_gb: Optional[float],
+              gpu_free_total: Callable[[], Optional[Tuple[int, int]]] = _cuda_free_total) -> CheckResult:
+    usage = gpu_free_total()
+    if usage is None:
+        ok = min_free_gb is None
+        return CheckResult("gpu", ok, "no GPU: training runs on CPU" if ok else
+                           f"no GPU, but {min_free_gb:g} GB of free GPU memory is required")
+    free_gb, total_gb = usage[0] / GB, usage[1] / GB
+    ok = min_free_gb is None or free_gb >= min_free_gb
+    required = "" if min_free_gb is None else f" ({'>=' if ok else '<'} required {min_free_gb:g} GB)"
+    return CheckResult("gpu", ok, f"free GPU memory: {free_gb:.1f} of {total_gb:.1f} GB{required}")
+
+
+def data_dir_of(cfg: Any) -> Path:
+    """Where this run reads (and caches next to) its images."""
+    if cfg.data.source == "synthetic":
+        return Path(cfg.synth.out_dir)
+    if cfg.data.source == "csv" and cfg.paths.manifest_csv:
+        return Path(cfg.paths.manifest_csv).parent
+    return Path(cfg.paths.data_root)
+
+
+def check_config(cfg: Any, stage: Optional[int] = None, class_map_size: Optional[int] = None,
+                 model_num_classes: Optional[int] = None) -> List[CheckResult]:
+    """Sanity of values whose type is right but whose meaning is not (phase 2)."""
+    problems: List[str] = []
+    if cfg.classification.image_size <= 0:
+        problems.append(f"classification.image_size={cfg.classification.image_size} must be positive")
+    det_size = cfg.detection.image_size
+    if cfg.detection.enabled and (det_size <= 0 or det_size % DETECTOR_STRIDE):
+        problems.append(f"detection.image_size={det_size} must be a positive multiple of {DETECTOR_STRIDE}")
+    for key in ("classification", "detection"):
+        model_cfg = getattr(cfg.train, key)
+        if model_cfg.batch_size < 1 or model_cfg.auto_batch_max < 1:
+            problems.append(f"train.{key}: batch_size={model_cfg.batch_size} and auto_batch_max="
+                            f"{model_cfg.auto_batch_max} must be >= 1")
+    if not 0.0 < cfg.train.auto_batch_vram_headroom <= 1.0:
+        problems.append(f"train.auto_batch_vram_headroom={cfg.train.auto_batch_vram_headroom} must be in (0, 1]")
+    if cfg.train.oom.min_batch < 1 or cfg.train.oom.max_grad_accum < 1:
+        problems.append(f"train.oom: min_batch={cfg.train.oom.min_batch} and max_grad_accum="
+                        f"{cfg.train.oom.max_grad_accum} must be >= 1")
+    if class_map_size is not None and stage is not None:
+        stage_classes = cfg.stage(stage).classes
+        if stage_classes is not None and stage_classes > class_map_size:
+            problems.append(f"data.stages[{stage}].classes={stage_classes} > class map size {class_map_size}")
+    if class_map_size is not None and model_num_classes is not None and model_num_classes != class_map_size:
+        problems.append(f"classifier has {model_num_classes} outputs but the class map has {class_map_size} "
+                        "classes (one global class map: never remap)")
+    if not problems:
+        return [CheckResult("config", True, "config values consistent")]
+    return [CheckResult("config", False, p) for p in problems]
+
+
+def run_prechecks(
+    cfg: Any,
+    *,
+    stage: Optional[int] = None,
+    class_map_size: Optional[int] = None,
+    model_num_classes: Optional[int] = None,
+    requirements: Optional[PrecheckRequirements] = None,
+    disk_usage: Callable[[Path], Any] = shutil.disk_usage,
+    virtual_memory: Callable[[], Any] = psutil.virtual_memory,
+    gpu_free_total: Callable[[], Optional[Tuple[int, int]]] = _cuda_free_total,
+) -> PrecheckReport:
+    """All checks; returns the report when everything passes, else raises PrecheckError naming each shortfall."""
+    req = requirements or PrecheckRequirements()
+    report = PrecheckReport([
+        check_gpu(req.min_free_gpu_gb, gpu_free_total),
+        check_ram(req.min_available_ram_gb, virtual_memory),
+        check_disk("disk_data", data_dir_of(cfg), req.min_free_disk_gb_data, disk_usage),
+        check_disk("disk_exp", Path(cfg.paths.exp_dir), req.min_free_disk_gb_exp, disk_usage),
+        *check_config(cfg, stage, class_map_size, model_num_classes),
+    ])
+    for result in report.results:
+        (logger.info if result.ok else logger.error)("precheck %s: %s", result.name, result.detail)
+    if not report.ok:
+        raise PrecheckError(report)
+    return report
