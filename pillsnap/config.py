@@ -169,6 +169,7 @@ class TrainConfig:
     recovery_every_steps: int = 500
     step_log_interval: int = 50
     max_steps_per_epoch: Optional[int] = None  # cap for smoke runs
+    crash_at_step: Optional[int] = None  # fault injection: fail once at this global step (tests retries/resume)
     auto_batch_vram_headroom: float = 0.88
     classification: ModelTrainConfig = field(default_factory=ModelTrainConfig)
     detection: ModelTrainConfig = field(

@@ -29,6 +29,14 @@ class ClassMap:
         codes = sorted(set(k_codes))
         return cls({k: i for i, k in enumerate(codes)}, dict(names or {}))
 
+    def restrict(self, k_codes: Iterable[str]) -> "ClassMap":
+        """The label space of one stage: these K-codes (all in this map), re-indexed in sorted order."""
+        codes = sorted(set(k_codes))
+        unknown = [k for k in codes if k not in self.index]
+        if unknown:
+            raise ClassMapError(f"K-codes not in the class map: {unknown[:5]}")
+        return ClassMap.from_codes(codes, {k: self.names[k] for k in codes if k in self.names})
+
     @property
     def k_codes(self) -> List[str]:
         return sorted(self.index, key=self.index.__getitem__)

@@ -1,7 +1,8 @@
 """What a synthetic drug class looks like, as a pure function of its index, and how one pill is drawn.
 
-Shape and main colour separate the first 117 classes; score line, size, a second colour and the imprint
-separate the rest, so a model must look closer as the number of classes grows.
+Main colour varies fastest, then shape (ordered from coarse to fine differences), then score line, size,
+a second colour and the imprint: the first classes differ at a glance, and a model must look closer as the
+number of classes grows (shape+colour separate 117 classes; beyond that the smaller cues decide).
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-SHAPES = ("원형", "타원형", "장방형", "삼각형", "사각형", "마름모형", "오각형", "육각형", "팔각형")
-SHAPES_EN = ("circle", "oval", "oblong", "triangle", "square", "diamond", "pentagon", "hexagon", "octagon")
+# Ordered so that neighbouring classes differ coarsely first (aspect ratio, corner count).
+SHAPES = ("원형", "장방형", "삼각형", "사각형", "타원형", "마름모형", "육각형", "오각형", "팔각형")
+SHAPES_EN = ("circle", "oblong", "triangle", "square", "oval", "diamond", "hexagon", "pentagon", "octagon")
 # (Korean colour class as in the real JSON, RGB) — hues far enough apart to survive lighting jitter.
 COLOURS = (
     ("하양", (236, 236, 230)), ("노랑", (238, 206, 58)), ("주황", (236, 128, 40)), ("분홍", (238, 150, 182)),
@@ -61,8 +63,8 @@ def _imprint(index: int, salt: int) -> str:
 @lru_cache(maxsize=None)
 def pill_look(index: int) -> PillLook:
     n_shape, n_col = len(SHAPES), len(COLOURS)
-    shape = SHAPES[index % n_shape]
-    c1 = (index // n_shape) % n_col
+    c1 = index % n_col
+    shape = SHAPES[(index // n_col) % n_shape]
     rest = index // (n_shape * n_col)
     score = SCORES[rest % 3]
     size = SIZES[(rest // 3) % 3]

@@ -1,0 +1,1 @@
+"""Prefect flows: data preparation, stage, progressive (scheduled), final test."""

@@ -1,0 +1,12 @@
+"""Resolve the one typed config at the flow's entry and hand it to tasks as a plain, hashable dict."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from pillsnap.config import load_config, save_resolved, to_dict
+
+
+def resolve(config_path: Optional[str], profile: Optional[str], overrides: Optional[List[str]]) -> Dict:
+    cfg = load_config(config_path, profile, overrides or [])
+    save_resolved(cfg)
+    return to_dict(cfg)

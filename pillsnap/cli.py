@@ -1,0 +1,156 @@
+"""`pillsnap …`: the command line for everything a user does. Thin: it calls the library or the flows.
+
+Every command takes --config (base YAML), --profile (an overlay in configs/profiles/) and key=value overrides
+(CLI > profile > base), e.g. `pillsnap stage --stage 1 --profile cpu-demo train.classification.epochs=3`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+DEMO_MIN_ACCURACY = 0.80
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="base config YAML (default: configs/pillsnap.yaml)")
+    p.add_argument("--profile", help="profile overlay: a name in configs/profiles/ or a YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=128")
+
+
+def _load(args):
+    from pillsnap.config import load_config
+    return load_config(args.config, args.profile, args.overrides)
+
+
+def _print(obj: Dict) -> None:
+    print(json.dumps(obj, indent=1, ensure_ascii=False, default=str))
+
+
+def cmd_synth(args) -> int:
+    from pillsnap.data.prepare import source_root
+    from pillsnap.data.synth import synthesize
+    cfg = _load(args)
+    out = args.out or str(source_root(cfg) if cfg.data.source == "synthetic" else cfg.synth.out_dir)
+    _print({"out_dir": out, **synthesize(cfg.synth, out, show_progress=cfg.logging.progress_bar)})
+    return 0
+
+
+def cmd_import(args) -> int:
+    from pillsnap.config import save_resolved
+    from pillsnap.data.prepare import run_import
+    cfg = _load(args)
+    save_resolved(cfg)
+    _print(run_import(cfg, show_progress=cfg.logging.progress_bar))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from pillsnap.data.prepare import run_validation
+    from pillsnap.data.validate import DataValidationError
+    cfg = _load(args)
+    try:
+        result = run_validation(cfg, show_progress=cfg.logging.progress_bar)
+    except DataValidationError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(open(result["summary"]).read())
+    return 0
+
+
+def cmd_subset(args) -> int:
+    from pillsnap.data.prepare import run_subset
+    _print(run_subset(_load(args), args.stage))
+    return 0
+
+
+def _flow_env() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def cmd_data(args) -> int:
+    _flow_env()
+    from flows.data import data_flow
+    _print(data_flow(profile=args.profile, overrides=args.overrides, config_path=args.config))
+    return 0
+
+
+def cmd_stage(args) -> int:
+    _flow_env()
+    from flows.stage import stage_flow
+    _print(stage_flow(stage=args.stage, profile=args.profile, overrides=args.overrides, config_path=args.config))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Synthesize → import → validate → Stage 1 on the CPU, with Prefect's embedded server."""
+    _flow_env()
+    cfg = _load(args)  # fail fast on a bad key before starting Prefect
+    from flows.data import data_flow
+    from flows.stage import stage_flow
+    started = time.time()
+    print(f"PillSnap demo: synthetic data -> {cfg.synth.out_dir}, experiment -> {cfg.paths.exp_dir}", flush=True)
+    data_flow(profile=args.profile, overrides=args.overrides, config_path=args.config)
+    result = stage_flow(stage=1, profile=args.profile, overrides=args.overrides, config_path=args.config)
+    minutes = (time.time() - started) / 60
+    ok = result["accuracy"] >= DEMO_MIN_ACCURACY
+    print("\n" + "=" * 72)
+    print(f"Stage 1 validation accuracy: {result['accuracy']:.4f} (macro-F1 {result['macro_f1']:.4f}, "
+          f"top-5 {result['top5']:.4f}, n={result['n_val']}) — demo target {DEMO_MIN_ACCURACY}: "
+          f"{'met' if ok else 'NOT met'}")
+    print(f"Go/No-Go: {result['go_no_go']} {result['reasons']}; advisor: {result['recommendation']}; "
+          f"choice: {result['choice']} ({result['chosen_by']})")
+    print(f"Stage report: {result['report']}")
+    print(f"Experiment dir (checkpoints, TensorBoard, ledger): {result['exp_dir']}")
+    print("Artifacts: stage-1-report, stage-1-targets, stage-1-training-progress (see the Prefect UI: make server)")
+    print(f"Total time: {minutes:.1f} min")
+    return 0 if ok else 1
+
+
+COMMANDS: Dict[str, tuple[Callable, str]] = {
+    "synth": (cmd_synth, "write synthetic pill photos in the AIHub layout"),
+    "import": (cmd_import, "import the AIHub layout or a manifest CSV into manifest.csv + class_map.json"),
+    "validate": (cmd_validate, "validate the imported data; write the report and quarantine list"),
+    "subset": (cmd_subset, "build a stage subset (nested classes, stratified train/val)"),
+    "data": (cmd_data, "run the data-preparation flow (synthesize / import / validate)"),
+    "stage": (cmd_stage, "run one stage flow (train, evaluate, Go/No-Go, advisor, report)"),
+    "demo": (cmd_demo, "the Stage 1 demo: synthetic data, Prefect's embedded server, CPU"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pillsnap", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _config_args(p)
+        if name == "synth":
+            p.add_argument("--out", help="output folder (default: synth.out_dir)")
+        if name in ("subset", "stage"):
+            p.add_argument("--stage", type=int, default=1, help="stage number 1-4 (default 1)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from pillsnap.config import ConfigError
+    from pillsnap.logs import setup_console
+    args = build_parser().parse_args(argv)
+    setup_console()
+    if args.command == "demo" and not args.profile:
+        args.profile = "cpu-demo"
+    try:
+        return COMMANDS[args.command][0](args)
+    except ConfigError as e:
+        print(f"pillsnap: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Import the AIHub layout (real or synthetic) into a manifest.
+
+Label files are parsed one at a time and only the needed fields kept, so 2.6M files never sit in memory as
+text. A combination image has one JSON per pill (in a sub-folder named after that pill's K-code): they are
+merged by file stem, each box keeping its own K-code.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import pandas as pd
+
+from pillsnap.data.manifest import from_rows
+from pillsnap.progress import progress
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+_COMBO_STEM = re.compile(r"^K-\d{6}(-\d{6})+_")
+
+
+@dataclass
+class ImportIssue:
+    kind: str  # missing_image | missing_json | malformed_json | kcode_mismatch | duplicate_file_name
+    path: str
+    detail: str = ""
+
+
+@dataclass
+class ImportResult:
+    manifest: pd.DataFrame
+    issues: List[ImportIssue] = field(default_factory=list)
+    names: Dict[str, str] = field(default_factory=dict)  # K-code -> dl_name
+
+    def issues_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(i) for i in self.issues], columns=["kind", "path", "detail"])
+
+
+def _walk(root: Path, suffixes: set) -> Iterator[Path]:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if os.path.splitext(name)[1].lower() in suffixes:
+                yield Path(dirpath) / name
+
+
+def _index_images(images_root: Path, issues: List[ImportIssue]) -> Dict[str, Path]:
+    index: Dict[str, Path] = {}
+    for path in _walk(images_root, IMAGE_SUFFIXES):
+        if path.stem in index:
+            issues.append(ImportIssue("duplicate_file_name", str(path), f"same stem as {index[path.stem]}"))
+            continue
+        index[path.stem] = path
+    return index
+
+
+def _parse_label(path: Path) -> Tuple[Dict, List[float]]:
+    """The image record and the first bbox of one label file; raises ValueError with a reason."""
+    try:
+        data = json.loads(path.read_bytes())
+        image = data["images"][0]
+        annotations = data.get("annotations") or []
+        bbox = [float(v) for v in annotations[0]["bbox"]] if annotations else []
+        k_code = image["dl_mapping_code"]
+        int(image["width"]), int(image["height"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+    if bbox and len(bbox) != 4:
+        raise ValueError(f"bbox has {len(bbox)} values, expected 4")
+    if not re.fullmatch(r"K-\d{6}", str(k_code)):
+        raise ValueError(f"dl_mapping_code {k_code!r} is not a K-code")
+    return image, bbox
+
+
+def import_aihub_split(split_root: Path, split: str = "", show_progress: bool = True) -> ImportResult:
+    """Import one AIHub split folder (holding images/ and labels/). `split` is written to every row
+    ("" lets `assign_splits` decide later)."""
+    split_root = Path(split_root)
+    images_root, labels_root = split_root / "images", split_root / "labels"
+    for needed in (images_root, labels_root):
+        if not needed.is_dir():
+            raise FileNotFoundError(f"AIHub layout expected {needed} (see reference/dataset-format.md)")
+    issues: List[ImportIssue] = []
+    image_index = _index_images(images_root, issues)
+    label_paths = sorted(_walk(labels_root, {".json"}))
+    names: Dict[str, str] = {}
+    records: Dict[str, Dict] = {}
+    with progress(total=len(label_paths), desc=f"import {split_root.name}", unit="json",
+                  enabled=show_progress) as bar:
+        for path in label_paths:
+            bar.update()
+            try:
+                image, bbox = _parse_label(path)
+            except ValueError as e:
+                issues.append(ImportIssue("malformed_json", str(path), str(e)))
+                continue
+            _add_label(records, names, issues, path, image, bbox)
+    rows = []
+    for stem, rec in records.items():
+        img = image_index.get(stem)
+        if img is None:
+            issues.append(ImportIssue("missing_image", rec["label"], f"no image file named {stem}.*"))
+            continue
+        rows.append({"image_id": stem, "image_path": str(img.resolve()), "split": split, "kind": rec["kind"],
+                     "k_code": rec["k_code"], "boxes": json.dumps(rec["boxes"]), "width": rec["width"],
+                     "height": rec["height"]})
+    for stem in sorted(set(image_index) - set(records)):
+        issues.append(ImportIssue("missing_json", str(image_index[stem]), "image has no label file"))
+    log.info("imported %d images from %s (%d issues)", len(rows), split_root, len(issues))
+    return ImportResult(from_rows(rows), issues, names)
+
+
+def _add_label(records: Dict[str, Dict], names: Dict[str, str], issues: List[ImportIssue], path: Path,
+               image: Dict, bbox: List[float]) -> None:
+    stem = path.stem
+    k_code = image["dl_mapping_code"]
+    names.setdefault(k_code, str(image.get("dl_name", "")))
+    combination = bool(_COMBO_STEM.match(stem))
+    if not combination and not stem.startswith(k_code + "_"):
+        issues.append(ImportIssue("kcode_mismatch", str(path), f"dl_mapping_code {k_code} vs file {stem}"))
+    rec = records.setdefault(stem, {"kind": "combination" if combination else "single",
+                                    "k_code": "" if combination else k_code, "boxes": [],
+                                    "width": int(image["width"]), "height": int(image["height"]),
+                                    "label": str(path)})
+    if bbox:
+        rec["boxes"].append({"k_code": k_code, "bbox": bbox})
+
+
+def import_aihub(data_root: Path, show_progress: bool = True) -> ImportResult:
+    """The AIHub *Training* split only. `val/` is the sealed test set, imported by the final test alone."""
+    return import_aihub_split(Path(data_root) / "train", "", show_progress)
+
+
+def import_aihub_test(data_root: Path, show_progress: bool = True) -> ImportResult:
+    return import_aihub_split(Path(data_root) / "val", "test", show_progress)

@@ -1,0 +1,105 @@
+"""Data preparation steps over the experiment directory: import, validate, build a stage subset.
+
+Each step reads what the previous one wrote under <exp_dir>/data/ and returns a small, serialisable summary,
+so the CLI and the orchestration tasks call the same functions.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict
+
+import pandas as pd
+
+from pillsnap.config import PillSnapConfig
+from pillsnap.data.aihub import ImportIssue, ImportResult, import_aihub
+from pillsnap.data.class_map import build_class_map
+from pillsnap.data.csv_import import import_csv
+from pillsnap.data.manifest import assign_splits, manifest_hash, read_manifest, write_manifest
+from pillsnap.data.subsets import build_stage_subset, write_subset
+from pillsnap.data.validate import load_quarantine, raise_if_fatal, validate_manifest, write_report
+
+log = logging.getLogger(__name__)
+
+
+def data_dir(cfg: PillSnapConfig) -> Path:
+    return cfg.exp_dir / "data"
+
+
+def manifest_path(cfg: PillSnapConfig) -> Path:
+    return data_dir(cfg) / "manifest.csv"
+
+
+def class_map_path(cfg: PillSnapConfig) -> Path:
+    return data_dir(cfg) / "class_map.json"
+
+
+def source_root(cfg: PillSnapConfig) -> Path:
+    return Path(cfg.synth.out_dir if cfg.data.source == "synthetic" else cfg.paths.data_root)
+
+
+def run_import(cfg: PillSnapConfig, show_progress: bool = True) -> Dict:
+    """Import the training data (never the sealed test split), fix the train/val split, build the class map."""
+    if cfg.data.source == "csv":
+        if not cfg.paths.manifest_csv:
+            raise ValueError("data.source=csv needs paths.manifest_csv")
+        result: ImportResult = import_csv(Path(cfg.paths.manifest_csv), show_progress=show_progress)
+    else:
+        result = import_aihub(source_root(cfg), show_progress=show_progress)
+    if result.manifest.empty:
+        raise ValueError(f"no images imported from {source_root(cfg)}; issues: "
+                         f"{[(i.kind, i.path) for i in result.issues[:5]]}")
+    manifest = assign_splits(result.manifest, cfg.data.val_fraction, cfg.data.seed)
+    write_manifest(manifest, manifest_path(cfg))
+    cmap = build_class_map(manifest, result.names)
+    cmap.save(class_map_path(cfg))
+    result.issues_frame().to_json(data_dir(cfg) / "import_issues.jsonl", orient="records", lines=True,
+                                  force_ascii=False)
+    summary = {"manifest": str(manifest_path(cfg)), "class_map": str(class_map_path(cfg)),
+               "manifest_hash": manifest_hash(manifest), "class_map_hash": cmap.hash, "images": len(manifest),
+               "classes": len(cmap), "issues": len(result.issues)}
+    log.info("import: %d images, %d classes, %d issues -> %s", len(manifest), len(cmap), len(result.issues),
+             manifest_path(cfg))
+    return summary
+
+
+def _import_issues(cfg: PillSnapConfig):
+    path = data_dir(cfg) / "import_issues.jsonl"
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    frame = pd.read_json(path, orient="records", lines=True, dtype=str)
+    return [ImportIssue(r["kind"], r["path"], r.get("detail", "")) for r in frame.to_dict("records")]
+
+
+def run_validation(cfg: PillSnapConfig, show_progress: bool = True) -> Dict:
+    """Validate the manifest; write the report and quarantine list; raise if a fatal threshold is crossed."""
+    manifest = read_manifest(manifest_path(cfg))
+    report = validate_manifest(manifest, cfg.data.validation, _import_issues(cfg), show_progress)
+    paths = write_report(report, data_dir(cfg))
+    log.info("validation: %s", "FAIL" if report.fatal else "PASS")
+    raise_if_fatal(report)
+    return {"report": str(paths["json"]), "summary": str(paths["summary"]), "quarantine": len(report.quarantine),
+            "findings": report.finding_counts(), "counts": report.counts,
+            "imbalance_ratio": report.imbalance_ratio, "val_only_classes": len(report.val_only_classes),
+            "manifest_hash": manifest_hash(manifest)}
+
+
+def run_subset(cfg: PillSnapConfig, stage: int) -> Dict:
+    manifest = read_manifest(manifest_path(cfg))
+    quarantine = load_quarantine(data_dir(cfg) / "quarantine.json")
+    subset, summary = build_stage_subset(manifest, stage, cfg.stage(stage), cfg.data.seed, quarantine)
+    out = write_subset(subset, summary, cfg.exp_dir)
+    for note in summary.notes:
+        log.warning("stage %d subset: %s", stage, note)
+    log.info("stage %d subset: %d classes, train %d single + %d combination, val %d single + %d combination",
+             stage, summary.classes, summary.train_single, summary.train_combination, summary.val_single,
+             summary.val_combination)
+    result = asdict(summary)
+    result.pop("k_codes")
+    return {**result, "dir": str(out)}
+
+
+def read_json(path: Path) -> Dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,239 @@
+"""Data validation: a report of everything wrong with a manifest, the quarantine list loaders skip, and
+fatal thresholds that stop a run with the worst offenders named.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import pandas as pd
+from PIL import Image
+
+from pillsnap.config import ValidationConfig
+from pillsnap.data.aihub import ImportIssue
+from pillsnap.data.manifest import image_k_codes
+from pillsnap.progress import progress
+
+log = logging.getLogger(__name__)
+WORST_SHOWN = 5
+
+
+class DataValidationError(RuntimeError):
+    pass
+
+
+@dataclass
+class Finding:
+    kind: str  # unreadable_image | size_mismatch | bbox_outside | missing_image | missing_json | malformed_json | …
+    image_id: str
+    path: str
+    detail: str = ""
+
+
+@dataclass
+class ValidationReport:
+    counts: Dict[str, int]
+    per_class: Dict[str, Dict[str, int]]  # K-code -> {"train": n, "val": n}
+    imbalance_ratio: Optional[float]
+    val_only_classes: List[str]
+    small_classes: List[str]
+    duplicates_across_splits: List[Tuple[str, str]]
+    findings: List[Finding] = field(default_factory=list)
+    quarantine: List[str] = field(default_factory=list)
+    fatal: List[str] = field(default_factory=list)
+
+    def finding_counts(self) -> Dict[str, int]:
+        return dict(Counter(f.kind for f in self.findings))
+
+    def to_dict(self) -> Dict:
+        out = asdict(self)
+        out["finding_counts"] = self.finding_counts()
+        return out
+
+    def summary(self) -> str:
+        c = self.counts
+        lines = [
+            "# Data validation report", "",
+            f"- images: {c['images']} ({c['single']} single, {c['combination']} combination); "
+            f"train {c['train']}, val {c['val']}",
+            f"- classes: {c['classes']}; imbalance ratio (max/min train images per class): "
+            f"{self.imbalance_ratio if self.imbalance_ratio is not None else 'n/a'}",
+            f"- val-only classes: {len(self.val_only_classes)} {self.val_only_classes[:WORST_SHOWN]}",
+            f"- classes with too few images: {len(self.small_classes)} {self.small_classes[:WORST_SHOWN]}",
+            f"- duplicate images across splits: {len(self.duplicates_across_splits)}",
+            f"- quarantined (skipped by loaders): {len(self.quarantine)}",
+        ]
+        for kind, n in sorted(self.finding_counts().items()):
+            examples = [f.path for f in self.findings if f.kind == kind][:WORST_SHOWN]
+            lines.append(f"- {kind}: {n}, e.g. {examples}")
+        lines.append(f"- verdict: {'FAIL: ' + '; '.join(self.fatal) if self.fatal else 'PASS'}")
+        return "\n".join(lines) + "\n"
+
+
+def check_image(path: str, expected: Tuple[int, int], want_hash: bool) -> Tuple[Optional[str], Optional[str]]:
+    """(error or None, content hash or None). Decodes fully, so truncated files are caught."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return f"cannot read: {e}", None
+    digest = hashlib.sha1(data).hexdigest() if want_hash else None
+    if not data:
+        return "empty file (0 bytes)", digest
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            size = im.size
+    except Exception as e:  # PIL raises many types for broken files
+        return f"cannot decode: {type(e).__name__}: {e}", digest
+    if tuple(size) != tuple(expected):
+        return f"size_mismatch: file is {size[0]}x{size[1]}, label says {expected[0]}x{expected[1]}", digest
+    return None, digest
+
+
+def _check_chunk(args) -> List[Tuple[Optional[str], Optional[str]]]:
+    items, want_hash = args
+    return [check_image(p, wh, want_hash) for p, wh in items]
+
+
+def _check_images(df: pd.DataFrame, cfg: ValidationConfig, show_progress: bool):
+    items = list(zip(df["image_path"], zip(df["width"], df["height"])))
+    chunk = 64
+    chunks = [(items[i:i + chunk], cfg.hash_duplicates) for i in range(0, len(items), chunk)]
+    results: List[Tuple[Optional[str], Optional[str]]] = []
+    workers = cfg.workers or os.cpu_count() or 1
+    with progress(total=len(items), desc="validate images", unit="img", enabled=show_progress) as bar:
+        if workers == 1 or len(chunks) <= 1:
+            for c in chunks:
+                results += _check_chunk(c)
+                bar.update(len(c[0]))
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for c, res in zip(chunks, pool.map(_check_chunk, chunks)):
+                    results += res
+                    bar.update(len(c[0]))
+    return results
+
+
+def _bbox_findings(df: pd.DataFrame) -> List[Finding]:
+    out = []
+    for image_id, path, boxes, w, h in zip(df["image_id"], df["image_path"], df["boxes"], df["width"], df["height"]):
+        for box in json.loads(boxes or "[]"):
+            x, y, bw, bh = box["bbox"]
+            if bw <= 0 or bh <= 0 or x < 0 or y < 0 or x + bw > w or y + bh > h:
+                out.append(Finding("bbox_outside", image_id, path,
+                                   f"{box['k_code']} bbox {box['bbox']} outside {w}x{h}"))
+    return out
+
+
+def _per_class(df: pd.DataFrame) -> Dict[str, Dict[str, int]]:
+    counts: Dict[str, Dict[str, int]] = {}
+    for codes, split in zip(image_k_codes(df), df["split"]):
+        for k in set(codes):
+            counts.setdefault(k, {"train": 0, "val": 0})
+            counts[k][split] = counts[k].get(split, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def validate_manifest(df: pd.DataFrame, cfg: ValidationConfig, import_issues: Sequence[ImportIssue] = (),
+                      show_progress: bool = True) -> ValidationReport:
+    findings = [Finding(i.kind, Path(i.path).stem, i.path, i.detail) for i in import_issues]
+    hashes: Dict[str, str] = {}
+    if cfg.check_images or cfg.hash_duplicates:
+        for (err, digest), image_id, path in zip(_check_images(df, cfg, show_progress), df["image_id"],
+                                                 df["image_path"]):
+            if err and cfg.check_images:
+                kind = "size_mismatch" if err.startswith("size_mismatch") else "unreadable_image"
+                findings.append(Finding(kind, image_id, path, err))
+            if digest:
+                hashes[image_id] = digest
+    findings += _bbox_findings(df)
+    per_class = _per_class(df)
+    train_counts = [c["train"] for c in per_class.values() if c["train"] > 0]
+    val_only = sorted(k for k, c in per_class.items() if c["train"] == 0 and c["val"] > 0)
+    small = sorted(k for k, c in per_class.items() if 0 < c["train"] + c["val"] < cfg.min_images_per_class)
+    duplicates = _duplicates_across_splits(df, hashes)
+    quarantine = _quarantine(df, findings, val_only, duplicates)
+    counts = {"images": len(df), "single": int((df["kind"] == "single").sum()),
+              "combination": int((df["kind"] == "combination").sum()),
+              "train": int((df["split"] == "train").sum()), "val": int((df["split"] == "val").sum()),
+              "classes": len(per_class)}
+    report = ValidationReport(counts, per_class,
+                              round(max(train_counts) / min(train_counts), 3) if train_counts else None,
+                              val_only, small, duplicates, findings, quarantine)
+    report.fatal = _fatal_reasons(report, cfg)
+    return report
+
+
+def _duplicates_across_splits(df: pd.DataFrame, hashes: Dict[str, str]) -> List[Tuple[str, str]]:
+    first_by_hash: Dict[str, Tuple[str, str]] = {}
+    pairs = []
+    for image_id, split in zip(df["image_id"], df["split"]):
+        digest = hashes.get(image_id)
+        if digest is None:
+            continue
+        if digest in first_by_hash and first_by_hash[digest][1] != split:
+            pairs.append((first_by_hash[digest][0], image_id))
+        first_by_hash.setdefault(digest, (image_id, split))
+    return pairs
+
+
+def _quarantine(df: pd.DataFrame, findings: List[Finding], val_only: List[str],
+                duplicates: List[Tuple[str, str]]) -> List[str]:
+    ids = {f.image_id for f in findings if f.kind in {"unreadable_image", "size_mismatch", "bbox_outside"}}
+    val_only_set = set(val_only)
+    ids |= {i for i, codes in zip(df["image_id"], image_k_codes(df)) if val_only_set.intersection(codes)}
+    split_of = dict(zip(df["image_id"], df["split"]))
+    ids |= {b if split_of.get(b) == "val" else a for a, b in duplicates}  # keep the train copy
+    return sorted(ids)
+
+
+def _fatal_reasons(report: ValidationReport, cfg: ValidationConfig) -> List[str]:
+    n = max(1, report.counts["images"])
+    kinds = report.finding_counts()
+    checks = [
+        ("unreadable or wrong-size images", kinds.get("unreadable_image", 0) + kinds.get("size_mismatch", 0),
+         cfg.max_corrupt_fraction, ("unreadable_image", "size_mismatch")),
+        ("missing images or labels", kinds.get("missing_image", 0) + kinds.get("missing_json", 0)
+         + kinds.get("malformed_json", 0), cfg.max_missing_fraction, ("missing_image", "missing_json", "malformed_json")),
+        ("bboxes outside the image", kinds.get("bbox_outside", 0), cfg.max_bbox_error_fraction, ("bbox_outside",)),
+    ]
+    fatal = []
+    for label, count, limit, kind_set in checks:
+        if count / n > limit:
+            worst = [f"{f.path} ({f.detail})" for f in report.findings if f.kind in kind_set][:WORST_SHOWN]
+            fatal.append(f"{label}: {count}/{n} = {count / n:.2%} > {limit:.2%}; worst: {worst}")
+    dup = len(report.duplicates_across_splits)
+    if dup / n > cfg.max_duplicate_fraction:
+        fatal.append(f"duplicates across splits: {dup}/{n} > {cfg.max_duplicate_fraction:.2%}; "
+                     f"worst: {report.duplicates_across_splits[:WORST_SHOWN]}")
+    if cfg.fail_on_val_only_classes and report.val_only_classes:
+        fatal.append(f"val-only classes: {report.val_only_classes[:WORST_SHOWN]}")
+    return fatal
+
+
+def write_report(report: ValidationReport, out_dir: Path) -> Dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "validation_report.json", "summary": out_dir / "validation_report.md",
+             "quarantine": out_dir / "quarantine.json"}
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
+    paths["summary"].write_text(report.summary())
+    paths["quarantine"].write_text(json.dumps(report.quarantine))
+    return paths
+
+
+def raise_if_fatal(report: ValidationReport) -> None:
+    if report.fatal:
+        raise DataValidationError("data validation failed:\n  - " + "\n  - ".join(report.fatal))
+
+
+def load_quarantine(path: Path) -> List[str]:
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else []

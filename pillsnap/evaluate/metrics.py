@@ -1,0 +1,32 @@
+"""Classification metrics from logits: accuracy, macro-F1, top-5, per-class F1 (worst classes named)."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+
+def classification_metrics(y_true: np.ndarray, logits: np.ndarray, class_names: Optional[Sequence[str]] = None,
+                           worst: int = 5) -> Dict:
+    y_true = np.asarray(y_true)
+    n = int(len(y_true))
+    if n == 0:
+        return {"n": 0, "accuracy": None, "macro_f1": None, "top5": None}
+    y_pred = logits.argmax(1)
+    k = min(5, logits.shape[1])
+    topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    present = np.unique(y_true)  # F1 over classes that have validation samples
+    per_class = f1_score(y_true, y_pred, labels=present, average=None, zero_division=0)
+    order = np.argsort(per_class)[:worst]
+    name = (lambda c: class_names[c]) if class_names is not None else str
+    return {
+        "n": n,
+        "accuracy": float((y_pred == y_true).mean()),
+        "macro_f1": float(per_class.mean()),
+        "top5": float((topk == y_true[:, None]).any(1).mean()),
+        "per_class_f1_min": float(per_class.min()),
+        "worst_classes": [{"class": name(int(present[i])), "f1": float(per_class[i])} for i in order],
+        "classes_evaluated": int(len(present)),
+    }
+

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers (retries, cache policy, artifacts) around library calls."""

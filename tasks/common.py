@@ -1,0 +1,87 @@
+"""What every task shares: config (de)serialisation, library logs in the run logs, progress artifacts,
+result storage under the experiment directory, and the code version that goes into cache keys."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+import pillsnap
+from pillsnap import progress as lib_progress
+from pillsnap.config import PillSnapConfig, from_dict
+
+PACKAGE_DIR = Path(pillsnap.__file__).parent
+
+
+def cfg_of(config: Dict) -> PillSnapConfig:
+    return from_dict(config)
+
+
+def result_storage(config: Dict) -> Path:
+    path = Path(config["paths"]["exp_dir"]).resolve() / ".prefect-results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the library's source: a code change invalidates cached training results."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        h.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+class _RunLogHandler(logging.Handler):
+    def __init__(self, run_logger):
+        super().__init__(logging.INFO)
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_logger.log(record.levelno, "%s: %s", record.name, record.getMessage())
+
+
+@contextmanager
+def library_logs_in_run() -> Iterator[None]:
+    """The library never imports prefect; its logger is forwarded into this task's run logs here."""
+    handler = _RunLogHandler(get_run_logger())
+    lib = logging.getLogger("pillsnap")
+    lib.addHandler(handler)
+    old_level = lib.level
+    if lib.level == logging.NOTSET or lib.level > logging.INFO:
+        lib.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        lib.removeHandler(handler)
+        lib.setLevel(old_level)
+
+
+@contextmanager
+def progress_artifact(key: str, description: str, min_interval_s: float = 5.0) -> Iterator[None]:
+    """A Prefect progress artifact that follows the library's progress bars (throttled)."""
+    artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+    last: Dict[str, float] = {"t": 0.0}
+
+    def listener(desc: str, done: int, total: Optional[int]) -> None:
+        now = time.monotonic()
+        if not total or (now - last["t"] < min_interval_s and done < total):
+            return
+        last["t"] = now
+        update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / total,
+                                 description=f"{description}: {desc} {done}/{total}")
+
+    lib_progress.add_listener(listener)
+    try:
+        yield
+    finally:
+        lib_progress.remove_listener(listener)
+        update_progress_artifact(artifact_id=artifact_id, progress=100.0, description=f"{description}: done")

@@ -1,0 +1,55 @@
+"""The training tasks: ONE task each holds the whole training loop.
+
+retries: a retry resumes from the newest valid checkpoint (train.resume=last), never from scratch.
+cache key: (resolved config, subset hash, code version); the flow refreshes the cache when the checkpoint
+that a cached result points to is gone.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+from prefect import task
+
+from pillsnap.config import config_hash
+from pillsnap.data.class_map import ClassMap
+from pillsnap.data.prepare import class_map_path
+from pillsnap.data.subsets import read_subset
+from pillsnap.logs import attach_stage_files, detach
+from pillsnap.train.loop import result_dict, train_classifier
+from tasks.common import cfg_of, code_version, library_logs_in_run, progress_artifact
+
+TRAIN_RETRIES = 2
+
+
+def stage_dir(config: Dict, stage: int) -> Path:
+    return Path(config["paths"]["exp_dir"]) / f"stage_{stage}"
+
+
+def classifier_checkpoint(config: Dict, stage: int) -> Path:
+    return stage_dir(config, stage) / "checkpoints" / "best.pt"
+
+
+def _train_key(context, parameters) -> str:
+    cfg = cfg_of(parameters["config"])
+    init = parameters.get("init_checkpoint") or "scratch"
+    return f"train-classifier-s{parameters['stage']}-{config_hash(cfg)}-{parameters['subset_hash']}-{code_version()}-" \
+           f"{Path(init).name}"
+
+
+@task(name="train-classifier", retries=TRAIN_RETRIES, retry_delay_seconds=2, cache_key_fn=_train_key,
+      persist_result=True)
+def train_classifier_task(config: Dict, stage: int, subset_hash: str, init_checkpoint: Optional[str] = None) -> Dict:
+    cfg = cfg_of(config)
+    out = stage_dir(config, stage)
+    handlers = attach_stage_files(out / "logs")
+    try:
+        with library_logs_in_run(), progress_artifact(f"stage-{stage}-training-progress",
+                                                      f"Stage {stage} classifier training"):
+            subset, _ = read_subset(cfg.exp_dir, stage)
+            result = train_classifier(cfg, subset, ClassMap.load(class_map_path(cfg)), out,
+                                      Path(init_checkpoint) if init_checkpoint else None,
+                                      show_progress=cfg.logging.progress_bar)
+    finally:
+        detach(handlers)
+    return {**result_dict(result), "tensorboard": str(out / "tb"), "batch_size": cfg.train.classification.batch_size}
