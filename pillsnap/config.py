@@ -42,6 +42,7 @@ class SynthConfig:
     images_per_combination: int = 4
     width: int = 976
     height: int = 1280
+    pill_scale: float = 0.34  # a single pill's width as a fraction of the image width (camera distance)
     seed: int = 0
     workers: int = 0  # 0 = one per core
 

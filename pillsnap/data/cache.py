@@ -31,7 +31,7 @@ def decode_sample(path: str, box: Box, size: int, padding: float = 0.0) -> np.nd
         im = im.convert("RGB")
         if box is not None:
             im = im.crop(padded_box(box, im.size, padding))
-        return np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+        return np.array(im.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 def padded_box(box: Sequence[float], image_size: Tuple[int, int], padding: float) -> Tuple[int, int, int, int]:

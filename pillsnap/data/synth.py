@@ -87,10 +87,11 @@ def _finish(rng: np.random.Generator, canvas: np.ndarray, shot: Shot) -> Image.I
     return img.filter(ImageFilter.GaussianBlur(radius)) if radius > 0.3 else img
 
 
-def render_single(look: PillLook, shot: Shot, width: int, height: int, seed: Sequence[int]) -> Tuple[Image.Image, List[int]]:
+def render_single(look: PillLook, shot: Shot, width: int, height: int, seed: Sequence[int],
+                  pill_scale: float = 0.34) -> Tuple[Image.Image, List[int]]:
     rng = np.random.default_rng(seed)
     canvas = _background(rng, shot, width, height)
-    pill = _transformed_pill(rng, look, shot, width * 0.34 * look.size)
+    pill = _transformed_pill(rng, look, shot, width * pill_scale * look.size)
     pill = pill.crop(pill.getbbox())
     x = int(rng.uniform(0.1, 0.9) * (width - pill.width))
     y = int(rng.uniform(0.1, 0.9) * (height - pill.height))
@@ -105,15 +106,16 @@ def _overlaps(box: List[int], boxes: Sequence[List[int]], gap: int) -> bool:
 
 
 def render_combination(looks: Sequence[PillLook], shot: Shot, width: int, height: int,
-                       seed: Sequence[int]) -> Tuple[Image.Image, List[List[int]]]:
+                       seed: Sequence[int], pill_scale: float = 0.34) -> Tuple[Image.Image, List[List[int]]]:
     rng = np.random.default_rng(seed)
     canvas = _background(rng, shot, width, height)
     boxes: List[List[int]] = []
-    scale = 0.26
+    scale = pill_scale * 0.76  # several pills share the frame
     for look in looks:
-        for attempt in range(200):
-            pill = _transformed_pill(rng, look, shot, width * scale * look.size * (0.97 ** (attempt // 20)))
-            pill = pill.crop(pill.getbbox())
+        for attempt in range(300):  # a crowded frame shrinks the pill every 20 tries
+            if attempt % 20 == 0:
+                pill = _transformed_pill(rng, look, shot, width * scale * look.size * (0.93 ** (attempt // 20)))
+                pill = pill.crop(pill.getbbox())
             box = [int(rng.uniform(0.02, 0.98) * (width - pill.width)),
                    int(rng.uniform(0.02, 0.98) * (height - pill.height)), pill.width, pill.height]
             if not _overlaps(box, boxes, gap=max(2, width // 100)):
@@ -172,7 +174,7 @@ def _prefixes(split: str) -> Tuple[str, str]:
 
 
 def _write_single_class(args) -> int:
-    root, split, index, count, offset, width, height, seed = args
+    root, split, index, count, offset, width, height, seed, pill_scale = args
     look, k_code = pill_look(index), kcode_for(index)
     img_prefix, lbl_prefix = _prefixes(split)
     group = index // CLASSES_PER_FOLDER + 1
@@ -181,7 +183,7 @@ def _write_single_class(args) -> int:
     img_dir.mkdir(parents=True, exist_ok=True)
     for i, shot in enumerate(_shots(seed, index, count, offset)):
         stem = f"{k_code}_{shot.tokens}"
-        img, box = render_single(look, shot, width, height, seed=[seed, index, offset + i])
+        img, box = render_single(look, shot, width, height, [seed, index, offset + i], pill_scale)
         img.save(img_dir / f"{stem}.png", compress_level=1)
         _write_json(lbl_dir / f"{stem}.json",
                     pill_json(look, shot, f"{stem}.png", width, height, box, k_code, index))
@@ -189,7 +191,7 @@ def _write_single_class(args) -> int:
 
 
 def _write_combination(args) -> int:
-    root, split, combo_id, indices, count, width, height, seed = args
+    root, split, combo_id, indices, count, width, height, seed, pill_scale = args
     looks = [pill_look(i) for i in indices]
     codes = [kcode_for(i) for i in indices]
     folder = "K-" + "-".join(c[2:] for c in codes)
@@ -199,8 +201,7 @@ def _write_combination(args) -> int:
     img_dir.mkdir(parents=True, exist_ok=True)
     for i, shot in enumerate(_shots(seed, 1_000_000 + combo_id, count)):
         stem = f"{folder}_{shot.tokens}"
-        img, boxes = render_combination(looks, shot, width, height,
-                                        seed=[seed, 1_000_000 + combo_id, i])
+        img, boxes = render_combination(looks, shot, width, height, [seed, 1_000_000 + combo_id, i], pill_scale)
         img.save(img_dir / f"{stem}.png", compress_level=1)
         for look, code, box in zip(looks, codes, boxes):
             _write_json(lbl_dir / code / f"{stem}.json",
@@ -213,18 +214,19 @@ def _combination_jobs(root: Path, split: str, cfg: SynthConfig, n_combos: int, i
     for c in range(n_combos):
         n_pills = int(rng.integers(2, 6))
         indices = sorted(rng.choice(cfg.num_classes, size=min(n_pills, cfg.num_classes), replace=False).tolist())
-        yield (root, split, id_offset + c, indices, cfg.images_per_combination, cfg.width, cfg.height, cfg.seed)
+        yield (root, split, id_offset + c, indices, cfg.images_per_combination, cfg.width, cfg.height, cfg.seed,
+               cfg.pill_scale)
 
 
 def synthesize(cfg: SynthConfig, out_dir: Path | None = None, show_progress: bool = True) -> Dict[str, int]:
     """Write the whole synthetic dataset; deterministic for `cfg.seed`. Returns image counts."""
     root = Path(out_dir or cfg.out_dir)
     n_test = cfg.test_images_per_class
-    jobs_single = [(root, "train", k, cfg.images_per_class, 0, cfg.width, cfg.height, cfg.seed)
+    jobs_single = [(root, "train", k, cfg.images_per_class, 0, cfg.width, cfg.height, cfg.seed, cfg.pill_scale)
                    for k in range(cfg.num_classes)]
     if n_test:
-        jobs_single += [(root, "val", k, n_test, cfg.images_per_class, cfg.width, cfg.height, cfg.seed)
-                        for k in range(cfg.num_classes)]
+        jobs_single += [(root, "val", k, n_test, cfg.images_per_class, cfg.width, cfg.height, cfg.seed,
+                         cfg.pill_scale) for k in range(cfg.num_classes)]
     jobs_combo = list(_combination_jobs(root, "train", cfg, cfg.combinations, 0))
     jobs_combo += list(_combination_jobs(root, "val", cfg, cfg.test_combinations, cfg.combinations))
     total = sum(j[3] for j in jobs_single) + sum(j[4] for j in jobs_combo)

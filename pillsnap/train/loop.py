@@ -80,6 +80,7 @@ class ClassifierTrainer:
                  init_checkpoint: Optional[Path] = None, step_hook: Optional[StepHook] = None,
                  show_progress: bool = True):
         self.cfg, self.labels, self.out = cfg, label_space, Path(out_dir)
+        self._config_json = json.dumps(to_dict(cfg))  # resolved once: serialising the config is slow
         self.ckpt_dir = self.out / "checkpoints"
         self.step_hook, self.show_progress = step_hook, show_progress
         tc = cfg.train
@@ -160,7 +161,7 @@ class ClassifierTrainer:
             "epoch": s.epoch, "samples_in_epoch": s.samples_in_epoch, "global_step": s.global_step,
             "best_metric": s.best_metric, "best_epoch": s.best_epoch, "bad_epochs": s.bad_epochs,
             "loss_sum": s.loss_sum, "loss_count": s.loss_count, "history_json": json.dumps(s.history),
-            "config": json.dumps(to_dict(self.cfg)), "backbone": self.cfg.classification.backbone,
+            "config": self._config_json, "backbone": self.cfg.classification.backbone,
             "num_classes": len(self.labels), "class_map_hash": self.labels.hash, "k_codes": self.labels.k_codes,
             "image_size": self.cfg.classification.image_size, "batch_size": self.batch_size,
             "grad_accum": self.accum, "rng": rng_state(),
@@ -191,7 +192,7 @@ class ClassifierTrainer:
 
     # ---------------------------------------------------------------- training
     def run(self) -> TrainResult:
-        resumed = self._resumed_from = self._resume()
+        resumed = self._resume()
         tc = self.cfg.train
         epochs = tc.classification.epochs
         stopped_early = False
@@ -241,7 +242,12 @@ class ClassifierTrainer:
 
     def _maybe_simulate_crash(self) -> None:
         at = self.cfg.train.crash_at_step
-        if at is not None and self.state.global_step == at and (self._resumed_from or 0) < at:
+        if at is None or self.state.global_step != at:
+            return
+        marker = self.ckpt_dir / f".simulated_crash_{at}"  # fail once: the retry must get past this step
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
             raise SimulatedCrash(f"train.crash_at_step={at}: simulated crash after global step {at}")
 
     def _forward_backward(self, batch) -> float:

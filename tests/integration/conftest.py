@@ -1,0 +1,16 @@
+"""One Prefect test harness for the whole session (~12 s to start); never nest a second one."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def flow_overrides(tiny_aihub, tmp_path):
+    """Overrides that point a flow at the shared tiny data and a fresh experiment dir."""
+    return [f"paths.exp_dir={tmp_path / 'exp'}", f"synth.out_dir={tiny_aihub}", f"paths.data_root={tiny_aihub}"]
