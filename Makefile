@@ -29,11 +29,15 @@ bench: $(STAMP)
 server: $(STAMP)
 	$(BIN)/prefect server start
 
+PREFECT_LOCAL_API := http://127.0.0.1:4200/api
+
 deploy: $(STAMP)
-	$(BIN)/prefect --no-prompt deploy --all
+	PREFECT_API_URL=$(PREFECT_LOCAL_API) $(BIN)/prefect work-pool create pillsnap-process --type process \
+	  --base-job-template deployments/process.json --overwrite
+	PREFECT_API_URL=$(PREFECT_LOCAL_API) $(BIN)/prefect --no-prompt deploy --all
 
 worker: $(STAMP)
-	$(BIN)/prefect worker start --pool pillsnap-process
+	PREFECT_API_URL=$(PREFECT_LOCAL_API) $(BIN)/prefect worker start --pool pillsnap-process
 
 clean:
 	rm -rf exp/demo data/demo .pytest_cache

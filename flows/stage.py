@@ -7,6 +7,7 @@ from typing import Dict, List, Optional
 from prefect import flow
 
 from flows.config import resolve
+from flows.hooks import notify_on_failure
 from pillsnap.data.subsets import stage_dir as subset_dir
 from pillsnap.evaluate.stage_eval import assemble_stage_results
 from pillsnap.ledger import Ledger
@@ -28,7 +29,7 @@ def _previous_stage(config: Dict, stage: int) -> tuple[Optional[str], Optional[D
     return str(ckpt), {"accuracy": rec.metrics.get("accuracy")}
 
 
-@flow(name="pillsnap-stage")
+@flow(name="pillsnap-stage", on_failure=[notify_on_failure])
 def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optional[List[str]] = None,
                config_path: Optional[str] = None) -> Dict:
     config = resolve(config_path, profile, overrides)
@@ -41,8 +42,9 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
         config, stage, manifest_hash)
     init_checkpoint, baseline = _previous_stage(config, stage)
     checkpoint_missing = not classifier_checkpoint(config, stage).is_file()
-    train = train_classifier_task.with_options(result_storage=storage, refresh_cache=checkpoint_missing)(
-        config, stage, subset["subset_hash"], init_checkpoint)
+    train_state = train_classifier_task.with_options(result_storage=storage, refresh_cache=checkpoint_missing)(
+        config, stage, subset["subset_hash"], init_checkpoint, return_state=True)
+    train = train_state.result()
     evaluation = evaluate_task(config, stage, train["best_checkpoint"])
     results = assemble_stage_results(evaluation, train, validation)
     go_no_go = go_no_go_task(config, stage, results, baseline)
@@ -55,4 +57,6 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
     return {"stage": stage, "report": report, "accuracy": evaluation["accuracy"],
             "macro_f1": evaluation["macro_f1"], "top5": evaluation["top5"], "n_val": evaluation["n"],
             "go_no_go": go_no_go["decision"], "reasons": go_no_go["reasons"],
-            "recommendation": advice["recommendation"], **decision, "exp_dir": config["paths"]["exp_dir"]}
+            "recommendation": advice["recommendation"], **decision, "exp_dir": config["paths"]["exp_dir"],
+            "train_state": train_state.name, "global_step": train["global_step"],
+            "resumed_from_step": train["resumed_from_step"], "overrides": advice.get("overrides", [])}

@@ -81,6 +81,21 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_progress(args) -> int:
+    _flow_env()
+    from flows.progressive import progressive_flow
+    _print(progressive_flow(start_stage=args.start, end_stage=args.end, mode=args.mode, profile=args.profile,
+                            overrides=args.overrides, config_path=args.config))
+    return 0
+
+
+def cmd_final_test(args) -> int:
+    _flow_env()
+    from flows.final_test import final_test_flow
+    _print(final_test_flow(profile=args.profile, overrides=args.overrides, config_path=args.config, force=args.force))
+    return 0
+
+
 def cmd_stage(args) -> int:
     _flow_env()
     from flows.stage import stage_flow
@@ -92,12 +107,10 @@ def cmd_demo(args) -> int:
     """Synthesize → import → validate → Stage 1 on the CPU, with Prefect's embedded server."""
     _flow_env()
     cfg = _load(args)  # fail fast on a bad key before starting Prefect
-    from flows.data import data_flow
-    from flows.stage import stage_flow
+    from flows.demo import demo_flow
     started = time.time()
     print(f"PillSnap demo: synthetic data -> {cfg.synth.out_dir}, experiment -> {cfg.paths.exp_dir}", flush=True)
-    data_flow(profile=args.profile, overrides=args.overrides, config_path=args.config)
-    result = stage_flow(stage=1, profile=args.profile, overrides=args.overrides, config_path=args.config)
+    result = demo_flow(profile=args.profile, overrides=args.overrides, config_path=args.config)["stage"]
     minutes = (time.time() - started) / 60
     ok = result["accuracy"] >= DEMO_MIN_ACCURACY
     print("\n" + "=" * 72)
@@ -120,6 +133,8 @@ COMMANDS: Dict[str, tuple[Callable, str]] = {
     "subset": (cmd_subset, "build a stage subset (nested classes, stratified train/val)"),
     "data": (cmd_data, "run the data-preparation flow (synthesize / import / validate)"),
     "stage": (cmd_stage, "run one stage flow (train, evaluate, Go/No-Go, advisor, report)"),
+    "progress": (cmd_progress, "progressive flow: advance one stage by the ledger, or run stages in order"),
+    "final-test": (cmd_final_test, "the one-time final test on the sealed test split (after an approved Stage 4)"),
     "demo": (cmd_demo, "the Stage 1 demo: synthetic data, Prefect's embedded server, CPU"),
 }
 
@@ -135,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="output folder (default: synth.out_dir)")
         if name in ("subset", "stage"):
             p.add_argument("--stage", type=int, default=1, help="stage number 1-4 (default 1)")
+        if name == "progress":
+            p.add_argument("--mode", choices=["advance", "run"], default="advance",
+                           help="advance: one step decided by ledger.json (for schedules); run: stages in order")
+            p.add_argument("--start", type=int, default=1)
+            p.add_argument("--end", type=int, default=4)
+        if name == "final-test":
+            p.add_argument("--force", action="store_true", help="evaluate again even if the final test already ran")
     return parser
 
 

@@ -24,6 +24,7 @@ class StageRecord:
     chosen_by: str = ""  # human | policy
     metrics: Dict = field(default_factory=dict)
     checkpoints: Dict[str, str] = field(default_factory=dict)
+    overrides: List[str] = field(default_factory=list)  # the advisor's key=value suggestions, for a re-run
     flow_run_id: str = ""
     finished_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -63,10 +64,26 @@ class Ledger:
                 return stage
         return None
 
-    def blocked_by(self) -> Optional[StageRecord]:
-        """The latest record that stops progression (a NO-GO, or a 'stop'/'rerun' choice), if any."""
+    def plan(self, start: int = 1, end: int = 4) -> Dict:
+        """What a scheduled "advance" run should do now, read from the ledger alone.
+
+        run      the next stage has no record yet, or its last choice was rerun_optimized (with overrides)
+        blocked  the next stage was decided NO-GO or stop: a human must act before anything runs
+        final    Stage 4 is approved: run the final test, once
+        done     the final test has run, or the next stage lies outside [start, end]
+        """
         stage = self.next_stage()
-        return self.latest(stage) if stage is not None else None
+        if stage is None:
+            return {"action": "done" if self.final_test else "final", "stage": None}
+        if not start <= stage <= end:
+            return {"action": "done", "stage": stage, "why": f"next stage {stage} is outside {start}..{end}"}
+        rec = self.latest(stage)
+        if rec is None:
+            return {"action": "run", "stage": stage, "overrides": []}
+        if rec.choice == "rerun_optimized":
+            return {"action": "run", "stage": stage, "overrides": list(rec.overrides)}
+        return {"action": "blocked", "stage": stage,
+                "why": f"stage {stage} was {rec.decision} with choice '{rec.choice}' ({', '.join(rec.reasons)})"}
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,12 @@
 """Data tasks: synthesize, import, validate (cached on the manifest hash), build the stage subset (cached)."""
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Dict
 
 from prefect import task
 
-from pillsnap.config import config_hash
 from pillsnap.data.manifest import manifest_hash, read_manifest
 from pillsnap.data.prepare import manifest_path, run_import, run_subset, run_validation, source_root
 from pillsnap.data.synth import synthesize
@@ -34,8 +35,8 @@ def current_manifest_hash(config: Dict) -> str:
 
 
 def _validation_key(context, parameters) -> str:
-    cfg = cfg_of(parameters["config"])
-    return f"validate-{parameters['manifest_hash']}-{config_hash(cfg)[:8]}-{cfg.paths.exp_dir}"
+    rules = json.dumps(parameters["config"]["data"]["validation"], sort_keys=True)
+    return f"validate-{parameters['manifest_hash']}-{hashlib.sha256(rules.encode()).hexdigest()[:8]}"
 
 
 @task(name="validate-data", cache_key_fn=_validation_key, persist_result=True)
@@ -48,7 +49,7 @@ def _subset_key(context, parameters) -> str:
     cfg = cfg_of(parameters["config"])
     stage = parameters["stage"]
     spec = cfg.stage(stage)
-    return f"subset-{parameters['manifest_hash']}-{stage}-{spec.classes}-{spec.images}-{cfg.data.seed}-{cfg.paths.exp_dir}"
+    return f"subset-{parameters['manifest_hash']}-{stage}-{spec.classes}-{spec.images}-{cfg.data.seed}"
 
 
 @task(name="build-stage-subset", cache_key_fn=_subset_key, persist_result=True)

@@ -13,6 +13,7 @@ from prefect.input import RunInput
 
 from pillsnap.evaluate.stage_report import render_stage_report
 from pillsnap.ledger import Ledger, StageRecord
+from pillsnap.notify import notify
 from pillsnap.train.prechecks import run_prechecks
 from tasks.common import cfg_of, library_logs_in_run
 
@@ -39,7 +40,7 @@ def review(config: Dict, stage: int, advice: Dict) -> Tuple[str, str]:
             answer = pause_flow_run(
                 wait_for_input=ReviewChoice.with_initial_data(description=description,
                                                               choice=advice["recommended_option"]),
-                timeout=cfg.orchestration.review_timeout_s, key=f"stage-{stage}-review")
+                timeout=cfg.orchestration.review_timeout_s, poll_interval=2, key=f"stage-{stage}-review")
             return answer.choice, "human"
         except Exception as e:  # a timed-out pause falls back to the unattended policy
             logger.warning("review pause ended without an answer (%s); applying the unattended policy", e)
@@ -54,8 +55,12 @@ def record_decision_task(config: Dict, stage: int, go_no_go: Dict, advice: Dict,
     flow_run_id = str(ctx.task_run.flow_run_id) if getattr(ctx, "task_run", None) else ""
     rec = StageRecord(stage=stage, decision=go_no_go["decision"], reasons=go_no_go["reasons"],
                       recommendation=advice["recommendation"], choice=choice, chosen_by=chosen_by,
-                      metrics=metrics, checkpoints=checkpoints, flow_run_id=flow_run_id)
-    Ledger.of(cfg_of(config).exp_dir).record(rec)
+                      metrics=metrics, checkpoints=checkpoints, flow_run_id=flow_run_id,
+                      overrides=advice.get("overrides", []) if choice == "rerun_optimized" else [])
+    cfg = cfg_of(config)
+    Ledger.of(cfg.exp_dir).record(rec)
+    notify(cfg.orchestration.webhook_url, "stage_decision", {"stage": stage, "decision": rec.decision,
+                                                               "choice": choice, "metrics": metrics})
     return {"decision": rec.decision, "choice": choice, "chosen_by": chosen_by, "approved": rec.approved}
 
 

@@ -11,11 +11,12 @@ from typing import Dict, Optional
 
 from prefect import task
 
-from pillsnap.config import config_hash
 from pillsnap.data.class_map import ClassMap
 from pillsnap.data.prepare import class_map_path
 from pillsnap.data.subsets import read_subset
+from pillsnap.lock import experiment_lock
 from pillsnap.logs import attach_stage_files, detach
+from pillsnap.train.checkpoints import prepare_checkpoint_dir, training_fingerprint
 from pillsnap.train.loop import result_dict, train_classifier
 from tasks.common import cfg_of, code_version, library_logs_in_run, progress_artifact
 
@@ -31,10 +32,11 @@ def classifier_checkpoint(config: Dict, stage: int) -> Path:
 
 
 def _train_key(context, parameters) -> str:
-    cfg = cfg_of(parameters["config"])
+    config = parameters["config"]
     init = parameters.get("init_checkpoint") or "scratch"
-    return f"train-classifier-s{parameters['stage']}-{config_hash(cfg)}-{parameters['subset_hash']}-{code_version()}-" \
-           f"{Path(init).name}"
+    # Result storage is per experiment directory, so the key needs no path.
+    return (f"train-classifier-s{parameters['stage']}-{training_fingerprint(config)}-{parameters['subset_hash']}-"
+            f"{code_version()}-{Path(init).parent.parent.name if init != 'scratch' else init}")
 
 
 @task(name="train-classifier", retries=TRAIN_RETRIES, retry_delay_seconds=2, cache_key_fn=_train_key,
@@ -44,8 +46,9 @@ def train_classifier_task(config: Dict, stage: int, subset_hash: str, init_check
     out = stage_dir(config, stage)
     handlers = attach_stage_files(out / "logs")
     try:
-        with library_logs_in_run(), progress_artifact(f"stage-{stage}-training-progress",
-                                                      f"Stage {stage} classifier training"):
+        with library_logs_in_run(), experiment_lock(cfg.exp_dir, f"stage {stage} classifier"), \
+                progress_artifact(f"stage-{stage}-training-progress", f"Stage {stage} classifier training"):
+            prepare_checkpoint_dir(out / "checkpoints", config)
             subset, _ = read_subset(cfg.exp_dir, stage)
             result = train_classifier(cfg, subset, ClassMap.load(class_map_path(cfg)), out,
                                       Path(init_checkpoint) if init_checkpoint else None,

@@ -5,8 +5,11 @@ or corrupt with a warning, and takes the newest valid one by global step.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -96,3 +99,39 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Settings that do not change what training computes: a difference in these still allows a resume.
+_NOT_TRAINING = ("orchestration", "logging", "inference", "export", "evaluation")
+_NOT_TRAINING_TRAIN_KEYS = ("crash_at_step", "resume")
+
+
+def training_fingerprint(config: Dict[str, Any]) -> str:
+    relevant = {k: v for k, v in config.items() if k not in _NOT_TRAINING}
+    relevant["train"] = {k: v for k, v in config.get("train", {}).items() if k not in _NOT_TRAINING_TRAIN_KEYS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_checkpoint_dir(ckpt_dir: Path, config: Dict[str, Any]) -> Optional[str]:
+    """Move old checkpoints aside when resuming them would be wrong; returns why, or None if kept.
+
+    Wrong means: they were trained with a different configuration (a re-run with new settings must start
+    fresh), or the run finished but its best.pt is gone (best weights cannot be recovered by resuming).
+    A crash before the first epoch ended (recovery.pt only) is kept, so the retry resumes.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    found = find_resume_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+    if found is None:
+        return None
+    _, payload = found
+    reason = None
+    if training_fingerprint(json.loads(payload["config"])) != training_fingerprint(config):
+        reason = "checkpoints come from a different training configuration"
+    elif (ckpt_dir / "last.pt").is_file() and not (ckpt_dir / "best.pt").is_file():
+        reason = "best.pt is missing from a run that had finished an epoch"
+    if reason:
+        archive = ckpt_dir.parent / "checkpoints.previous" / f"{int(time.time())}"
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        ckpt_dir.rename(archive)
+        log.warning("%s: %s; moved to %s and starting fresh", ckpt_dir, reason, archive)
+    return reason
