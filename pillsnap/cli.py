@@ -96,6 +96,16 @@ def cmd_final_test(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from pillsnap.infer.cli_commands import predict_command
+    return predict_command(args, _load)
+
+
+def cmd_export(args) -> int:
+    from pillsnap.infer.cli_commands import export_command
+    return export_command(args, _load)
+
+
 def cmd_stage(args) -> int:
     _flow_env()
     from flows.stage import stage_flow
@@ -135,6 +145,8 @@ COMMANDS: Dict[str, tuple[Callable, str]] = {
     "stage": (cmd_stage, "run one stage flow (train, evaluate, Go/No-Go, advisor, report)"),
     "progress": (cmd_progress, "progressive flow: advance one stage by the ledger, or run stages in order"),
     "final-test": (cmd_final_test, "the one-time final test on the sealed test split (after an approved Stage 4)"),
+    "predict": (cmd_predict, "recognise pills in photos: single | combo | auto, torch or ONNX engine"),
+    "export": (cmd_export, "export a stage's classifier (and detector) to ONNX with a torch parity check"),
     "demo": (cmd_demo, "the Stage 1 demo: synthetic data, Prefect's embedded server, CPU"),
 }
 
@@ -157,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--end", type=int, default=4)
         if name == "final-test":
             p.add_argument("--force", action="store_true", help="evaluate again even if the final test already ran")
+        if name in ("predict", "export"):
+            from pillsnap.infer.cli_commands import add_arguments
+            add_arguments(name, p)
     return parser
 
 

@@ -1,0 +1,242 @@
+"""D-6 final test: the ONE evaluation of the sealed test split, after Stage 4 is GO and approved.
+
+Order matters, and is the point of this module: every precondition is checked from the ledger and the file
+system FIRST (`check_final_test_allowed`); only then is the test split imported (AIHub `val/`, or the CSV rows
+with split=test) and its loaders built. Nothing else in the library reads the test split.
+
+Measured once: single-image classification (accuracy, macro-F1, top-5), detection mAP@0.5 on combination images
+(when a detector exists; the shared NMS/mAP code), combination per-pill accuracy (every detection classified,
+`pillsnap.evaluate.combination`). Then val vs test (overfitting gap), the business goals, a recommendation.
+Written to <exp_dir>/final/reports/final_test_results.json and recorded in the ledger; a second run is refused
+unless forced.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+from pillsnap.config import PillSnapConfig
+from pillsnap.evaluate.reports import write_json_atomic
+from pillsnap.infer import locations
+from pillsnap.ledger import Ledger, StageRecord
+
+log = logging.getLogger(__name__)
+FINAL_STAGE = 4
+# Business goals (D-6 "목표 달성 확인"): single-pill 92 % (macro-F1, and accuracy), combination mAP@0.5 0.85.
+BUSINESS_GOALS: Tuple[Tuple[str, str, str, float], ...] = (
+    ("single_accuracy", "classification", "accuracy", 0.92),
+    ("single_macro_f1", "classification", "macro_f1", 0.92),
+    ("combination_mAP_0.5", "detection", "mAP_0.5", 0.85),
+)
+_HOW = {"classification.accuracy": "more images per class, longer training, a larger backbone",
+        "classification.macro_f1": "class weights or a weighted sampler for weak classes, more data for them",
+        "detection.mAP_0.5": "more combination images, a larger detector scale, a higher detection.image_size"}
+OVERFIT_GAP = 0.05  # val - test above this on any metric = overfitting suspected
+
+
+class FinalTestRefused(RuntimeError):
+    """The final test may not run (yet, or again); the message says why."""
+
+
+@dataclass(frozen=True)
+class FinalTestPlan:
+    classifier: Path
+    detector: Optional[Path]
+    record: StageRecord
+
+
+def results_path(cfg: PillSnapConfig) -> Path:
+    return cfg.exp_dir / "final" / "reports" / "final_test_results.json"
+
+
+def check_final_test_allowed(cfg: PillSnapConfig, force: bool = False) -> FinalTestPlan:
+    """Every precondition, from the ledger and file system only: no test file is touched here."""
+    ledger = Ledger.of(cfg.exp_dir)
+    rec = ledger.latest(FINAL_STAGE)
+    if rec is None:
+        raise FinalTestRefused(f"{ledger.path}: no Stage {FINAL_STAGE} decision; the final test runs only after "
+                               f"Stage {FINAL_STAGE} is GO and approved")
+    if rec.decision != "GO":
+        raise FinalTestRefused(f"{ledger.path}: Stage {FINAL_STAGE} is {rec.decision} ({'; '.join(rec.reasons)}), "
+                               f"not GO")
+    if not rec.approved:
+        raise FinalTestRefused(f"{ledger.path}: Stage {FINAL_STAGE} is GO but not approved (advisor choice "
+                               f"{rec.choice!r}, needs 'proceed')")
+    classifier = Path(rec.checkpoints.get("classifier") or locations.classifier_checkpoint(cfg, FINAL_STAGE))
+    if not classifier.is_file():
+        raise FinalTestRefused(f"Stage {FINAL_STAGE} classifier checkpoint missing: {classifier}")
+    detector = Path(rec.checkpoints.get("detector") or locations.detector_checkpoint(cfg, FINAL_STAGE))
+    if ledger.final_test and not force:
+        raise FinalTestRefused(f"{ledger.path}: the final test already ran ({ledger.final_test.get('evaluated_at')}, "
+                               f"{ledger.final_test.get('results')}); test data is evaluated once (force to repeat)")
+    return FinalTestPlan(classifier, detector if cfg.detection.enabled and detector.is_file() else None, rec)
+
+
+def load_test_split(cfg: PillSnapConfig) -> pd.DataFrame:
+    """The sealed test split, imported now and kept in its own manifest under <exp_dir>/final/data/."""
+    from pillsnap.data.aihub import import_aihub_test
+    from pillsnap.data.csv_import import import_csv
+    from pillsnap.data.manifest import write_manifest
+    from pillsnap.data.prepare import source_root
+
+    if cfg.data.source == "csv":
+        result = import_csv(Path(cfg.paths.manifest_csv or ""), include_test=True, show_progress=False)
+        test = result.manifest[result.manifest["split"] == "test"]
+    else:
+        test = import_aihub_test(source_root(cfg), show_progress=False).manifest
+    if test.empty:
+        raise FinalTestRefused(f"the sealed test split is empty ({cfg.data.source} source)")
+    write_manifest(test, cfg.exp_dir / "final" / "data" / "test_manifest.csv")
+    return test.reset_index(drop=True)
+
+
+def run_final_test(cfg: PillSnapConfig, force: bool = False) -> Dict:
+    plan = check_final_test_allowed(cfg, force)  # raises before any test file is opened
+    log.info("final test: Stage %d approved; importing the sealed test split", FINAL_STAGE)
+    test = load_test_split(cfg)
+    predictor, labels = _predictor(cfg, plan)
+    classification, unknown = _classification(predictor, test)
+    detection = _detection(cfg, plan, test)
+    combination = _combination(cfg, predictor, test) if plan.detector else \
+        {"measured": False, "reason": "no Stage 4 detector checkpoint"}
+    results: Dict = {
+        "stage": FINAL_STAGE, "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "checkpoints": {"classifier": str(plan.classifier), "detector": str(plan.detector) if plan.detector else None},
+        "test_data": {"source": cfg.data.source, "images": len(test),
+                      "single_images": int((test["kind"] == "single").sum()),
+                      "combination_images": int((test["kind"] == "combination").sum()),
+                      "unknown_class_images": unknown, "classifier_classes": len(labels)},
+        "test_results": {"classification": classification, "detection": detection, "combination": combination},
+    }
+    results["val_vs_test"] = _val_vs_test(plan.record, results["test_results"])
+    results["business_goals"] = _business_goals(results["test_results"])
+    ready = results["business_goals"]["overall_target_met"]
+    results.update(recommendation="READY_FOR_PRODUCTION" if ready else "NEEDS_IMPROVEMENT",
+                   ready_for_production=ready, improvements=_improvements(results))
+    path = write_json_atomic(results_path(cfg), results)
+    Ledger.of(cfg.exp_dir).record_final_test({"results": str(path), "evaluated_at": results["evaluated_at"],
+                                              "recommendation": results["recommendation"],
+                                              "overall_target_met": ready})
+    log.info("final test: %s -> %s", results["recommendation"], path)
+    return results
+
+
+def _predictor(cfg: PillSnapConfig, plan: FinalTestPlan):
+    from pillsnap.data.class_map import ClassMap
+    from pillsnap.data.prepare import class_map_path
+    from pillsnap.evaluate.stage_eval import load_classifier
+    from pillsnap.infer.engines import TorchClassifierEngine, build_detector
+    from pillsnap.infer.predict import Predictor
+
+    class_map = ClassMap.load(class_map_path(cfg))
+    model, labels = load_classifier(cfg, plan.classifier, class_map)
+    loader = (lambda: build_detector(cfg, plan.detector, "torch")) if plan.detector else None
+    predictor = Predictor(TorchClassifierEngine(model), labels, class_map.names, cfg.classification.image_size,
+                          cfg.classification.crop_padding, cfg.inference.single_confidence_threshold, loader)
+    return predictor, labels
+
+
+def _classification(predictor, test: pd.DataFrame) -> Tuple[Dict, int]:
+    """Whole single-pill photos, the same preprocessing as validation; unknown K-codes are counted, not scored."""
+    from pillsnap.evaluate.metrics import classification_metrics
+    from pillsnap.infer.preprocess import crop_pixels, load_rgb, normalise_batch
+
+    singles = test[test["kind"] == "single"]
+    known = singles[singles["k_code"].isin(set(predictor.k_codes))]
+    index = {k: i for i, k in enumerate(predictor.k_codes)}
+    logits: List[np.ndarray] = []
+    for start in range(0, len(known), 32):
+        paths = known["image_path"].iloc[start:start + 32]
+        crops = [crop_pixels(load_rgb(p), None, predictor.image_size, 0.0) for p in paths]
+        logits.append(predictor.classifier.logits(normalise_batch(crops)))
+    y_true = np.array([index[k] for k in known["k_code"]], dtype=np.int64)
+    all_logits = np.concatenate(logits) if logits else np.zeros((0, len(index)), np.float32)
+    metrics = classification_metrics(y_true, all_logits, predictor.k_codes)
+    return metrics, int(len(singles) - len(known))
+
+
+def _detection(cfg: PillSnapConfig, plan: FinalTestPlan, test: pd.DataFrame) -> Dict:
+    if plan.detector is None:
+        return {"measured": False, "reason": "no Stage 4 detector checkpoint"}
+    from pillsnap.evaluate.detection import detection_samples, evaluate_detector, map_detector
+    from pillsnap.models.detector import load_detector_checkpoint
+
+    combos = test[test["kind"] == "combination"]
+    if combos.empty:
+        return {"measured": False, "reason": "the test split has no combination images"}
+    model = load_detector_checkpoint(plan.detector)
+    metrics = evaluate_detector(map_detector(model, cfg.detection.image_size), detection_samples(combos),
+                                cfg.detection.conf_threshold)
+    return {"measured": True, **metrics}
+
+
+def _combination(cfg: PillSnapConfig, predictor, test: pd.DataFrame) -> Dict:
+    from pillsnap.evaluate.combination import combination_samples, evaluate_combinations
+    from pillsnap.infer.preprocess import normalise_batch
+
+    samples = combination_samples(test)
+    if not samples:
+        return {"measured": False, "reason": "the test split has no combination images"}
+    classify = lambda crops: predictor.classifier.logits(normalise_batch(list(crops)))  # noqa: E731
+    result = evaluate_combinations(samples, predictor.detector(), classify, predictor.k_codes,
+                                   cfg.classification.crop_padding, cfg.classification.image_size)
+    return {"measured": True, **result.as_dict()}
+
+
+def _val_vs_test(record: StageRecord, test_results: Dict) -> Dict:
+    """Stage 4 validation metrics (ledger) against the test metrics: gap = val - test."""
+    val_det = record.metrics.get("detection") or {}
+    pairs = {"classification.accuracy": (record.metrics.get("accuracy"), test_results["classification"].get("accuracy")),
+             "classification.macro_f1": (record.metrics.get("macro_f1"), test_results["classification"].get("macro_f1")),
+             "classification.top5": (record.metrics.get("top5"), test_results["classification"].get("top5")),
+             "detection.mAP_0.5": (record.metrics.get("mAP_0.5", val_det.get("mAP_0.5")),
+                                   test_results["detection"].get("mAP_0.5"))}
+    out: Dict = {}
+    for key, (val, test) in pairs.items():
+        if _number(val) and _number(test):
+            out[key] = {"val": float(val), "test": float(test), "gap": float(val) - float(test)}
+    gaps = [v["gap"] for v in out.values()]
+    return {"metrics": out, "max_gap": max(gaps) if gaps else None, "overfit_gap_threshold": OVERFIT_GAP,
+            "overfitting_suspected": bool(gaps) and max(gaps) > OVERFIT_GAP}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _business_goals(test_results: Dict) -> Dict:
+    goals: Dict = {}
+    for name, section, metric, target in BUSINESS_GOALS:
+        value = test_results.get(section, {}).get(metric)
+        measured = _number(value)
+        goals[name] = {"metric": f"{section}.{metric}", "target": target, "value": float(value) if measured else None,
+                       "met": bool(measured and value >= target)}
+        if not measured:
+            goals[name]["reason"] = test_results.get(section, {}).get("reason", "not measured")
+    goals["overall_target_met"] = all(g["met"] for g in goals.values())
+    return goals
+
+
+def _improvements(results: Dict) -> List[str]:
+    out = []
+    for name, goal in results["business_goals"].items():
+        if name == "overall_target_met" or goal["met"]:
+            continue
+        if goal["value"] is None:
+            out.append(f"{goal['metric']} was not measured ({goal.get('reason')}): train and ship a detector")
+        else:
+            out.append(f"raise {goal['metric']} from {goal['value']:.4f} to >= {goal['target']} ({_HOW[goal['metric']]})")
+    gap = results["val_vs_test"]
+    if gap["overfitting_suspected"]:
+        out.append(f"val-test gap {gap['max_gap']:.3f} > {OVERFIT_GAP}: overfitting suspected (stronger augmentation, "
+                   f"regularisation, more varied data)")
+    unknown = results["test_data"]["unknown_class_images"]
+    if unknown:
+        out.append(f"{unknown} test images show K-codes the classifier never learned: extend the class set")
+    return out

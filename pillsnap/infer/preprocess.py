@@ -1,0 +1,53 @@
+"""Inference preprocessing: the SAME pixels the classifier saw in training and validation.
+
+Training decodes a sample with `pillsnap.data.cache.decode_sample` (RGB, optional padded crop, bilinear resize to
+S×S) and normalises it with `eval_transform`. Here the photo is decoded once and every crop is cut from it with
+the same `padded_box` rule and the same resize, so a crop of a detected box matches a training crop of the same box.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pillsnap.data.cache import padded_box
+from pillsnap.data.datasets import eval_transform
+
+_NORMALISE = eval_transform()
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """The photo as RGB, fully decoded (the file is closed when this returns)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def to_bgr(image: Image.Image) -> np.ndarray:
+    """HxWx3 uint8 BGR, the layout the detector's letterbox expects (as cv2.imread would give)."""
+    return np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+
+
+def crop_pixels(image: Image.Image, box_xywh: Optional[Sequence[float]], size: int, padding: float) -> np.ndarray:
+    """S×S×3 uint8: the whole image (box None) or the padded box, exactly as decode_sample makes it."""
+    if box_xywh is not None:
+        image = image.crop(padded_box(box_xywh, image.size, padding))
+    return np.array(image.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def normalise_batch(pixels: Sequence[np.ndarray]) -> np.ndarray:
+    """(N, 3, S, S) float32, normalised with the validation transform."""
+    if not pixels:
+        raise ValueError("normalise_batch: no images")
+    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+    return _NORMALISE(batch).numpy().astype(np.float32, copy=False)
+
+
+def classifier_inputs(image: Image.Image, boxes_xywh: Sequence[Optional[Sequence[float]]], size: int,
+                      padding: float) -> np.ndarray:
+    return normalise_batch([crop_pixels(image, box, size, padding) for box in boxes_xywh])
