@@ -1,0 +1,181 @@
+"""YOLO-format detection data from a stage subset: ONE class "pill", written once per content hash and reused.
+
+<exp_dir>/data/stage_<n>/yolo/
+  images/{train,val}/<image_id><ext>   hard links to the source images (symlink, then copy, as fallbacks)
+  labels/{train,val}/<image_id>.txt    one "0 cx cy w h" line per pill, normalised to the image size
+  train.txt, val.txt                   absolute image paths, one a line
+  data.yaml                            path / train / val / nc / names, for ultralytics
+  build.json                           the marker: content hash and counts, written last
+
+The folder is built next to the final one and swapped in, so a crash never leaves a half-built dataset that
+looks complete. The hash covers the selected rows (paths and boxes), the single-image switch and the format.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pandas as pd
+import yaml
+
+from pillsnap.data.manifest import manifest_hash
+from pillsnap.data.subsets import stage_dir
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+MARKER = "build.json"
+SPLITS = ("train", "val")
+
+
+@dataclass
+class YoloDataset:
+    root: str
+    data_yaml: str
+    train_list: str
+    val_list: str
+    content_hash: str
+    images: Dict[str, int]  # split -> images written
+    boxes: Dict[str, int]  # split -> boxes written
+    skipped_boxes: int  # degenerate boxes (zero area after clipping to the image)
+    skipped_images: int  # images left without any usable box
+    link_mode: str  # hardlink | symlink | copy
+    include_single_images: bool
+    rebuilt: bool = False
+
+    def ultralytics_data(self) -> Dict:
+        """The dict ultralytics' trainers and datasets expect (what its dataset check would return, offline)."""
+        return {"path": self.root, "train": self.train_list, "val": self.val_list, "nc": 1, "names": {0: "pill"},
+                "channels": 3, "yaml_file": self.data_yaml}
+
+
+def yolo_dir(exp_dir: Path, stage: int) -> Path:
+    return stage_dir(exp_dir, stage) / "yolo"
+
+
+def detection_rows(subset: pd.DataFrame, include_single_images: bool = False) -> pd.DataFrame:
+    """Combination images, plus single-pill images that have a box when asked; train and val only."""
+    kinds = {"combination", "single"} if include_single_images else {"combination"}
+    rows = subset[subset["kind"].isin(kinds) & subset["split"].isin(SPLITS)]
+    return rows[rows["boxes"].fillna("").str.len() > 2].sort_values("image_id")  # "[]" has no box
+
+
+def content_hash(rows: pd.DataFrame, include_single_images: bool) -> str:
+    return f"v{FORMAT_VERSION}-{'s' if include_single_images else 'c'}-{manifest_hash(rows)}"
+
+
+def label_lines(boxes: List[Dict], width: int, height: int) -> Tuple[List[str], int]:
+    """YOLO lines for pixel [x, y, w, h] boxes, clipped to the image; returns (lines, degenerate boxes skipped)."""
+    lines, skipped = [], 0
+    for box in boxes:
+        x, y, w, h = (float(v) for v in box["bbox"])
+        x1, y1, x2, y2 = max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)
+        if x2 <= x1 or y2 <= y1:
+            skipped += 1
+            continue
+        cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
+        lines.append(f"0 {cx:.6f} {cy:.6f} {(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}")
+    return lines, skipped
+
+
+def build_yolo_dataset(subset: pd.DataFrame, exp_dir: Path, stage: int,
+                       include_single_images: bool = False) -> YoloDataset:
+    """Write (or reuse) the YOLO dataset of one stage subset."""
+    rows = detection_rows(subset, include_single_images)
+    for split in SPLITS:
+        if not (rows["split"] == split).any():
+            raise ValueError(f"stage {stage} subset has no {split} images with boxes for the detector "
+                             f"(detection.include_single_images={include_single_images}); the detector needs both "
+                             "train and val combination images")
+    key = content_hash(rows, include_single_images)
+    final = yolo_dir(exp_dir, stage)
+    existing = read_marker(final)
+    if existing is not None and existing.content_hash == key:
+        log.info("detector data: reusing %s (hash %s)", final, key)
+        return existing
+    if existing is not None:
+        log.info("detector data: %s was built for %s, rebuilding for %s", final, existing.content_hash, key)
+    building = final.with_name(f"{final.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    result = _write(rows, building, final, key, include_single_images)
+    _swap_in(building, final)
+    return result
+
+
+def read_marker(root: Path) -> YoloDataset | None:
+    marker = Path(root) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return YoloDataset(**{**json.loads(marker.read_text()), "rebuilt": False})
+    except (ValueError, TypeError) as e:  # an old or damaged marker means "build again", not "crash"
+        log.warning("detector data: unreadable marker %s (%s); rebuilding", marker, e)
+        return None
+
+
+def _write(rows: pd.DataFrame, building: Path, final: Path, key: str, include_single: bool) -> YoloDataset:
+    images, boxes = {s: 0 for s in SPLITS}, {s: 0 for s in SPLITS}
+    skipped_boxes = skipped_images = 0
+    lists: Dict[str, List[str]] = {s: [] for s in SPLITS}
+    modes = set()
+    for image_id, path, split, raw, width, height in zip(rows["image_id"], rows["image_path"], rows["split"],
+                                                        rows["boxes"], rows["width"], rows["height"]):
+        lines, skipped = label_lines(json.loads(raw), int(width), int(height))
+        skipped_boxes += skipped
+        if not lines:
+            skipped_images += 1
+            continue
+        name = f"{image_id}{Path(path).suffix.lower()}"
+        modes.add(_link(Path(path), building / "images" / split / name))
+        label = building / "labels" / split / f"{image_id}.txt"
+        label.parent.mkdir(parents=True, exist_ok=True)
+        label.write_text("\n".join(lines) + "\n")
+        lists[split].append(str(final / "images" / split / name))  # the path it will have once swapped in
+        images[split] += 1
+        boxes[split] += len(lines)
+    for split in SPLITS:
+        (building / f"{split}.txt").write_text("\n".join(lists[split]) + "\n")
+    data = {"path": str(final), "train": "train.txt", "val": "val.txt", "nc": 1, "names": {0: "pill"}}
+    (building / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    link_mode = "copy" if "copy" in modes else "symlink" if "symlink" in modes else "hardlink"
+    result = YoloDataset(str(final), str(final / "data.yaml"), str(final / "train.txt"), str(final / "val.txt"),
+                         key, images, boxes, skipped_boxes, skipped_images, link_mode, include_single, rebuilt=True)
+    marker = asdict(result)
+    marker.pop("rebuilt")
+    (building / MARKER).write_text(json.dumps(marker, indent=1))
+    log.info("detector data: %d train / %d val images (%d / %d boxes, %s) -> %s", images["train"], images["val"],
+             boxes["train"], boxes["val"], link_mode, final)
+    if skipped_boxes or skipped_images:
+        log.warning("detector data: skipped %d degenerate boxes and %d images left without a box",
+                    skipped_boxes, skipped_images)
+    return result
+
+
+def _link(source: Path, target: Path) -> str:
+    """Hard link (survives moves of the source), else symlink (other file system), else copy."""
+    if not source.is_file():
+        raise FileNotFoundError(f"detector data: image {source} listed in the stage subset does not exist")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+        return "hardlink"
+    except OSError:
+        pass
+    try:
+        target.symlink_to(source.resolve())
+        return "symlink"
+    except OSError:
+        shutil.copy2(source, target)
+        return "copy"
+
+
+def _swap_in(building: Path, final: Path) -> None:
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.replace(old)
+    building.replace(final)
+    shutil.rmtree(old, ignore_errors=True)
