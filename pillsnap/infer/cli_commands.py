@@ -1,7 +1,10 @@
 """`pillsnap predict` and `pillsnap export`: argument set-up and the commands (registered in pillsnap/cli.py).
 
-    pillsnap predict IMAGE... [--mode single|combo|auto] [--engine torch|onnx] [--stage N] [--hard-cases F.jsonl]
-    pillsnap export --stage N
+    pillsnap predict [--mode single|combo|auto] [--engine torch|onnx] [--stage N] [--hard-cases F.jsonl]
+                     [--profile P] IMAGE... [key=value ...]
+    pillsnap export --stage N [--no-slim] [--profile P] [key=value ...]
+
+Options come before the images (argparse reads the positional words in one go, as for every pillsnap command).
 
 predict prints one JSON object per image in a list: {image, mode_requested, mode_used, fallback_reason,
 gating_score, single_confidence, pills: [{k_code, drug_name, confidence, box}]}.
