@@ -48,9 +48,9 @@ class TorchClassifierEngine:
 class OnnxClassifierEngine:
     name = "onnx"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: Optional[int] = None):
         self.path = Path(path)
-        self.session = onnx_session(self.path)
+        self.session = onnx_session(self.path, threads=threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def logits(self, batch: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -85,9 +85,13 @@ def io_shapes(path: Path) -> Dict[str, Dict[str, List]]:
             "outputs": {v.name: shape(v) for v in graph.output}}
 
 
-def onnx_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)):
+def onnx_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: Optional[int] = None):
+    """An ONNX Runtime session; `threads` caps intra-op threads (None = ONNX Runtime's default, one per core)."""
     import onnxruntime as ort
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"ONNX model not found: {path} (run `pillsnap export --stage N` first)")
-    return ort.InferenceSession(str(path), providers=list(providers))
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
