@@ -63,9 +63,10 @@ class PlanMixin:
                            ("perf/auto_batch_eval", self.eval_batch_size),
                            ("perf/auto_batch_memory_fraction", plan.get("memory_fraction"))):
             self.tb.scalar(tag, value, self.state.global_step)
+        source = "probed on " + str(plan.get("device")) if plan.get("probed") else "not probed"
         log.info("auto batch: training at batch %d x accum %d (global %d, configured %d, lr x%.4f), eval batch %d "
                  "(%s)", self.batch_size, self.accum, self.batch_size * self.accum, configured_global, lr_scale,
-                 self.eval_batch_size, "; ".join(plan.get("reasons", [])) or "plan given")
+                 self.eval_batch_size, source)
 
     def apply_worker_plan(self, plan: Dict[str, Any]) -> None:
         self.num_workers = int(plan["num_workers"])

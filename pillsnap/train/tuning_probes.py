@@ -67,9 +67,10 @@ def batch_plan_from_search(trainer: Any) -> Dict[str, Any]:
         train_probe, trainer.batch_size, max_bs, tc.auto_batch_vram_headroom, grad_accum=trainer.accum,
         max_grad_accum=tc.oom.max_grad_accum, min_bs=tc.oom.min_batch, amp_dtype=trainer.oom.state.amp_dtype,
         allow_fp16=tc.oom.escalate_to_fp16, cuda_available=cuda)
-    eval_max = max(found.batch_size, min(EVAL_MAX_FACTOR * max_bs, len(trainer.val_ds)))
-    found_eval = find_eval_batch_size(eval_probe, found.batch_size, eval_max, tc.auto_batch_vram_headroom,
-                                      cuda_available=cuda)
+    found_eval = found  # without CUDA nothing is probed: evaluation keeps the training batch (and no second line)
+    if cuda:
+        eval_max = max(found.batch_size, min(EVAL_MAX_FACTOR * max_bs, len(trainer.val_ds)))
+        found_eval = find_eval_batch_size(eval_probe, found.batch_size, eval_max, tc.auto_batch_vram_headroom)
     device = torch.cuda.get_device_name(trainer.policy.device) if cuda else "cpu"
     return batch_plan_dict(found, found_eval, device, probed=cuda)
 
