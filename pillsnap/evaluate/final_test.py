@@ -192,11 +192,9 @@ def _combination(cfg: PillSnapConfig, predictor, test: pd.DataFrame) -> Dict:
 def _val_vs_test(record: StageRecord, test_results: Dict) -> Dict:
     """Stage 4 validation metrics (ledger) against the test metrics: gap = val - test."""
     val_det = record.metrics.get("detection") or {}
-    pairs = {"classification.accuracy": (record.metrics.get("accuracy"), test_results["classification"].get("accuracy")),
-             "classification.macro_f1": (record.metrics.get("macro_f1"), test_results["classification"].get("macro_f1")),
-             "classification.top5": (record.metrics.get("top5"), test_results["classification"].get("top5")),
-             "detection.mAP_0.5": (record.metrics.get("mAP_0.5", val_det.get("mAP_0.5")),
-                                   test_results["detection"].get("mAP_0.5"))}
+    test_cls, test_det = test_results["classification"], test_results["detection"]
+    pairs = {f"classification.{k}": (record.metrics.get(k), test_cls.get(k)) for k in ("accuracy", "macro_f1", "top5")}
+    pairs["detection.mAP_0.5"] = (record.metrics.get("mAP_0.5", val_det.get("mAP_0.5")), test_det.get("mAP_0.5"))
     out: Dict = {}
     for key, (val, test) in pairs.items():
         if _number(val) and _number(test):
@@ -231,7 +229,8 @@ def _improvements(results: Dict) -> List[str]:
         if goal["value"] is None:
             out.append(f"{goal['metric']} was not measured ({goal.get('reason')}): train and ship a detector")
         else:
-            out.append(f"raise {goal['metric']} from {goal['value']:.4f} to >= {goal['target']} ({_HOW[goal['metric']]})")
+            out.append(f"raise {goal['metric']} from {goal['value']:.4f} to >= {goal['target']} "
+                       f"({_HOW[goal['metric']]})")
     gap = results["val_vs_test"]
     if gap["overfitting_suspected"]:
         out.append(f"val-test gap {gap['max_gap']:.3f} > {OVERFIT_GAP}: overfitting suspected (stronger augmentation, "

@@ -120,7 +120,8 @@ def _failures(report: Dict) -> list:
     cp = report["classifier"]["parity"]
     if not cp["passed"]:
         failures.append(f"classifier: top-1 agreement {cp['top1_agreement']:.4f} < export.min_top1_agreement "
-                        f"{cp['min_top1_agreement']} or non-finite output (max |Δlogit| {cp['max_abs_logit_diff']:.3g}, "
+                        f"{cp['min_top1_agreement']} or non-finite output "
+                        f"(max |Δlogit| {cp['max_abs_logit_diff']:.3g}, "
                         f"{cp['samples']} images)")
     det = report["detector"]
     if det.get("exported") and not det["parity"]["passed"]:

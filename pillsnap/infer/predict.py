@@ -6,6 +6,8 @@ combo   detect every pill, crop EACH detection (classification.crop_padding, the
         classified only the first detection; here the pill list has one entry per detection).
 auto    classify the whole photo, then route (see `pillsnap.infer.gating`): low confidence or a multi-object hint
         falls back to combo; `mode_used`, `fallback_reason`, `gating_score` and `single_confidence` are recorded.
+        When the gate fires but combo cannot help (no detector, or it finds no pill), the whole-image answer is
+        kept: mode_used stays single, fallback_reason is null and `note` says what happened.
 
 The detector is loaded on first use when inference.lazy_load_detector is true: single-mode requests never pay for
 it. Hard cases (D-3: single with confidence < 0.30, or auto that fell back to combo) can be appended to a JSONL file.
@@ -128,11 +130,12 @@ class Predictor:
         crops = crop_detections(np.asarray(image), detections[:, :4], self.crop_padding, self.image_size)
         labels = self.classify_crops(list(crops))
         if len(labels) != len(detections):
-            raise CropCountError(f"{len(detections)} detections but {len(labels)} classified crops in {result['image']}")
+            raise CropCountError(f"{len(detections)} detections but {len(labels)} classified crops in "
+                                 f"{result['image']}")
         boxes = [[float(v) for v in det[:4]] for det in detections]
         if not boxes and result["mode_requested"] == "auto":
-            result.update(mode_used="single", note=f"{route.reason}: the detector found no pill; "
-                                                   f"whole-image result kept")
+            result.update(mode_used="single", fallback_reason=None,
+                          note=f"{route.reason}: the detector found no pill; whole-image result kept")
             return
         result["pills"] = [self._pill(label, box, float(det[4])) for label, box, det in zip(labels, boxes, detections)]
 

@@ -106,7 +106,8 @@ def before_final(tmp_path_factory, tiny_aihub, make_config):
         subset, _ = read_subset(cfg.exp_dir, 1)
         class_map = ClassMap.load(class_map_path(cfg))
         result = train_classifier(cfg, subset, class_map, locations.stage_dir(cfg, 1), show_progress=False)
-        evaluate_classifier(cfg, Path(result.best_checkpoint), subset, class_map, locations.stage_dir(cfg, 1) / "reports")
+        reports = locations.stage_dir(cfg, 1) / "reports"
+        evaluate_classifier(cfg, Path(result.best_checkpoint), subset, class_map, reports)
         with pytest.raises(FinalTestRefused) as refused:
             run_final_test(cfg)
     return cfg, list(opened), str(refused.value)

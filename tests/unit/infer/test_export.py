@@ -81,7 +81,8 @@ def test_tampered_onnx_weights_fail_parity_directly(exported_stage, tmp_path):
     shutil.copy(locations.export_dir(cfg, 1) / "classifier.onnx", tampered)
     _reverse_head_rows(tampered)
     images = classifier_parity_images(subset, 12)
-    result = check_classifier_parity(TorchClassifierEngine(model), tampered, images, cfg.classification.image_size, 0.995)
+    size = cfg.classification.image_size
+    result = check_classifier_parity(TorchClassifierEngine(model), tampered, images, size, 0.995)
     assert not result.passed and result.max_abs_logit_diff > 1e-3 and result.top1_agreement < 0.995
 
 
@@ -109,3 +110,17 @@ def test_export_command(trained_stage, tmp_path, make_config, capsys):
             "export.parity_samples=4"]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["classifier"]["parity"]["samples"] == 4
+
+
+def test_onnx_label_space_is_checked_against_the_class_map(exported_stage, tmp_path):
+    from pillsnap.data.class_map import ClassMapError
+    from pillsnap.infer.engines import onnx_label_space
+    from pillsnap.infer.onnx_files import write_metadata
+
+    cfg, _, class_map, report = exported_stage
+    copy = tmp_path / "classifier.onnx"
+    shutil.copy(locations.export_dir(cfg, 1) / "classifier.onnx", copy)
+    assert onnx_label_space(copy, class_map).hash == report["k_codes_hash"]
+    write_metadata(copy, {**read_metadata(copy), "class_map_hash": "0123456789abcdef"})
+    with pytest.raises(ClassMapError, match="refusing to remap silently"):
+        onnx_label_space(copy, class_map)

@@ -125,6 +125,15 @@ def test_auto_routing_with_forced_thresholds(exported_stage, photos):
     assert result["gating_score"] == pytest.approx(result["single_confidence"] / n)
 
 
+def test_auto_keeps_the_whole_image_answer_when_the_detector_finds_nothing(exported_stage, photos):
+    cfg = exported_stage[0]
+    blind = Detector(lambda batch: np.zeros((len(batch), 5, 0), np.float32), cfg.detection.image_size, 0.25, 0.5, 50)
+    result = _predictor(cfg, "torch", threshold=1.01, detector=blind).predict(photos[0], "auto")
+    assert result["mode_used"] == "single" and result["fallback_reason"] is None and len(result["pills"]) == 1
+    assert result["note"].startswith("low_confidence: the detector found no pill")
+    assert _predictor(cfg, "torch", detector=blind).predict(photos[1], "combo")["pills"] == []
+
+
 def test_auto_without_detector_uses_the_image_heuristic(exported_stage, photos):
     cfg = exported_stage[0]
     single, combo = photos
