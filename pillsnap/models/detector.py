@@ -181,6 +181,21 @@ def build_detector(cfg: DetectionConfig, model_dir: Path, verbose: bool = False)
     return model
 
 
+def verify_detector(cfg: DetectionConfig, model_dir: Path) -> Dict[str, Any]:
+    """Pre-training check for an orchestration task: the rule-named yaml builds, and its activation applied.
+
+    Raises DetectorNameError / ActivationVerificationError; returns a small report dict otherwise.
+    """
+    from pillsnap.models.activations import verify_torch_activations
+
+    model = build_detector(cfg, model_dir)
+    report = verify_torch_activations(model, cfg.activation)
+    return {"backbone": backbone_name(cfg), "model_yaml": str(Path(model_dir) / model_file_name(cfg.scale,
+                                                                                                cfg.activation)),
+            "scale": model.yaml.get("scale"), "parameters": sum(p.numel() for p in model.parameters()),
+            "activation": report.as_dict()}
+
+
 class LazyDetector:
     """Builds (and loads) the detector on first use only: single-pill requests never pay for it."""
 

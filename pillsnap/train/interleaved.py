@@ -24,7 +24,6 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pillsnap.config import PillSnapConfig, to_dict
 from pillsnap.data.yolo_dataset import build_yolo_dataset, detection_rows
@@ -111,6 +110,14 @@ class InterleavedLoop:
     # ------------------------------------------------------------------ loop
     def run(self) -> DetectorTrainResult:
         resumed = self._resume()
+        try:
+            self._train()
+        finally:
+            self.tb.close()
+            self.cls.trainer.tb.close()
+        return self._result(resumed)
+
+    def _train(self) -> None:
         s, tc = self.state, self.cfg.train
         with progress(total=self.total_steps, desc="train detector+classifier", unit="step",
                       enabled=self.show_progress) as bar:
@@ -125,9 +132,6 @@ class InterleavedLoop:
         if not s.finished:
             s.finished = True
             save_checkpoint(self.out / "checkpoints" / "last.pt", self._payload(), keep_previous=True)
-        self.tb.close()
-        self.cls.trainer.tb.close()
-        return self._result(resumed)
 
     def _one_step(self) -> None:
         s = self.state

@@ -191,7 +191,9 @@ class ClassifierSide:
     """The classifier trainer driven one micro-batch at a time: its own model, AdamW, schedule, scaler and EMA.
 
     ClassifierTrainer's `_forward_backward` / `_optimizer_step` are its one-micro-step / one-optimizer-step
-    units; they are called here rather than duplicated, so both strategies train the classifier identically.
+    units (kept for this purpose); they are called here rather than duplicated, so both strategies train the
+    classifier identically. Its OOM recovery (`train_step`) is not used here: an OOM stops the run, and the
+    retry resumes from the newest recovery checkpoint. Auto-batch / worker tuning run only in its own `run()`.
     """
 
     def __init__(self, cfg: PillSnapConfig, subset, labels, out_dir):
@@ -209,9 +211,11 @@ class ClassifierSide:
 
     def plan(self, total_micro_steps: int) -> None:
         """Replace the trainer's schedule (sized for sequential epochs) with one spanning its interleaved steps."""
+        from pillsnap.train.sample_schedule import sample_based_cosine
+
         tc, t = self.cfg.train, self.trainer
-        t.scheduler = warmup_cosine(t.optimizer, math.ceil(total_micro_steps / self.accum), tc.warmup_steps,
-                                    tc.scheduler)
+        t.scheduler = sample_based_cosine(t.optimizer, math.ceil(total_micro_steps / self.accum), tc.warmup_steps,
+                                          tc.scheduler, t.batch_size * self.accum)
 
     def step(self) -> float:
         t = self.trainer

@@ -48,3 +48,12 @@ def test_a_partly_converted_model_is_caught(tmp_path):
     model.model[0].act = nn.SiLU()  # one Conv left behind
     with pytest.raises(ActivationVerificationError, match="1 SiLU activation"):
         verify_torch_activations(model, "relu")
+
+
+def test_verify_detector_reports_what_was_built(tmp_path):
+    from pillsnap.models.detector import verify_detector
+
+    report = verify_detector(DetectionConfig(scale="n", activation="leaky_relu"), tmp_path)
+    assert report["backbone"] == "yolo11n-leaky_relu" and report["scale"] == "n"
+    assert report["model_yaml"].endswith("yolo11n-leaky_relu.yaml")
+    assert report["activation"]["counts"]["LeakyReLU"] > 50 and "SiLU" not in report["activation"]["counts"]
