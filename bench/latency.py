@@ -10,6 +10,9 @@ Random detector weights score every box near zero, so the serving detector here 
 the default auto threshold a random classifier is never confident, so auto = whole-image classification + combo.
 
     .venv/bin/python bench/latency.py [--runs 30] [--threads 1] [--cls-size 128] [--det-size 320] [--pills 4]
+
+--threads defaults to 1: on a CPU shared with other jobs, more intra-op threads than idle cores make torch stall
+(p95 in seconds, the whole run past two minutes); raise it only on an idle machine.
 """
 from __future__ import annotations
 
