@@ -35,7 +35,7 @@ from pillsnap.train.checkpoints import load_checkpoint, save_checkpoint
 from pillsnap.train.classifier_data import build_classifier_data, stage_label_space
 from pillsnap.train.health import TrainingHealth
 from pillsnap.train.loss import build_criterion
-from pillsnap.train.oom import FaultInjector, OomPolicy, OomRecovery, OomState
+from pillsnap.train.oom import FaultInjector, OomPolicy, OomRecovery, OomState, configure_cuda_allocator
 from pillsnap.train.plans import PlanMixin
 from pillsnap.train.trainer_checkpoints import CheckpointMixin
 from pillsnap.train.policy import apply_global_settings, prepare_model, resolve_policy, set_seed, try_compile
@@ -66,6 +66,8 @@ class ClassifierTrainer(TrainStepMixin, PlanMixin, CheckpointMixin):
         self.ckpt_dir = self.out / "checkpoints"
         self.step_hook, self.show_progress = step_hook, show_progress
         tc = cfg.train
+        if torch.cuda.is_available() and not torch.cuda.is_initialized():
+            configure_cuda_allocator()  # expandable segments: less fragmentation, fewer OOMs (read at first use)
         set_seed(tc.seed, tc.deterministic)
         self.policy = resolve_policy(cfg.optimization)
         apply_global_settings(self.policy, tc.deterministic)

@@ -204,6 +204,7 @@ class TrainStepMixin:
         s = self.state
         self.optimizer.zero_grad(set_to_none=True)  # drop the half-accumulated window before the replay
         self._replay_point.restore()
+        self._reset_scaler_stage()
         event: Dict[str, Any] = {"action": decision.action, "global_step": s.global_step + 1, "epoch": s.epoch + 1,
                                  **{k: v for k, v in decision.audit.items() if k != "error"},
                                  "error": decision.audit.get("error", "")[:200]}
@@ -219,6 +220,13 @@ class TrainStepMixin:
         self.tb.flush()
         log.info("OOM event at global step %d recorded: %s", s.global_step + 1,
                  {k: v for k, v in event.items() if k != "error"})
+
+    def _reset_scaler_stage(self) -> None:
+        """A step that failed after unscale_ would make the replay's unscale_ raise: keep the scale, drop the stage."""
+        if self.scaler.is_enabled():
+            saved = self.scaler.state_dict()
+            self.scaler = torch.amp.GradScaler(self.policy.device.type, enabled=True)
+            self.scaler.load_state_dict(saved)
 
     def _escalate_precision(self) -> str:
         if self.policy.device.type != "cuda":

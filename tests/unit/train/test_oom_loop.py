@@ -189,3 +189,23 @@ def test_loop_records_monitor_warnings_and_keeps_result_json_serialisable(make_c
     out = json.loads(json.dumps(result_dict(result)))
     assert {"oom_events", "auto_batch", "num_workers", "warnings", "batch_size", "grad_accum"} <= set(out)
     assert out["warnings"] == result.warnings and out["oom_events"] == [] and out["auto_batch"] is None
+
+
+def test_oom_after_unscale_with_an_enabled_grad_scaler_replays_cleanly(make_config, tmp_path, tiny_stage,
+                                                                       monkeypatch):
+    # An OOM inside clip_grad_norm_ comes after scaler.unscale_: without a reset the replay's unscale_ raises.
+    t = _trainer(make_config, tmp_path, tiny_stage, "train.oom.escalate_to_fp16=false",
+                 "train.max_steps_per_epoch=2")
+    t.scaler = torch.amp.GradScaler("cpu", enabled=True)  # as under fp16 autocast on CUDA
+    real_clip, failures = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_once_oom(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (inside clip_grad_norm_)")
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_once_oom)
+    result = t.run()
+    assert [e["action"] for e in result.oom_events] == [MICROBATCHING] and result.global_step == 2
+    assert t.scaler.get_scale() == 65536.0
