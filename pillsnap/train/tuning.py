@@ -26,6 +26,7 @@ from pillsnap.train.stage_overrides import apply_stage_overrides
 from pillsnap.train.tuning_probes import batch_plan_from_search, worker_plan_from_measurement
 
 log = logging.getLogger(__name__)
+DISABLED_REASON = "train.classification.auto_batch_tune=false: keeping configured batch"
 
 
 def stage_config(cfg: PillSnapConfig, stage: int) -> Tuple[PillSnapConfig, List[str]]:
@@ -45,11 +46,20 @@ def tune_batch(cfg: PillSnapConfig, subset: pd.DataFrame, class_map: ClassMap,
                show_progress: bool = False) -> Dict[str, Any]:
     """The auto-batch plan for this config's model and image size, probed with real training steps on CUDA.
 
+    With auto_batch_tune off the plan is the configured batch (nothing is built or probed).
+
     Builds the classifier and its data like a training run (the preprocessing cache is shared with it), but
     trains nothing: every probe restores weights and optimizer state.
     """
     from pillsnap.train.loop import ClassifierTrainer  # the trainer imports this package's probes
 
+    tc = cfg.train
+    if not tc.classification.auto_batch_tune:
+        bs, accum = tc.classification.batch_size, max(1, tc.grad_accum_steps)
+        log.info("auto batch: train.classification.auto_batch_tune=false, keeping batch %d x accum %d", bs, accum)
+        return {"batch_size": bs, "grad_accum": accum, "global_batch": bs * accum, "target_global_batch": bs * accum,
+                "lr_scale": 1.0, "amp_dtype": None, "eval_batch_size": bs, "memory_fraction": None, "probes": [],
+                "reasons": [DISABLED_REASON], "device": None, "probed": False}
     cfg = copy.deepcopy(cfg)
     cfg.logging.tensorboard = False  # the training run records the plan it applies
     with tempfile.TemporaryDirectory(prefix="pillsnap-tune-batch-") as tmp:

@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pillsnap.train.autobatch import CPU_REASON
 from pillsnap.train.loop import ClassifierTrainer
-from pillsnap.train.tuning import stage_config, tune_batch, tune_workers
+from pillsnap.train.tuning import DISABLED_REASON, stage_config, tune_batch, tune_workers
 from pillsnap.train.tuning_probes import worker_candidates
 from pillsnap.train.workers import available_cores
 
@@ -58,7 +58,8 @@ def test_auto_batch_on_cpu_keeps_the_configured_batch_and_says_why_once(make_con
 
 def test_library_calls_return_small_serialisable_plans(make_config, tmp_path, tiny_stage):
     m, cmap = tiny_stage
-    cfg = make_config(tmp_path, "dataloader.autotune_candidates=[0,1]")
+    assert tune_batch(make_config(tmp_path), m, cmap)["reasons"] == [DISABLED_REASON]  # ci: auto batch off
+    cfg = make_config(tmp_path, "dataloader.autotune_candidates=[0,1]", "train.classification.auto_batch_tune=true")
     batch = tune_batch(cfg, m, cmap)
     assert batch["batch_size"] == 8 and batch["device"] == "cpu" and CPU_REASON in batch["reasons"]
     workers = tune_workers(cfg, m, cmap, batch_size=batch["batch_size"])
