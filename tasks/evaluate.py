@@ -32,3 +32,12 @@ def go_no_go_task(config: Dict, stage: int, results: Dict, baseline: Optional[Di
 @task(name="advisor-review")
 def advisor_task(config: Dict, stage: int, results: Dict) -> Dict:
     return OptimizationAdvisor(cfg_of(config)).evaluate_and_recommend(stage, results).to_dict()
+
+
+@task(name="combination-accuracy")
+def combination_task(config: Dict, stage: int) -> Dict:
+    from pillsnap.evaluate.stage_detection import combination_accuracy
+    cfg = cfg_of(config)
+    with library_logs_in_run():
+        subset, _ = read_subset(cfg.exp_dir, stage)
+        return combination_accuracy(cfg, stage, subset, ClassMap.load(class_map_path(cfg)))

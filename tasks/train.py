@@ -41,7 +41,8 @@ def _train_key(context, parameters) -> str:
 
 @task(name="train-classifier", retries=TRAIN_RETRIES, retry_delay_seconds=2, cache_key_fn=_train_key,
       persist_result=True)
-def train_classifier_task(config: Dict, stage: int, subset_hash: str, init_checkpoint: Optional[str] = None) -> Dict:
+def train_classifier_task(config: Dict, stage: int, subset_hash: str, init_checkpoint: Optional[str] = None,
+                          batch_plan: Optional[Dict] = None, worker_plan: Optional[Dict] = None) -> Dict:
     cfg = cfg_of(config)
     out = stage_dir(config, stage)
     handlers = attach_stage_files(out / "logs")
@@ -52,7 +53,38 @@ def train_classifier_task(config: Dict, stage: int, subset_hash: str, init_check
             subset, _ = read_subset(cfg.exp_dir, stage)
             result = train_classifier(cfg, subset, ClassMap.load(class_map_path(cfg)), out,
                                       Path(init_checkpoint) if init_checkpoint else None,
-                                      show_progress=cfg.logging.progress_bar)
+                                      show_progress=cfg.logging.progress_bar, batch_plan=batch_plan,
+                                      worker_plan=worker_plan)
     finally:
         detach(handlers)
     return {**result_dict(result), "tensorboard": str(out / "tb"), "batch_size": cfg.train.classification.batch_size}
+
+
+def detector_checkpoint(config: Dict, stage: int) -> Path:
+    return stage_dir(config, stage) / "detector" / "checkpoints" / "best.pt"
+
+
+def _detector_key(context, parameters) -> str:
+    config = parameters["config"]
+    return (f"{context.task.name}-s{parameters['stage']}-{training_fingerprint(config)}-{parameters['subset_hash']}-"
+            f"{code_version()}")
+
+
+@task(name="train-detector", retries=TRAIN_RETRIES, retry_delay_seconds=2, cache_key_fn=_detector_key,
+      persist_result=True)
+def train_detector_task(config: Dict, stage: int, subset_hash: str) -> Dict:
+    """The detector (sequential), or both models in one interleaved loop (train.strategy=interleaved)."""
+    from pillsnap.train.detector import train_detector
+
+    cfg = cfg_of(config)
+    out = stage_dir(config, stage)
+    handlers = attach_stage_files(out / "logs")
+    try:
+        with library_logs_in_run(), experiment_lock(cfg.exp_dir, f"stage {stage} detector"), \
+                progress_artifact(f"stage-{stage}-detector-progress", f"Stage {stage} detector training"):
+            subset, _ = read_subset(cfg.exp_dir, stage)
+            result = train_detector(cfg, subset, stage, stage_dir=out, class_map=ClassMap.load(class_map_path(cfg)),
+                                    show_progress=cfg.logging.progress_bar)
+    finally:
+        detach(handlers)
+    return result.as_dict()

@@ -106,6 +106,8 @@ def assign_splits(df: pd.DataFrame, val_fraction: float, seed: int) -> pd.DataFr
     combos = df[unset & df["kind"].eq("combination")]
     folders = sorted({_combination_folder(i) for i in combos["image_id"]})
     n_val_folders = int(round(len(folders) * val_fraction))
+    if len(folders) >= 2:  # like single images: both sides get at least one combination
+        n_val_folders = min(max(n_val_folders, 1), len(folders) - 1)
     val_folders = set(rng.choice(folders, size=n_val_folders, replace=False).tolist()) if folders else set()
     val_ids += [i for i in combos["image_id"] if _combination_folder(i) in val_folders]
     df.loc[unset, "split"] = "train"

@@ -21,14 +21,18 @@ def _artifact(key: str):
 def test_stage_1_end_to_end(prefect_harness, flow_overrides):
     data = data_flow(profile="ci", overrides=flow_overrides)
     assert data["synthesized"]["skipped"] == "already present" and data["imported"]["classes"] == 6
-    result = stage_flow(stage=1, profile="ci", overrides=flow_overrides)
+    result = stage_flow(stage=1, profile="ci", overrides=[*flow_overrides, "detection.enabled=true"])
     exp = Path(result["exp_dir"])
+    assert result["detection"] is not None and "mAP_0.5" in result["detection"]
+    assert result["detection"]["combination"]["measured"] in (True, False)
+    assert result["export_ok"], "classifier and detector export with torch parity"
     assert result["n_val"] > 0 and 0.0 <= result["accuracy"] <= 1.0
     assert result["go_no_go"] in ("GO", "NO_GO") and result["choice"] in ("proceed", "stop", "rerun_optimized")
     for rel in ("config.resolved.yaml", "ledger.json", "data/manifest.csv", "data/class_map.json",
                 "data/validation_report.json", "data/stage_1/subset.json", "stage_1/checkpoints/best.pt",
                 "stage_1/checkpoints/last.pt", "stage_1/reports/metrics.json", "stage_1/reports/stage_report.md",
-                "stage_1/logs/train.out"):
+                "stage_1/logs/train.out", "stage_1/detector/checkpoints/best.pt", "stage_1/export/classifier.onnx",
+                "stage_1/export/detector.onnx", "stage_1/export/export_report.json"):
         assert (exp / rel).is_file(), rel
     assert list((exp / "stage_1" / "tb").glob("events.out.tfevents.*"))
     ledger = json.loads((exp / "ledger.json").read_text())

@@ -1,0 +1,46 @@
+"""Stage-level detector results: the detector's validation metrics and combination accuracy on the stage's
+validation combination images (detect, crop every detection, classify every crop)."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional
+
+import pandas as pd
+
+from pillsnap.config import PillSnapConfig
+from pillsnap.data.class_map import ClassMap
+from pillsnap.infer import locations
+
+log = logging.getLogger(__name__)
+DETECTION_KEYS = {"mAP_0.5": ("mAP_0.5", "map50"), "mAP_0.5_0.95": ("mAP_0.5_0.95", "map"),
+                  "precision": ("precision",), "recall": ("recall",)}
+
+
+def detection_results(train: Optional[Dict]) -> Optional[Dict]:
+    """The detector's validation metrics in the criteria's names, or None when no detector was trained."""
+    if not train:
+        return None
+    val = train.get("val_metrics") or {}
+    out = {name: next((val[k] for k in keys if val.get(k) is not None), None) for name, keys in DETECTION_KEYS.items()}
+    out["not_measured"] = [k for k, v in out.items() if v is None]
+    return out
+
+
+def combination_accuracy(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, class_map: ClassMap) -> Dict:
+    from pillsnap.evaluate.combination import combination_samples, evaluate_combinations
+    from pillsnap.evaluate.stage_eval import load_classifier
+    from pillsnap.infer.engines import TorchClassifierEngine, build_detector
+    from pillsnap.infer.preprocess import normalise_batch
+
+    val = subset[(subset["split"] == "val") & (subset["kind"] == "combination")]
+    detector_ckpt = locations.detector_checkpoint(cfg, stage)
+    if val.empty or not detector_ckpt.is_file():
+        return {"measured": False, "reason": "no validation combination images" if val.empty else "no detector"}
+    model, labels = load_classifier(cfg, locations.classifier_checkpoint(cfg, stage), class_map)
+    detector = build_detector(cfg, detector_ckpt, "torch")
+    engine = TorchClassifierEngine(model)
+    classify = lambda crops: engine.logits(normalise_batch(list(crops)))  # noqa: E731
+    result = evaluate_combinations(combination_samples(val), detector, classify, labels.k_codes,
+                                   cfg.classification.crop_padding, cfg.classification.image_size)
+    log.info("combination accuracy on %d val images: %s", len(val), result.as_dict())
+    return {"measured": True, **result.as_dict()}

@@ -1,0 +1,80 @@
+"""Stage settings (D-13), model verification, and the auto-batch / worker plans.
+
+The plans are cached per machine + model + image size: re-running a stage on the same box skips the probes.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Dict, Tuple
+
+from prefect import task
+
+from pillsnap.config import to_dict
+from pillsnap.data.class_map import ClassMap
+from pillsnap.data.prepare import class_map_path
+from pillsnap.data.subsets import read_subset
+from pillsnap.train.tuning import stage_config, tune_batch, tune_workers
+from tasks.common import cfg_of, library_logs_in_run
+
+
+@task(name="stage-settings")
+def stage_settings_task(config: Dict, stage: int) -> Tuple[Dict, list]:
+    with library_logs_in_run():
+        cfg, changes = stage_config(cfg_of(config), stage)
+    return to_dict(cfg), changes
+
+
+@task(name="verify-models")
+def verify_models_task(config: Dict, stage: int) -> Dict:
+    """Fail before training if the classifier name is unknown or the detector's activation did not apply."""
+    import timm
+
+    cfg = cfg_of(config)
+    if not timm.is_model(cfg.classification.backbone):
+        raise ValueError(f"classification.backbone={cfg.classification.backbone!r} is not a timm model")
+    out = {"classifier": cfg.classification.backbone}
+    if cfg.detection.enabled:
+        from pillsnap.models.detector import verify_detector
+        with library_logs_in_run():
+            out["detector"] = verify_detector(cfg.detection, cfg.exp_dir / f"stage_{stage}" / "detector" / "model")
+    return out
+
+
+def _machine() -> str:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return f"{platform.node()}-{os.cpu_count()}-{gpu}".replace(" ", "_").replace("/", "_")
+
+
+def _tuning_key(context, parameters) -> str:
+    cfg = cfg_of(parameters["config"])
+    c, tc = cfg.classification, cfg.train.classification
+    return (f"{context.task.name}-{_machine()}-{c.backbone}-{c.image_size}-{cfg.optimization.amp_dtype}-"
+            f"{tc.batch_size}-{tc.auto_batch_max}-{tc.auto_batch_tune}-{cfg.dataloader.autotune_workers}-"
+            f"{parameters.get('batch_size')}")
+
+
+def _stage_data(config: Dict, stage: int):
+    cfg = cfg_of(config)
+    return cfg, read_subset(cfg.exp_dir, stage)[0], ClassMap.load(class_map_path(cfg))
+
+
+@task(name="auto-batch", cache_key_fn=_tuning_key, persist_result=True)
+def auto_batch_task(config: Dict, stage: int) -> Dict:
+    with library_logs_in_run():
+        return tune_batch(*_stage_data(config, stage))
+
+
+@task(name="autotune-workers", cache_key_fn=_tuning_key, persist_result=True)
+def autotune_workers_task(config: Dict, stage: int, batch_size: int) -> Dict:
+    cfg = cfg_of(config)
+    if not cfg.dataloader.autotune_workers:
+        return {"num_workers": cfg.dataloader.num_workers, "reason": "dataloader.autotune_workers=false"}
+    with library_logs_in_run():
+        return tune_workers(*_stage_data(config, stage), batch_size=batch_size)
+
+
+def stage_dir_of(config: Dict, stage: int) -> Path:
+    return Path(config["paths"]["exp_dir"]) / f"stage_{stage}"
