@@ -2,18 +2,30 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import List
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now, not the stream that was current when it was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_console(level: str = "INFO") -> None:
     root = logging.getLogger()
-    if not any(getattr(h, "_pillsnap", False) for h in root.handlers):
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter(FORMAT))
-        handler._pillsnap = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     logging.getLogger("pillsnap").setLevel(level)
 

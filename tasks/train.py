@@ -6,8 +6,9 @@ that a cached result points to is gone.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 from prefect import task
 
@@ -31,6 +32,18 @@ def classifier_checkpoint(config: Dict, stage: int) -> Path:
     return stage_dir(config, stage) / "checkpoints" / "best.pt"
 
 
+@contextmanager
+def _training(cfg, out: Path, stage: int, model: str, progress_name: str) -> Iterator[None]:
+    """Stage log files, library logs in the run, the experiment lock, and a progress artifact."""
+    handlers = attach_stage_files(out / "logs")
+    try:
+        with library_logs_in_run(), experiment_lock(cfg.exp_dir, f"stage {stage} {model}"), \
+                progress_artifact(f"stage-{stage}-{progress_name}-progress", f"Stage {stage} {model} training"):
+            yield
+    finally:
+        detach(handlers)
+
+
 def _train_key(context, parameters) -> str:
     config = parameters["config"]
     init = parameters.get("init_checkpoint") or "scratch"
@@ -43,20 +56,13 @@ def _train_key(context, parameters) -> str:
       persist_result=True)
 def train_classifier_task(config: Dict, stage: int, subset_hash: str, init_checkpoint: Optional[str] = None,
                           batch_plan: Optional[Dict] = None, worker_plan: Optional[Dict] = None) -> Dict:
-    cfg = cfg_of(config)
-    out = stage_dir(config, stage)
-    handlers = attach_stage_files(out / "logs")
-    try:
-        with library_logs_in_run(), experiment_lock(cfg.exp_dir, f"stage {stage} classifier"), \
-                progress_artifact(f"stage-{stage}-training-progress", f"Stage {stage} classifier training"):
-            prepare_checkpoint_dir(out / "checkpoints", config)
-            subset, _ = read_subset(cfg.exp_dir, stage)
-            result = train_classifier(cfg, subset, ClassMap.load(class_map_path(cfg)), out,
-                                      Path(init_checkpoint) if init_checkpoint else None,
-                                      show_progress=cfg.logging.progress_bar, batch_plan=batch_plan,
-                                      worker_plan=worker_plan)
-    finally:
-        detach(handlers)
+    cfg, out = cfg_of(config), stage_dir(config, stage)
+    with _training(cfg, out, stage, "classifier", "training"):
+        prepare_checkpoint_dir(out / "checkpoints", config)
+        subset, _ = read_subset(cfg.exp_dir, stage)
+        result = train_classifier(cfg, subset, ClassMap.load(class_map_path(cfg)), out,
+                                  Path(init_checkpoint) if init_checkpoint else None,
+                                  show_progress=cfg.logging.progress_bar, batch_plan=batch_plan, worker_plan=worker_plan)
     return {**result_dict(result), "tensorboard": str(out / "tb"), "batch_size": cfg.train.classification.batch_size}
 
 
@@ -76,15 +82,9 @@ def train_detector_task(config: Dict, stage: int, subset_hash: str) -> Dict:
     """The detector (sequential), or both models in one interleaved loop (train.strategy=interleaved)."""
     from pillsnap.train.detector import train_detector
 
-    cfg = cfg_of(config)
-    out = stage_dir(config, stage)
-    handlers = attach_stage_files(out / "logs")
-    try:
-        with library_logs_in_run(), experiment_lock(cfg.exp_dir, f"stage {stage} detector"), \
-                progress_artifact(f"stage-{stage}-detector-progress", f"Stage {stage} detector training"):
-            subset, _ = read_subset(cfg.exp_dir, stage)
-            result = train_detector(cfg, subset, stage, stage_dir=out, class_map=ClassMap.load(class_map_path(cfg)),
-                                    show_progress=cfg.logging.progress_bar)
-    finally:
-        detach(handlers)
+    cfg, out = cfg_of(config), stage_dir(config, stage)
+    with _training(cfg, out, stage, "detector", "detector"):
+        subset, _ = read_subset(cfg.exp_dir, stage)
+        result = train_detector(cfg, subset, stage, stage_dir=out, class_map=ClassMap.load(class_map_path(cfg)),
+                                show_progress=cfg.logging.progress_bar)
     return result.as_dict()

@@ -12,5 +12,7 @@ def prefect_harness():
 
 @pytest.fixture()
 def flow_overrides(tiny_aihub, tmp_path):
-    """Overrides that point a flow at the shared tiny data and a fresh experiment dir."""
-    return [f"paths.exp_dir={tmp_path / 'exp'}", f"synth.out_dir={tiny_aihub}", f"paths.data_root={tiny_aihub}"]
+    """Overrides that point a flow at the shared tiny data and a fresh experiment dir (classifier only: the
+    Stage 1 end-to-end test switches the detector on)."""
+    return [f"paths.exp_dir={tmp_path / 'exp'}", f"synth.out_dir={tiny_aihub}", f"paths.data_root={tiny_aihub}",
+            "detection.enabled=false"]
