@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.datasets import EpochSampler, make_loader
-from pillsnap.train.autobatch import (AutoBatchResult, auto_find_batch_size, find_eval_batch_size, make_eval_probe,
-                                      make_training_probe)
+from pillsnap.train.autobatch import (AutoBatchResult, ProbeFn, auto_find_batch_size, find_eval_batch_size,
+                                      make_eval_probe, make_training_probe)
 from pillsnap.train.classifier_data import ClassifierData
 from pillsnap.train.workers import autotune_num_workers, available_cores
 
@@ -51,27 +51,34 @@ def _no_probe(batch_size: int, amp_dtype: str) -> int:
     raise RuntimeError("auto batch: probing needs CUDA")  # never called: the search returns early without it
 
 
-def batch_plan_from_search(trainer: Any) -> Dict[str, Any]:
-    """Probe real training steps for the largest batch within the VRAM headroom; CPU keeps the configured batch."""
+def batch_plan_from_search(trainer: Any, probes: Optional[Tuple[ProbeFn, ProbeFn]] = None,
+                           device_total_bytes: Optional[int] = None) -> Dict[str, Any]:
+    """Probe real training steps for the largest batch within the VRAM headroom; CPU keeps the configured batch.
+
+    `probes` = (training probe, eval probe) replaces the real ones (tests drive the search on a CPU with them).
+    """
     tc = trainer.cfg.train
-    cuda = trainer.policy.device.type == "cuda"
+    cuda = trainer.policy.device.type == "cuda" or probes is not None
     max_bs = tc.classification.auto_batch_max
-    train_probe, eval_probe = _no_probe, _no_probe
-    if cuda:
+    train_probe, eval_probe = probes or (_no_probe, _no_probe)
+    if cuda and probes is None:
         make_batch = _real_batch_maker(trainer, EVAL_MAX_FACTOR * max_bs)
-        trainer.train_model.train()
-        train_probe = make_training_probe(trainer.train_model, trainer.optimizer, trainer.criterion, make_batch,
+        trainer.model.train()
+        # The eager model: a compiled one would recompile for every probed size (minutes with max-autotune);
+        # the VRAM headroom (D-4: 0.88) is what absorbs compile's own memory.
+        train_probe = make_training_probe(trainer.model, trainer.optimizer, trainer.criterion, make_batch,
                                           trainer.ema, trainer.policy.device)
         eval_probe = make_eval_probe(trainer.model, make_batch, trainer.policy.device)
     found = auto_find_batch_size(
-        train_probe, trainer.batch_size, max_bs, tc.auto_batch_vram_headroom, grad_accum=trainer.accum,
-        max_grad_accum=tc.oom.max_grad_accum, min_bs=tc.oom.min_batch, amp_dtype=trainer.oom.state.amp_dtype,
-        allow_fp16=tc.oom.escalate_to_fp16, cuda_available=cuda)
+        train_probe, trainer.batch_size, max_bs, tc.auto_batch_vram_headroom, device_total_bytes,
+        grad_accum=trainer.accum, max_grad_accum=tc.oom.max_grad_accum, min_bs=tc.oom.min_batch,
+        amp_dtype=trainer.oom.state.amp_dtype, allow_fp16=tc.oom.escalate_to_fp16, cuda_available=cuda)
     found_eval = found  # without CUDA nothing is probed: evaluation keeps the training batch (and no second line)
     if cuda:
         eval_max = max(found.batch_size, min(EVAL_MAX_FACTOR * max_bs, len(trainer.val_ds)))
-        found_eval = find_eval_batch_size(eval_probe, found.batch_size, eval_max, tc.auto_batch_vram_headroom)
-    device = torch.cuda.get_device_name(trainer.policy.device) if cuda else "cpu"
+        found_eval = find_eval_batch_size(eval_probe, found.batch_size, eval_max, tc.auto_batch_vram_headroom,
+                                          device_total_bytes, cuda_available=True)
+    device = "cpu" if not cuda else "test probes" if probes else torch.cuda.get_device_name(trainer.policy.device)
     return batch_plan_dict(found, found_eval, device, probed=cuda)
 
 

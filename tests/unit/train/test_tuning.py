@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from pillsnap.train.autobatch import CPU_REASON
 from pillsnap.train.loop import ClassifierTrainer
 from pillsnap.train.tuning import DISABLED_REASON, stage_config, tune_batch, tune_workers
-from pillsnap.train.tuning_probes import worker_candidates
+from pillsnap.train.tuning_probes import batch_plan_from_search, worker_candidates
 from pillsnap.train.workers import available_cores
 
 ONE_STEP = ("train.deterministic=true", "train.classification.epochs=1", "train.max_steps_per_epoch=1")
@@ -86,3 +86,21 @@ def test_stage_config_returns_changes_and_logs_what_runs(make_config, tmp_path, 
     assert staged.train.classification.batch_size == 16 and cfg.train.classification.batch_size == 8
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("stage 3 runs with"))
     assert "classifier batch 16" in line and "2 workers" in line and "channels_last=True" in line
+
+
+def test_a_probed_batch_rebuilds_the_loaders_and_trains_at_it(make_config, tmp_path, tiny_stage):
+    # Fake probes stand in for CUDA: 5 MiB per sample against 100 MiB x headroom 0.88 -> up to 17; max is 16.
+    def peak(batch_size, amp_dtype):
+        return batch_size * 5 * 2**20
+
+    t = _trainer(make_config, tmp_path, tiny_stage, "train.classification.auto_batch_max=16")
+    plan = batch_plan_from_search(t, probes=(peak, peak), device_total_bytes=100 * 2**20)
+    assert (plan["batch_size"], plan["grad_accum"], plan["eval_batch_size"]) == (16, 1, 16) and plan["probed"]
+    assert plan["probes"][:2] == [[8, 8 * 5 * 2**20], [16, 16 * 5 * 2**20]]
+    t.batch_plan = plan
+    seen = []
+    t.step_hook = lambda step: seen.append(t._loaders[True].batch_size)
+    result = t.run()
+    assert seen == [16] and result.batch_size == 16 and t._loaders[False].batch_size == 16
+    assert result.auto_batch["applied_lr_scale"] == 2.0 and t.optimizer.param_groups[0]["initial_lr"] == 0.006
+    assert _tb_scalars(tmp_path / "run/tb")["perf/auto_batch_found"] == [16.0]
