@@ -146,8 +146,10 @@ def test_sample_based_schedule_is_the_step_schedule_until_the_global_batch_chang
     assert halved(40 + 120) == factor(100) and halved(40 + 60) == factor(70)
 
 
-def test_exhausted_recovery_leaves_emergency_checkpoint_and_a_clear_error(make_config, tmp_path, tiny_stage):
-    t = _trainer(make_config, tmp_path, tiny_stage, "train.oom.max_retries=2", "train.oom.inject_at_steps=[1,2,3]")
+def test_exhausted_recovery_leaves_emergency_checkpoint_and_a_clear_error(make_config, tmp_path, tiny_stage,
+                                                                         monkeypatch):
+    monkeypatch.setenv("PILLSNAP_INJECT_OOM", "3")  # both injection sources: the config and the environment
+    t = _trainer(make_config, tmp_path, tiny_stage, "train.oom.max_retries=2", "train.oom.inject_at_steps=[1,2]")
     with pytest.raises(OomExhaustedError, match=r"exhausted after 3 retries.*max_retries=2.*emergency\.pt"):
         t.run()
     actions = [e["action"] for e in t.oom_events]
