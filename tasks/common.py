@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import time
 from contextlib import contextmanager
 from functools import lru_cache
@@ -18,6 +19,13 @@ from pillsnap import progress as lib_progress
 from pillsnap.config import PillSnapConfig, from_dict
 
 PACKAGE_DIR = Path(pillsnap.__file__).parent
+
+
+def use_forkserver_workers() -> None:
+    """DataLoader workers forked from a Prefect run process die at start (SystemExit(1) inherited from the
+    run's state); workers started by a clean fork server work. Applies to our loaders and ultralytics'."""
+    if multiprocessing.get_start_method(allow_none=True) != "forkserver":
+        multiprocessing.set_start_method("forkserver", force=True)
 
 
 def cfg_of(config: Dict) -> PillSnapConfig:

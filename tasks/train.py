@@ -19,7 +19,7 @@ from pillsnap.lock import experiment_lock
 from pillsnap.logs import attach_stage_files, detach
 from pillsnap.train.checkpoints import prepare_checkpoint_dir, training_fingerprint
 from pillsnap.train.loop import result_dict, train_classifier
-from tasks.common import cfg_of, code_version, library_logs_in_run, progress_artifact
+from tasks.common import cfg_of, code_version, library_logs_in_run, progress_artifact, use_forkserver_workers
 
 TRAIN_RETRIES = 2
 
@@ -35,6 +35,7 @@ def classifier_checkpoint(config: Dict, stage: int) -> Path:
 @contextmanager
 def _training(cfg, out: Path, stage: int, model: str, progress_name: str) -> Iterator[None]:
     """Stage log files, library logs in the run, the experiment lock, and a progress artifact."""
+    use_forkserver_workers()
     handlers = attach_stage_files(out / "logs")
     try:
         with library_logs_in_run(), experiment_lock(cfg.exp_dir, f"stage {stage} {model}"), \

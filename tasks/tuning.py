@@ -16,7 +16,7 @@ from pillsnap.data.class_map import ClassMap
 from pillsnap.data.prepare import class_map_path
 from pillsnap.data.subsets import read_subset
 from pillsnap.train.tuning import stage_config, tune_batch, tune_workers
-from tasks.common import cfg_of, library_logs_in_run
+from tasks.common import cfg_of, library_logs_in_run, use_forkserver_workers
 
 
 @task(name="stage-settings")
@@ -57,6 +57,7 @@ def _tuning_key(context, parameters) -> str:
 
 
 def _stage_data(config: Dict, stage: int):
+    use_forkserver_workers()
     cfg = cfg_of(config)
     return cfg, read_subset(cfg.exp_dir, stage)[0], ClassMap.load(class_map_path(cfg))
 

@@ -6,6 +6,9 @@ import pytest
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
+    from tasks.common import use_forkserver_workers
+
+    use_forkserver_workers()  # as the training tasks do: forked loader workers die beside Prefect's services
     with prefect_test_harness(server_startup_timeout=120):
         yield
 

@@ -21,7 +21,9 @@ def _artifact(key: str):
 def test_stage_1_end_to_end(prefect_harness, flow_overrides):
     data = data_flow(profile="ci", overrides=flow_overrides)
     assert data["synthesized"]["skipped"] == "already present" and data["imported"]["classes"] == 6
-    result = stage_flow(stage=1, profile="ci", overrides=[*flow_overrides, "detection.enabled=true"])
+    # Two loader workers: DataLoader workers must survive inside a Prefect run process.
+    result = stage_flow(stage=1, profile="ci", overrides=[*flow_overrides, "detection.enabled=true",
+                                                         "dataloader.num_workers=2"])
     exp = Path(result["exp_dir"])
     assert result["detection"] is not None and "mAP_0.5" in result["detection"]
     assert result["detection"]["combination"]["measured"] in (True, False)
