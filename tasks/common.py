@@ -63,14 +63,16 @@ def library_logs_in_run() -> Iterator[None]:
     handler = _RunLogHandler(get_run_logger())
     lib = logging.getLogger("pillsnap")
     lib.addHandler(handler)
-    old_level = lib.level
+    old_level, old_propagate = lib.level, lib.propagate
     if lib.level == logging.NOTSET or lib.level > logging.INFO:
         lib.setLevel(logging.INFO)
+    lib.propagate = False  # the run logger already prints to the console: no second copy via the root logger
     try:
         yield
     finally:
         lib.removeHandler(handler)
         lib.setLevel(old_level)
+        lib.propagate = old_propagate
 
 
 @contextmanager

@@ -48,9 +48,12 @@ def _training(cfg, out: Path, stage: int, model: str, progress_name: str) -> Ite
 def _train_key(context, parameters) -> str:
     config = parameters["config"]
     init = parameters.get("init_checkpoint") or "scratch"
-    # Result storage is per experiment directory, so the key needs no path.
+    plan = parameters.get("batch_plan") or {}
+    # Result storage is per experiment directory, so the key needs no path. The batch plan changes what is
+    # trained (batch x accumulation); the worker count does not.
     return (f"train-classifier-s{parameters['stage']}-{training_fingerprint(config)}-{parameters['subset_hash']}-"
-            f"{code_version()}-{Path(init).parent.parent.name if init != 'scratch' else init}")
+            f"{code_version()}-{Path(init).parent.parent.name if init != 'scratch' else init}-"
+            f"b{plan.get('batch_size')}x{plan.get('grad_accum')}")
 
 
 @task(name="train-classifier", retries=TRAIN_RETRIES, retry_delay_seconds=2, cache_key_fn=_train_key,
@@ -64,7 +67,7 @@ def train_classifier_task(config: Dict, stage: int, subset_hash: str, init_check
         result = train_classifier(cfg, subset, ClassMap.load(class_map_path(cfg)), out,
                                   Path(init_checkpoint) if init_checkpoint else None,
                                   show_progress=cfg.logging.progress_bar, batch_plan=batch_plan, worker_plan=worker_plan)
-    return {**result_dict(result), "tensorboard": str(out / "tb"), "batch_size": cfg.train.classification.batch_size}
+    return {**result_dict(result), "tensorboard": str(out / "tb")}
 
 
 def detector_checkpoint(config: Dict, stage: int) -> Path:

@@ -19,6 +19,7 @@ from pillsnap.data.yolo_dataset import YoloDataset
 from pillsnap.evaluate.detection import detection_samples, evaluate_detector, map_detector
 from pillsnap.train.policy import Policy
 from pillsnap.train.schedule import warmup_cosine
+from pillsnap.train.steps import apply_optimizer_update
 
 CLOSE_MOSAIC_EPOCHS = 10  # ultralytics' recipe: the last detector epochs see un-mosaicked images
 
@@ -158,12 +159,8 @@ class DetectorSide:
         return {k: float(v) for k, v in items.items()}
 
     def _optimizer_step(self) -> None:
-        if self.cfg.train.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=self.cfg.train.zero_grad_set_to_none)
+        apply_optimizer_update(self.model, self.optimizer, self.scaler, self.cfg.train.grad_clip,
+                               self.cfg.train.zero_grad_set_to_none)
         self.scheduler.step()
 
     def validate(self) -> Dict[str, Any]:

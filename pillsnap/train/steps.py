@@ -37,6 +37,17 @@ Batch = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # images, lab
 _REWIND = object()  # the window was not stepped: its global batch no longer matches the OOM state
 
 
+
+def apply_optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, grad_clip: float,
+                           set_to_none: bool) -> None:
+    """Clip after unscaling (so the threshold is in real gradient units), step, update the scaler, zero."""
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=set_to_none)
+
 class OomExhaustedError(OomRecoveryExhausted):
     """OOM recovery ran out of options; the message names the emergency checkpoint and what to change."""
 
@@ -121,12 +132,8 @@ class TrainStepMixin:
         return value
 
     def _apply_update(self) -> None:
-        if self.cfg.train.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=self.cfg.train.zero_grad_set_to_none)
+        apply_optimizer_update(self.model, self.optimizer, self.scaler, self.cfg.train.grad_clip,
+                               self.cfg.train.zero_grad_set_to_none)
 
     def _after_update(self) -> None:
         self.scheduler.step()

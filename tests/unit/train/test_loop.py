@@ -92,3 +92,19 @@ def test_warm_start_remaps_the_head_by_kcode(make_config, tmp_path, tiny_stage):
             assert torch.equal(new_state[key][second.index[code]], old["model"][key][first.index[code]])
     backbone_key = next(k for k in old["model"] if not k.startswith("classifier.") and old["model"][k].dtype.is_floating_point)
     assert torch.equal(new_state[backbone_key], old["model"][backbone_key])
+
+
+def test_ema_weights_are_validated_logged_and_saved(make_config, tmp_path, tiny_stage):
+    trainer = _trainer(make_config, tmp_path, tiny_stage, "train.ema.enabled=true", "train.ema.decay=0.5")
+    result = trainer.run()
+    history = json.loads((tmp_path / "stage_1/reports/metrics.json").read_text())["classification"]["history"]
+    assert all(h["val_ema"] is not None and "accuracy" in h["val_ema"] for h in history)
+    best = load_checkpoint(tmp_path / "stage_1/checkpoints/best.pt")
+    last = load_checkpoint(tmp_path / "stage_1/checkpoints/last.pt")
+    assert last["ema"] is not None
+    ema_state = trainer.ema.module.state_dict()
+    raw_state = trainer.model.state_dict()
+    differs = [k for k in raw_state if raw_state[k].dtype.is_floating_point and not torch.equal(raw_state[k], ema_state[k])]
+    assert differs, "EMA weights must differ from the raw weights"
+    if result.best_epoch == result.epochs_completed:  # best.pt carries the EMA weights that were evaluated
+        assert all(torch.equal(best["model"][k], ema_state[k]) for k in differs)
