@@ -372,6 +372,14 @@ def _check(cfg: DictConfig, source: str) -> None:
         raise ConfigError(f"{source}: data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
 
 
+def _stage_keys_as_int(node: Any, parent: str = "") -> Any:
+    """A dotlist spells `data.stages.1.classes` with the key "1"; the stage tables are keyed by int."""
+    if not isinstance(node, dict):
+        return node
+    return {(int(k) if parent == "stages" and str(k).isdigit() else k): _stage_keys_as_int(v, str(k))
+            for k, v in node.items()}
+
+
 def profile_path(profile: str) -> Path:
     path = Path(profile)
     if path.suffix in {".yaml", ".yml"}:
@@ -402,10 +410,10 @@ def load_config(
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
         try:
-            dotlist = OmegaConf.from_dotlist(list(overrides))
+            dotlist = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as e:
             raise ConfigError(f"command-line override: {e}") from None
-        cfg = _merge(cfg, dotlist, "command-line override")
+        cfg = _merge(cfg, _stage_keys_as_int(dotlist), "command-line override")
         source += " + command line"
     _check(cfg, source)
     return OmegaConf.to_object(cfg)

@@ -85,3 +85,8 @@ def test_resolved_config_round_trips_and_is_written(tmp_path):
     again = load_config(path)  # the resolved file is itself a valid config
     assert config_hash(again) == config_hash(cfg)
     assert config_hash(from_dict(to_dict(cfg))) == config_hash(cfg)
+
+
+def test_stage_tables_can_be_overridden_from_the_command_line():
+    cfg = load_config(overrides=["data.stages.1.classes=10", "data.stages.2.min_accuracy=0.5"])
+    assert cfg.stage(1).classes == 10 and cfg.stage(1).images == 5000 and cfg.stage(2).min_accuracy == 0.5
