@@ -48,7 +48,7 @@ def classification_samples(rows: pd.DataFrame, class_map: ClassMap, include_crop
     return ClassificationSamples(samples, labels, ids)
 
 
-def train_transform(size: int) -> v2.Compose:
+def train_transform() -> v2.Compose:
     # The pill can sit anywhere in the frame, so no crop or large rotation that could cut it out (that
     # would be label noise); flips and 90° turns are lossless. Hue jitter stays small so colour classes
     # (e.g. 주황 vs 빨강) stay distinct.
@@ -72,7 +72,7 @@ class ClassificationDataset(Dataset):
         if cache is not None and len(cache) != len(data.samples):
             raise ValueError(f"cache holds {len(cache)} samples, dataset has {len(data.samples)}")
         self.data, self.size, self.cache, self.padding = data, size, cache, padding
-        self.transform = train_transform(size) if train else eval_transform()
+        self.transform = train_transform() if train else eval_transform()
 
     def __len__(self) -> int:
         return len(self.data.samples)
@@ -142,7 +142,7 @@ def safe_collate(batch: Sequence[Optional[Tuple[torch.Tensor, int, int]]]):
 
 
 def make_loader(dataset: Dataset, batch_size: int, cfg: DataloaderConfig, train: bool,
-                sampler: Optional[torch.utils.data.Sampler] = None, generator: Optional[torch.Generator] = None,
+                sampler: Optional[torch.utils.data.Sampler] = None,
                 num_workers: Optional[int] = None) -> DataLoader:
     workers = cfg.num_workers if num_workers is None else num_workers
     extra = {"persistent_workers": cfg.persistent_workers, "prefetch_factor": cfg.prefetch_factor} if workers else {}
@@ -150,4 +150,4 @@ def make_loader(dataset: Dataset, batch_size: int, cfg: DataloaderConfig, train:
         dataset, batch_size=batch_size, shuffle=False, sampler=sampler,
         num_workers=workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         drop_last=train and cfg.drop_last and len(dataset) >= batch_size, collate_fn=safe_collate,
-        generator=generator, **extra)
+        **extra)

@@ -5,7 +5,6 @@ so the CLI and the orchestration tasks call the same functions.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -99,7 +98,3 @@ def run_subset(cfg: PillSnapConfig, stage: int) -> Dict:
     result = asdict(summary)
     result.pop("k_codes")
     return {**result, "dir": str(out)}
-
-
-def read_json(path: Path) -> Dict:
-    return json.loads(Path(path).read_text())
