@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 from typing import Dict, Tuple
 
 from prefect import task
@@ -75,7 +74,3 @@ def autotune_workers_task(config: Dict, stage: int, batch_size: int) -> Dict:
         return {"num_workers": cfg.dataloader.num_workers, "reason": "dataloader.autotune_workers=false"}
     with library_logs_in_run():
         return tune_workers(*_stage_data(config, stage), batch_size=batch_size)
-
-
-def stage_dir_of(config: Dict, stage: int) -> Path:
-    return Path(config["paths"]["exp_dir"]) / f"stage_{stage}"

@@ -16,7 +16,7 @@ import torch
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.cache import build_cache
-from pillsnap.data.class_map import ClassMap, check_same
+from pillsnap.data.class_map import ClassMap
 from pillsnap.data.datasets import ClassificationDataset, classification_samples, make_loader
 from pillsnap.evaluate.metrics import classification_metrics
 from pillsnap.evaluate.plots import save_confusion_report, save_roc_pr_report
@@ -75,7 +75,6 @@ def _latency_ms(model: torch.nn.Module, dataset: ClassificationDataset) -> Dict[
 def evaluate_classifier(cfg: PillSnapConfig, checkpoint: Path, subset: pd.DataFrame, class_map: ClassMap,
                         reports_dir: Path) -> Dict:
     model, labels = load_classifier(cfg, checkpoint, class_map)
-    check_same(labels.hash, class_map.restrict(labels.k_codes), "the stage checkpoint")
     dataset, y_true, logits = _val_logits(cfg, model, labels, subset[subset["split"] == "val"])
     metrics = classification_metrics(y_true, logits, labels.k_codes)
     probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
@@ -101,7 +100,6 @@ def assemble_stage_results(evaluation: Dict, train: Dict, validation: Dict, dete
 
     Nothing is filled in that was not measured: absent detector or export results stay absent.
     """
-    history = train.get("history_losses") or []
     counts = validation.get("counts", {})
     corrupt = sum(v for k, v in validation.get("findings", {}).items() if k in ("unreadable_image", "size_mismatch"))
     results = {
@@ -111,7 +109,7 @@ def assemble_stage_results(evaluation: Dict, train: Dict, validation: Dict, dete
         "latency_p95_ms": evaluation.get("latency_p95_ms"),
         "no_crashes": True,  # this function runs only after training finished without an unrecovered failure
         "memory_stable": not train.get("oom_events"),
-        "loss": history[-1] if history else evaluation.get("val_loss"),
+        "loss": (train.get("val_metrics") or {}).get("val_loss"),  # the best epoch's validation loss
         "repeated_oom": len(train.get("oom_events") or []),
         "data_corruption_rate": corrupt / max(1, counts.get("images", 0)),
         "classification": {k: evaluation.get(k) for k in

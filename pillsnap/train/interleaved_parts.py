@@ -244,12 +244,7 @@ class ClassifierSide:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         t = self.trainer
-        t.model.load_state_dict(state["model"])
-        t.optimizer.load_state_dict(state["optimizer"])
-        t.scheduler.load_state_dict(state["scheduler"])
-        t.scaler.load_state_dict(state["scaler"])
-        if t.ema is not None and state.get("ema") is not None:
-            t.ema.module.load_state_dict(state["ema"])
+        t.load_training_states(state)
         self.stream.restore(state["stream"])
         self.micro, t.state.global_step = state["micro"], state["global_step"]
 

@@ -52,15 +52,19 @@ class CheckpointMixin:
         path, p = found
         check_compatible(p, self.cfg.classification.backbone, len(self.labels), self.labels.hash, path)
         self._restore_run_knobs(p)
+        self.load_training_states(p)
+        self.state = ClassifierState.from_payload(p)
+        restore_rng_state(p["rng"])
+        return self.state.global_step
+
+    def load_training_states(self, p: Dict) -> None:
+        """Model, optimizer, scheduler, scaler and EMA from a payload (shared with the interleaved loop)."""
         self.model.load_state_dict(p["model"])
         self.optimizer.load_state_dict(p["optimizer"])
         self.scheduler.load_state_dict(p["scheduler"])
         self.scaler.load_state_dict(p["scaler"])
         if self.ema is not None and p.get("ema") is not None:
             self.ema.module.load_state_dict(p["ema"])
-        self.state = ClassifierState.from_payload(p)
-        restore_rng_state(p["rng"])
-        return self.state.global_step
 
     def _restore_run_knobs(self, p: Dict) -> None:
         """Batch, accumulation, precision and OOM history as the checkpointed run had them (not the config's)."""
