@@ -71,7 +71,7 @@ def build_models(work: Path, args: argparse.Namespace):
 
 def predictors(classifier, detector, cls_onnx: Path, det_onnx: Path, args: argparse.Namespace) -> Dict[str, object]:
     from pillsnap.data.class_map import ClassMap
-    from pillsnap.evaluate.detection import Detector, torch_raw_predictor
+    from pillsnap.infer.detection import Detector, torch_raw_predictor
     from pillsnap.infer.engines import OnnxClassifierEngine, TorchClassifierEngine
     from pillsnap.infer.onnx_files import onnx_session
     from pillsnap.infer.predict import Predictor

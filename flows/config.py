@@ -4,9 +4,12 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from pillsnap.config import load_config, save_resolved, to_dict
+from pillsnap.environment import overrides_from_environment, prepare_process
 
 
 def resolve(config_path: Optional[str], profile: Optional[str], overrides: Optional[List[str]]) -> Dict:
-    cfg = load_config(config_path, profile, overrides or [])
+    """The flow's entry: environment settings become overrides here (the library reads none itself)."""
+    cfg = load_config(config_path, profile, [*(overrides or []), *overrides_from_environment()])
+    prepare_process(cfg.exp_dir)
     save_resolved(cfg)
     return to_dict(cfg)

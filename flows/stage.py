@@ -9,6 +9,7 @@ from prefect import flow
 
 from flows.config import resolve
 from flows.hooks import notify_on_failure
+from pillsnap.core import layout
 from pillsnap.data.subsets import stage_dir as subset_dir
 from pillsnap.evaluate.stage_detection import detection_results
 from pillsnap.evaluate.stage_eval import assemble_stage_results
@@ -18,42 +19,55 @@ from tasks.data import current_manifest_hash, subset_task, validate_task
 from tasks.evaluate import advisor_task, combination_task, evaluate_task, go_no_go_task
 from tasks.export import export_task
 from tasks.review import environment_check_task, record_decision_task, report_task, review
-from tasks.train import classifier_checkpoint, detector_checkpoint, train_classifier_task, train_detector_task
+from tasks.train import train_classifier_task, train_detector_task, train_interleaved_task
 from tasks.tuning import auto_batch_task, autotune_workers_task, stage_settings_task, verify_models_task
 
 
-def _previous_stage(config: Dict, stage: int) -> tuple[Optional[str], Optional[Dict]]:
-    """Warm-start checkpoint and regression baseline from the previous stage, when it was approved."""
+def _previous_stage(config: Dict, stage: int) -> tuple[Dict[str, str], Optional[Dict]]:
+    """Warm-start checkpoints (per model) and the regression baseline from the previous stage, when it was approved."""
     if stage <= 1:
-        return None, None
-    rec = Ledger.of(Path(config["paths"]["exp_dir"])).latest(stage - 1)
-    ckpt = classifier_checkpoint(config, stage - 1)
-    if rec is None or not rec.approved or not ckpt.is_file():
-        return None, None
-    return str(ckpt), {"accuracy": rec.metrics.get("accuracy")}
+        return {}, None
+    exp_dir = Path(config["paths"]["exp_dir"])
+    rec = Ledger.of(exp_dir).latest(stage - 1)
+    if rec is None or not rec.approved:
+        return {}, None
+    found = {"classifier": layout.classifier_checkpoint(exp_dir, stage - 1),
+             "detector": layout.detector_checkpoint(exp_dir, stage - 1)}
+    return {k: str(v) for k, v in found.items() if v.is_file()}, {"accuracy": rec.metrics.get("accuracy")}
 
 
-def _train(config: Dict, stage: int, subset_hash: str, storage: Path, init: Optional[str]) -> tuple[Dict, Optional[Dict], str]:
-    """(classifier result, detector result or None, classifier task state name)."""
+def _plans(config: Dict, stage: int, models: List[str], storage: Path) -> Dict[str, Dict]:
+    """Auto batch (D-4), then worker autotune (Annex 2) at that batch, for every model that trains: cached tasks."""
+    plans = {}
+    for model in models:
+        batch = auto_batch_task.with_options(result_storage=storage)(config, stage, model)
+        workers = autotune_workers_task.with_options(result_storage=storage)(config, stage, model,
+                                                                             batch["batch_size"])
+        plans[model] = {"batch": batch, "workers": workers}
+    return plans
+
+
+def _train(config: Dict, stage: int, subset_hash: str, storage: Path,
+           init: Dict[str, str]) -> tuple[Dict, Optional[Dict], str]:
+    """(classifier result, detector result or None, training task state name)."""
+    exp_dir = Path(config["paths"]["exp_dir"])
     detection_on = config["detection"]["enabled"]
-    det_missing = not detector_checkpoint(config, stage).is_file()
+    models = ["classifier", "detector"] if detection_on else ["classifier"]
+    plans = _plans(config, stage, models, storage)
+    # A cached result is only good while the checkpoints it points to exist.
+    missing = not layout.classifier_checkpoint(exp_dir, stage).is_file() or (
+        detection_on and not layout.detector_checkpoint(exp_dir, stage).is_file())
     if detection_on and config["train"]["strategy"] == "interleaved":
-        state = train_detector_task.with_options(result_storage=storage, refresh_cache=det_missing)(
-            config, stage, subset_hash, return_state=True)
-        det = state.result()
-        cls = {**det["extra"]["classifier"], "epochs_completed": det["epochs_completed"],
-               "global_step": det["global_step"], "resumed_from_step": None, "stopped_early": det["stopped_early"],
-               "policy": "interleaved", "batch_size": config["train"]["classification"]["batch_size"]}
-        return cls, det, state.name
-    batch = auto_batch_task.with_options(result_storage=storage)(config, stage)
-    workers = autotune_workers_task.with_options(result_storage=storage)(config, stage, batch["batch_size"])
-    ckpt_missing = not classifier_checkpoint(config, stage).is_file()
-    state = train_classifier_task.with_options(result_storage=storage, refresh_cache=ckpt_missing)(
-        config, stage, subset_hash, init, batch, workers, return_state=True)
+        state = train_interleaved_task.with_options(result_storage=storage, refresh_cache=missing)(
+            config, stage, subset_hash, init, plans, return_state=True)
+        both = state.result()
+        return both["classifier"], both["detector"], state.name
+    state = train_classifier_task.with_options(result_storage=storage, refresh_cache=missing)(
+        config, stage, subset_hash, init, plans, return_state=True)
     det = None
     if detection_on:
-        det = train_detector_task.with_options(result_storage=storage, refresh_cache=det_missing)(
-            config, stage, subset_hash)
+        det = train_detector_task.with_options(result_storage=storage, refresh_cache=missing)(
+            config, stage, subset_hash, init, plans)
     return state.result(), det, state.name
 
 
@@ -69,9 +83,10 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
     subset = subset_task.with_options(result_storage=storage, refresh_cache=subset_missing)(
         config, stage, manifest_hash)
     verify_models_task(config, stage)
-    init_checkpoint, baseline = _previous_stage(config, stage)
-    train, det_train, train_state = _train(config, stage, subset["subset_hash"], storage, init_checkpoint)
-    evaluation = evaluate_task(config, stage, train["best_checkpoint"])
+    init_checkpoints, baseline = _previous_stage(config, stage)
+    train, det_train, train_state = _train(config, stage, subset["subset_hash"], storage, init_checkpoints)
+    evaluation = evaluate_task(config, stage, train["best_checkpoint"],
+                               (train.get("auto_batch") or {}).get("eval_batch_size"))
     detection = detection_results(det_train)
     if detection is not None:
         detection["combination"] = combination_task(config, stage)

@@ -22,8 +22,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
+    """The typed config, with the environment's settings read here, at the boundary (pillsnap.environment)."""
     from pillsnap.config import load_config
-    return load_config(args.config, args.profile, args.overrides)
+    from pillsnap.environment import overrides_from_environment, prepare_process
+
+    cfg = load_config(args.config, args.profile, [*args.overrides, *overrides_from_environment()])
+    prepare_process(cfg.exp_dir)
+    return cfg
 
 
 def _print(obj: Dict) -> None:
@@ -68,10 +73,10 @@ def cmd_subset(args) -> int:
 
 
 def _flow_env() -> None:
+    """No telemetry from the embedded Prefect server. Nothing here forces offline mode: pretrained weights are
+    downloaded when the config asks for them and the network allows (the Makefile's demo and tests run offline)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def cmd_data(args) -> int:

@@ -92,7 +92,8 @@ class PipelineConfig:
 class ClassificationConfig:
     backbone: str = "tf_efficientnetv2_s"
     image_size: int = 384
-    pretrained_path: Optional[str] = None  # local weights file; None = from scratch
+    pretrained: bool = True  # ImageNet weights: pretrained_path, else timm's hub cache (downloaded when online)
+    pretrained_path: Optional[str] = None  # a local weights file (wins over the hub)
     drop_rate: float = 0.2
     drop_path_rate: float = 0.1
     crop_padding: float = 0.15  # padding around a detected box when classifying crops
@@ -104,11 +105,43 @@ class DetectionConfig:
     scale: str = "m"  # n | s | m | l | x
     image_size: int = 640
     activation: str = "silu"  # silu | relu | leaky_relu
-    pretrained_path: Optional[str] = None
+    pretrained: bool = True  # COCO weights: pretrained_path, else ultralytics' yolo11{scale}.pt (downloaded when online)
+    pretrained_path: Optional[str] = None  # a local .pt file (ultralytics or PillSnap checkpoint)
     conf_threshold: float = 0.25
     iou_threshold: float = 0.5
     max_det: int = 50
     include_single_images: bool = False
+
+
+@dataclass
+class AugmentConfig:
+    """Classifier training augmentation, applied to whole uint8 batches (pillsnap.data.augment).
+
+    Defaults suit pill photos: a mirror flip mirrors the imprint ("GS" becomes a glyph no photo shows), so both
+    flips are off; 90-degree turns and free rotation are real (the camera circles the pill in 20-degree steps)
+    and keep the imprint readable; geometry never moves the pill's box out of the frame; hue jitter is small so
+    colour classes stay apart. For other data (a CSV of ordinary photos): policy, flips and keep_box_in_frame
+    are the switches (see the README).
+    """
+    hflip: bool = False
+    vflip: bool = False
+    rot90: bool = True  # lossless quarter turns
+    rotate_degrees: float = 180.0  # free rotation in [-d, d]
+    scale: List[float] = field(default_factory=lambda: [0.9, 1.1])
+    translate: float = 0.05  # fraction of the image side
+    keep_box_in_frame: bool = True  # geometry is clamped so the pill's box (known from the labels) stays inside
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.1
+    hue: float = 0.02  # fraction of a full turn
+    channel_gain: float = 0.03  # per-channel (R, G, B) gain in [1-g, 1+g]: white balance of the light
+    policy: str = "none"  # none | randaugment | trivialaugment
+    policy_ops: int = 2  # RandAugment: ops per image
+    policy_magnitude: int = 9  # RandAugment: magnitude bin of 31
+    erasing: float = 0.0  # random-erasing probability
+    mixup: float = 0.0  # timm Mixup alpha (0 = off)
+    cutmix: float = 0.0  # timm CutMix alpha (0 = off)
+    mix_prob: float = 1.0  # probability that a batch is mixed when mixup/cutmix are on
 
 
 @dataclass
@@ -134,7 +167,9 @@ class OomConfig:
     min_batch: int = MISSING
     cooldown_sec: float = MISSING
     escalate_to_fp16: bool = MISSING
-    inject_at_steps: List[int] = field(default_factory=list)  # fault injection: synthetic OOM at these steps
+    # Fault injection (tests, drills): a synthetic OOM at these optimizer steps of the classifier / the detector.
+    inject_at_steps: List[int] = field(default_factory=list)
+    inject_detector_at_steps: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -223,6 +258,7 @@ class InferenceConfig:
     engine: str = "torch"  # torch | onnx
     single_confidence_threshold: float = 0.30
     lazy_load_detector: bool = True
+    device: str = "auto"  # auto | cpu | cuda: where predict / serve run, and where gate latency is measured
 
 
 @dataclass
@@ -289,6 +325,7 @@ class AdvisorConfig:
 
 @dataclass
 class EvaluationConfig:
+    device: str = "auto"  # auto = the training device; evaluation, combination accuracy, final test, parity
     recommendation: RecommendationThresholds = field(default_factory=RecommendationThresholds)
     advisor: AdvisorConfig = field(default_factory=AdvisorConfig)
     stages: Dict[int, StageCriteria] = field(default_factory=dict)  # D-14 tables, in the YAML
@@ -306,6 +343,7 @@ class PillSnapConfig:
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -336,6 +374,9 @@ _CHOICES = {
     "loss.class_weight_mode": {"inverse_frequency", "effective_number"},
     "inference.mode": {"single", "combo", "auto"},
     "inference.engine": {"torch", "onnx"},
+    "inference.device": {"auto", "cpu", "cuda"},
+    "evaluation.device": {"auto", "cpu", "cuda"},
+    "augment.policy": {"none", "randaugment", "trivialaugment"},
 }
 
 
@@ -370,6 +411,26 @@ def _check(cfg: DictConfig, source: str) -> None:
         raise ConfigError(f"{source}: train.interleave_ratio={ratio} must be two non-negative ints, not both 0")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"{source}: data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    bad = check_augment_config(cfg.augment)
+    if bad:
+        raise ConfigError(f"{source}: {bad}")
+
+
+def check_augment_config(cfg: Any, prefix: str = "augment") -> Optional[str]:
+    """The first invalid value, as 'key=value: why', or None."""
+    if len(cfg.scale) != 2 or not 0 < cfg.scale[0] <= cfg.scale[1]:
+        return f"{prefix}.scale={list(cfg.scale)}: need [low, high] with 0 < low <= high"
+    for key in ("erasing", "mix_prob", "translate"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            return f"{prefix}.{key}={getattr(cfg, key)}: must be in [0, 1]"
+    for key in ("brightness", "contrast", "saturation", "channel_gain", "mixup", "cutmix", "rotate_degrees"):
+        if getattr(cfg, key) < 0:
+            return f"{prefix}.{key}={getattr(cfg, key)}: must be >= 0"
+    if not 0.0 <= cfg.hue <= 0.5:
+        return f"{prefix}.hue={cfg.hue}: must be in [0, 0.5] (a fraction of a full turn)"
+    if not 0 <= cfg.policy_magnitude < 31:
+        return f"{prefix}.policy_magnitude={cfg.policy_magnitude}: must be in [0, 30]"
+    return None
 
 
 def _stage_keys_as_int(node: Any, parent: str = "") -> Any:

@@ -16,12 +16,12 @@ from tasks.common import cfg_of, library_logs_in_run
 
 
 @task(name="evaluate-stage")
-def evaluate_task(config: Dict, stage: int, checkpoint: str) -> Dict:
+def evaluate_task(config: Dict, stage: int, checkpoint: str, batch_size: Optional[int] = None) -> Dict:
     cfg = cfg_of(config)
     with library_logs_in_run():
         subset, _ = read_subset(cfg.exp_dir, stage)
         return evaluate_classifier(cfg, Path(checkpoint), subset, ClassMap.load(class_map_path(cfg)),
-                                   cfg.exp_dir / f"stage_{stage}" / "reports")
+                                   cfg.exp_dir / f"stage_{stage}" / "reports", batch_size)
 
 
 @task(name="go-no-go")

@@ -14,7 +14,7 @@ from prefect.input import RunInput
 from pillsnap.evaluate.stage_report import render_stage_report
 from pillsnap.ledger import Ledger, StageRecord
 from pillsnap.notify import notify
-from pillsnap.train.prechecks import run_prechecks
+from pillsnap.train import run_prechecks
 from tasks.common import cfg_of, library_logs_in_run
 
 

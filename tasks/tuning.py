@@ -1,6 +1,7 @@
-"""Stage settings (D-13), model verification, and the auto-batch / worker plans.
+"""Stage settings (D-13), model verification, and the auto-batch / worker plans of both models.
 
-The plans are cached per machine + model + image size: re-running a stage on the same box skips the probes.
+The plans are cached per machine + model + image size + settings: re-running a stage on the same box skips the
+probes, and a new GPU, image size or batch setting measures again.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pillsnap.config import to_dict
 from pillsnap.data.class_map import ClassMap
 from pillsnap.data.prepare import class_map_path
 from pillsnap.data.subsets import read_subset
-from pillsnap.train.tuning import stage_config, tune_batch, tune_workers
+from pillsnap.train import stage_config, tune_batch, tune_workers
 from tasks.common import cfg_of, library_logs_in_run, use_forkserver_workers
 
 
@@ -48,11 +49,16 @@ def _machine() -> str:
 
 
 def _tuning_key(context, parameters) -> str:
-    cfg = cfg_of(parameters["config"])
-    c, tc = cfg.classification, cfg.train.classification
-    return (f"{context.task.name}-{_machine()}-{c.backbone}-{c.image_size}-{cfg.optimization.amp_dtype}-"
-            f"{tc.batch_size}-{tc.auto_batch_max}-{tc.auto_batch_tune}-{cfg.dataloader.autotune_workers}-"
-            f"{parameters.get('batch_size')}")
+    cfg, model = cfg_of(parameters["config"]), parameters["model"]
+    if model == "classifier":
+        arch, size, mc = cfg.classification.backbone, cfg.classification.image_size, cfg.train.classification
+    else:
+        arch, size, mc = f"yolo11{cfg.detection.scale}-{cfg.detection.activation}", cfg.detection.image_size, \
+            cfg.train.detection
+    dl = cfg.dataloader
+    return (f"{context.task.name}-{model}-{_machine()}-{arch}-{size}-{cfg.optimization.amp}-{cfg.optimization.amp_dtype}-"
+            f"{mc.batch_size}-{mc.auto_batch_max}-{mc.auto_batch_tune}-{cfg.train.grad_accum_steps}-"
+            f"{dl.autotune_workers}-{list(dl.autotune_candidates)}-{parameters.get('batch_size')}")
 
 
 def _stage_data(config: Dict, stage: int):
@@ -62,15 +68,14 @@ def _stage_data(config: Dict, stage: int):
 
 
 @task(name="auto-batch", cache_key_fn=_tuning_key, persist_result=True)
-def auto_batch_task(config: Dict, stage: int) -> Dict:
+def auto_batch_task(config: Dict, stage: int, model: str) -> Dict:
     with library_logs_in_run():
-        return tune_batch(*_stage_data(config, stage))
+        cfg, subset, class_map = _stage_data(config, stage)
+        return tune_batch(cfg, subset, class_map, model, stage)
 
 
 @task(name="autotune-workers", cache_key_fn=_tuning_key, persist_result=True)
-def autotune_workers_task(config: Dict, stage: int, batch_size: int) -> Dict:
-    cfg = cfg_of(config)
-    if not cfg.dataloader.autotune_workers:
-        return {"num_workers": cfg.dataloader.num_workers, "reason": "dataloader.autotune_workers=false"}
+def autotune_workers_task(config: Dict, stage: int, model: str, batch_size: int) -> Dict:
     with library_logs_in_run():
-        return tune_workers(*_stage_data(config, stage), batch_size=batch_size)
+        cfg, subset, class_map = _stage_data(config, stage)
+        return tune_workers(cfg, subset, class_map, model, stage, batch_size)

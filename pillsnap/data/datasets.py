@@ -1,27 +1,31 @@
-"""Classification datasets and loaders: single-pill images (and optionally combination crops) -> tensors.
+"""Classification datasets and loaders: single-pill images (and optionally combination crops) -> uint8 batches.
 
-Samples come from the preprocessing cache when there is one, otherwise they are decoded on the fly. An
-unreadable sample yields None and `safe_collate` drops it (and counts it), so one bad file never stops a run.
+A dataset item is the sample's S×S uint8 pixels (from the pixel store, or decoded on the fly), its label, index,
+augmentation seed and pill box. `Collate` stacks items into a batch dict; augmentation runs on the whole batch
+(pillsnap.data.augment): inside the loader's workers on a CPU machine, on the GPU after the copy otherwise.
+An unreadable sample yields None and is dropped (and counted), so one bad file never stops a run.
 """
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from pillsnap.config import DataloaderConfig
-from pillsnap.data.cache import ImageCache, Sample, decode_sample
+from pillsnap.data.augment import BatchAugment, normalise
+from pillsnap.data.cache import PixelStore, Sample, decode_sample, padded_box
 from pillsnap.data.class_map import ClassMap
 
 log = logging.getLogger(__name__)
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PillBox = Tuple[float, float, float, float]  # (cx, cy, w, h) as fractions of the sample frame; w = h = 0: unknown
+NO_BOX: PillBox = (0.5, 0.5, 0.0, 0.0)
+Batch = Dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -29,57 +33,60 @@ class ClassificationSamples:
     samples: List[Sample]
     labels: List[int]
     image_ids: List[str]
+    pill_boxes: List[PillBox]
 
 
-def classification_samples(rows: pd.DataFrame, class_map: ClassMap, include_crops: bool = False) -> ClassificationSamples:
+def _whole_image_box(bbox: Sequence[float], width: int, height: int) -> PillBox:
+    x, y, w, h = bbox
+    return ((x + w / 2) / width, (y + h / 2) / height, w / width, h / height)
+
+
+def _crop_box(bbox: Sequence[float], width: int, height: int, padding: float) -> PillBox:
+    """Where the pill sits inside its padded crop (the crop is clipped at the photo's border)."""
+    x0, y0, x1, y1 = padded_box(bbox, (width, height), padding)
+    x, y, w, h = bbox
+    cw, ch = max(1, x1 - x0), max(1, y1 - y0)
+    return ((x + w / 2 - x0) / cw, (y + h / 2 - y0) / ch, w / cw, h / ch)
+
+
+def classification_samples(rows: pd.DataFrame, class_map: ClassMap, include_crops: bool = False,
+                           padding: float = 0.0) -> ClassificationSamples:
     """Single images whole; combination pills as crops when asked. Labels from the ONE global class map."""
-    samples, labels, ids = [], [], []
-    for image_id, path, kind, k_code, boxes in zip(rows["image_id"], rows["image_path"], rows["kind"],
-                                                    rows["k_code"], rows["boxes"]):
+    samples, labels, ids, boxes = [], [], [], []
+    for image_id, path, kind, k_code, raw, width, height in zip(
+            rows["image_id"], rows["image_path"], rows["kind"], rows["k_code"], rows["boxes"], rows["width"],
+            rows["height"]):
+        pills = json.loads(raw or "[]")
         if kind == "single":
             samples.append((path, None))
             labels.append(class_map.encode(k_code))
             ids.append(image_id)
+            boxes.append(_whole_image_box(pills[0]["bbox"], width, height) if pills else NO_BOX)
         elif include_crops:
-            for j, box in enumerate(json.loads(boxes or "[]")):
-                samples.append((path, tuple(box["bbox"])))
-                labels.append(class_map.encode(box["k_code"]))
+            for j, pill in enumerate(pills):
+                samples.append((path, tuple(pill["bbox"])))
+                labels.append(class_map.encode(pill["k_code"]))
                 ids.append(f"{image_id}#{j}")
-    return ClassificationSamples(samples, labels, ids)
-
-
-def train_transform() -> v2.Compose:
-    # The pill can sit anywhere in the frame, so no crop or large rotation that could cut it out (that
-    # would be label noise); flips and 90° turns are lossless. Hue jitter stays small so colour classes
-    # (e.g. 주황 vs 빨강) stay distinct.
-    return v2.Compose([
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.RandomAffine(degrees=0, translate=(0.04, 0.04), scale=(0.92, 1.08)),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.02),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
-    ])
-
-
-def eval_transform() -> v2.Compose:
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+                boxes.append(_crop_box(pill["bbox"], width, height, padding))
+    return ClassificationSamples(samples, labels, ids, boxes)
 
 
 class ClassificationDataset(Dataset):
-    def __init__(self, data: ClassificationSamples, size: int, train: bool, cache: Optional[ImageCache] = None,
-                 padding: float = 0.0):
-        if cache is not None and len(cache) != len(data.samples):
-            raise ValueError(f"cache holds {len(cache)} samples, dataset has {len(data.samples)}")
-        self.data, self.size, self.cache, self.padding = data, size, cache, padding
-        self.transform = train_transform() if train else eval_transform()
+    """Items: (uint8 3×S×S, label, index, seed, pill box) or None for an unreadable sample."""
+
+    def __init__(self, data: ClassificationSamples, size: int, store: Optional[PixelStore] = None,
+                 rows: Optional[np.ndarray] = None, padding: float = 0.0):
+        if store is not None and (rows is None or len(rows) != len(data.samples)):
+            raise ValueError(f"pixel store rows ({None if rows is None else len(rows)}) do not match the "
+                             f"{len(data.samples)} samples")
+        self.data, self.size, self.store, self.rows, self.padding = data, size, store, rows, padding
 
     def __len__(self) -> int:
         return len(self.data.samples)
 
     def pixels(self, i: int) -> Optional[np.ndarray]:
-        if self.cache is not None:
-            return self.cache.get(i)
+        if self.store is not None:
+            return self.store.get(int(self.rows[i]))
         path, box = self.data.samples[i]
         try:
             return decode_sample(path, box, self.size, self.padding)
@@ -87,26 +94,26 @@ class ClassificationDataset(Dataset):
             log.warning("skipping unreadable image %s: %s", path, e)
             return None
 
-    def __getitem__(self, key) -> Optional[Tuple[torch.Tensor, int, int]]:
-        # key is an index, or (index, augmentation seed) from EpochSampler: augmentations are then a pure
-        # function of (seed, epoch, sample), whatever the worker count or an interruption.
-        i, seed = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, key):
+        # key is an index, or (index, augmentation seed) from EpochSampler.
+        i, seed = key if isinstance(key, tuple) else (key, 0)
         pixels = self.pixels(i)
         if pixels is None:
             return None
         image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-        if seed is None:
-            return self.transform(image), self.data.labels[i], i
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image), self.data.labels[i], i
+        return image, self.data.labels[i], i, seed, self.data.pill_boxes[i]
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A seeded permutation per epoch, optionally starting mid-epoch (resume), yielding (index, aug_seed)."""
+    """A seeded permutation per epoch, optionally starting mid-epoch (resume, OOM replay).
 
-    def __init__(self, n: int, seed: int, weights: Optional[torch.Tensor] = None):
-        self.n, self.seed, self.weights = n, seed, weights
+    Yields (index, augmentation seed) pairs, or plain indices with `with_seeds=False` (datasets that take an int).
+    The seed of a position depends only on (seed, epoch, position), so augmentations do not depend on the
+    worker count or on an interruption.
+    """
+
+    def __init__(self, n: int, seed: int, weights: Optional[torch.Tensor] = None, with_seeds: bool = True):
+        self.n, self.seed, self.weights, self.with_seeds = n, seed, weights, with_seeds
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
@@ -121,33 +128,58 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         base = (self.seed * 100_003 + self.epoch) * 1_000_003
         for pos, i in enumerate(self.order().tolist()[self.start:], start=self.start):
-            yield int(i), (base + pos) % 2**63
+            yield (int(i), (base + pos) % 2**63) if self.with_seeds else int(i)
 
     def __len__(self) -> int:
         return self.n - self.start
 
 
 class SkipCounter:
-    """How many samples `safe_collate` dropped (within this process)."""
+    """How many samples `Collate` dropped (within this process)."""
     skipped = 0
 
 
-def safe_collate(batch: Sequence[Optional[Tuple[torch.Tensor, int, int]]]):
-    kept = [b for b in batch if b is not None]
-    SkipCounter.skipped += len(batch) - len(kept)
-    if not kept:
-        return None
-    images, labels, indices = zip(*kept)
-    return torch.stack(images), torch.tensor(labels), torch.tensor(indices)
+class Collate:
+    """Items -> a batch dict {images, targets, indices, seeds, boxes}; drops unreadable items.
+
+    With `augment` the batch is augmented and normalised here (in the loader's worker: the CPU path); with
+    `normalise_only` it is normalised; otherwise `images` stays uint8 and the consumer finishes it on its device
+    (`finish_batch`).
+    """
+
+    def __init__(self, augment: Optional[BatchAugment] = None, normalise_only: bool = False):
+        self.augment, self.normalise_only = augment, normalise_only
+
+    def __call__(self, items: Sequence) -> Optional[Batch]:
+        kept = [b for b in items if b is not None]
+        SkipCounter.skipped += len(items) - len(kept)
+        if not kept:
+            return None
+        images, labels, indices, seeds, boxes = zip(*kept)
+        batch = {"images": torch.stack(images), "targets": torch.tensor(labels), "indices": torch.tensor(indices),
+                 "seeds": torch.tensor(seeds, dtype=torch.int64), "boxes": torch.tensor(boxes, dtype=torch.float32)}
+        return finish_batch(batch, self.augment) if (self.augment or self.normalise_only) else batch
+
+
+def finish_batch(batch: Batch, augment: Optional[BatchAugment]) -> Batch:
+    """uint8 images -> normalised float (augmented when `augment` is given); a finished batch passes through."""
+    if batch["images"].dtype != torch.uint8:
+        return batch
+    out = dict(batch)
+    if augment is None:
+        out["images"] = normalise(batch["images"])
+    else:
+        out["images"], out["targets"] = augment(batch["images"], batch["seeds"], batch["boxes"], batch["targets"])
+    return out
 
 
 def make_loader(dataset: Dataset, batch_size: int, cfg: DataloaderConfig, train: bool,
-                sampler: Optional[torch.utils.data.Sampler] = None,
-                num_workers: Optional[int] = None) -> DataLoader:
+                sampler: Optional[torch.utils.data.Sampler] = None, num_workers: Optional[int] = None,
+                collate: Optional[Collate] = None) -> DataLoader:
     workers = cfg.num_workers if num_workers is None else num_workers
     extra = {"persistent_workers": cfg.persistent_workers, "prefetch_factor": cfg.prefetch_factor} if workers else {}
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=False, sampler=sampler,
         num_workers=workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-        drop_last=train and cfg.drop_last and len(dataset) >= batch_size, collate_fn=safe_collate,
+        drop_last=train and cfg.drop_last and len(dataset) >= batch_size, collate_fn=collate or Collate(),
         **extra)

@@ -14,6 +14,7 @@ import pandas as pd
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.aihub import ImportIssue, ImportResult, import_aihub
+from pillsnap.data.cache import PixelStore
 from pillsnap.data.class_map import build_class_map
 from pillsnap.data.csv_import import import_csv
 from pillsnap.data.manifest import assign_splits, manifest_hash, read_manifest, write_manifest
@@ -33,6 +34,12 @@ def manifest_path(cfg: PillSnapConfig) -> Path:
 
 def class_map_path(cfg: PillSnapConfig) -> Path:
     return data_dir(cfg) / "class_map.json"
+
+
+def pixel_store(cfg: PillSnapConfig) -> PixelStore:
+    """The experiment's decode-once pixel store at the classifier's size and crop padding (shared by stages)."""
+    c = cfg.classification
+    return PixelStore(Path(cfg.dataloader.cache.dir or data_dir(cfg) / "cache"), c.image_size, c.crop_padding)
 
 
 def source_root(cfg: PillSnapConfig) -> Path:

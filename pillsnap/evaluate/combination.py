@@ -17,19 +17,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from pillsnap.data.cache import padded_box
 from pillsnap.data.manifest import boxes_of
-from pillsnap.evaluate.detection import box_iou, load_bgr
+from pillsnap.infer.preprocess import CropCountError, crop_detections
+from pillsnap.metrics.detection import box_iou
+from pillsnap.infer.detection import load_bgr
 
 Classify = Callable[[np.ndarray], np.ndarray]  # (K, S, S, 3) uint8 RGB crops -> (K, num_classes) logits
 Detect = Callable[[Sequence[np.ndarray]], List[np.ndarray]]  # BGR images -> per image (k, 6) xyxy, conf, class
 MATCH_IOU = 0.5
-
-
-class CropCountError(RuntimeError):
-    """The classifier did not return one prediction per detected pill."""
 
 
 @dataclass(frozen=True)
@@ -66,16 +62,6 @@ def combination_samples(rows: pd.DataFrame) -> List[ComboSample]:
         xyxy[:, 2:] += xyxy[:, :2]
         samples.append(ComboSample(str(row["image_path"]), xyxy, [b["k_code"] for b in boxes]))
     return samples
-
-
-def crop_detections(image_rgb: np.ndarray, boxes_xyxy: np.ndarray, padding: float, size: int) -> np.ndarray:
-    """(K, size, size, 3) uint8: every box padded and resized as the classifier's training crops are."""
-    image = Image.fromarray(image_rgb)
-    crops = []
-    for x1, y1, x2, y2 in boxes_xyxy[:, :4]:
-        box = padded_box((float(x1), float(y1), float(x2 - x1), float(y2 - y1)), image.size, padding)
-        crops.append(np.asarray(image.crop(box).resize((size, size), Image.BILINEAR), dtype=np.uint8))
-    return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
 
 
 def greedy_match(det_boxes: np.ndarray, gt_boxes: np.ndarray, iou_threshold: float = MATCH_IOU) -> np.ndarray:

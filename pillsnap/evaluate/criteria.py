@@ -9,7 +9,7 @@ Results layout: a dict, nested by group, e.g.
      "system": {"gpu_memory_gb": 11.2, "data_loading_s": 0.8, "data_time_s": 0.02, "compute_time_s": 0.11},
      "optimization": {...}, "scalability": {...}, "production": {...}, "advanced": {...}}
 A target's `metric` is a dotted path into it ("detection.mAP_0.5"); a flat key spelled the same way works too.
-The "classification" group is what `pillsnap.evaluate.metrics.classification_metrics` returns.
+The "classification" group is what `pillsnap.metrics.classification.classification_metrics` returns.
 
 Performance score (one number per stage, 0..1): the mean, over the targets that were measured, of
     min(measured / target, 1)   for ">=" targets (higher is better)

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from pillsnap.config import PillSnapConfig
-from pillsnap.evaluate.reports import write_json_atomic
-from pillsnap.infer import locations
+from pillsnap.core.jsonio import write_json_atomic
+from pillsnap.core import layout
 from pillsnap.ledger import Ledger, StageRecord
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,10 @@ def check_final_test_allowed(cfg: PillSnapConfig, force: bool = False) -> FinalT
     if not rec.approved:
         raise FinalTestRefused(f"{ledger.path}: Stage {FINAL_STAGE} is GO but not approved (advisor choice "
                                f"{rec.choice!r}, needs 'proceed')")
-    classifier = Path(rec.checkpoints.get("classifier") or locations.classifier_checkpoint(cfg, FINAL_STAGE))
+    classifier = Path(rec.checkpoints.get("classifier") or layout.classifier_checkpoint(cfg.exp_dir, FINAL_STAGE))
     if not classifier.is_file():
         raise FinalTestRefused(f"Stage {FINAL_STAGE} classifier checkpoint missing: {classifier}")
-    detector = Path(rec.checkpoints.get("detector") or locations.detector_checkpoint(cfg, FINAL_STAGE))
+    detector = Path(rec.checkpoints.get("detector") or layout.detector_checkpoint(cfg.exp_dir, FINAL_STAGE))
     if ledger.final_test and not force:
         raise FinalTestRefused(f"{ledger.path}: the final test already ran ({ledger.final_test.get('evaluated_at')}, "
                                f"{ledger.final_test.get('results')}); test data is evaluated once (force to repeat)")
@@ -130,7 +130,7 @@ def run_final_test(cfg: PillSnapConfig, force: bool = False) -> Dict:
 def _predictor(cfg: PillSnapConfig, plan: FinalTestPlan):
     from pillsnap.data.class_map import ClassMap
     from pillsnap.data.prepare import class_map_path
-    from pillsnap.evaluate.stage_eval import load_classifier
+    from pillsnap.models.classifier import load_classifier
     from pillsnap.infer.engines import TorchClassifierEngine, build_detector
     from pillsnap.infer.predict import Predictor
 
@@ -144,7 +144,7 @@ def _predictor(cfg: PillSnapConfig, plan: FinalTestPlan):
 
 def _classification(predictor, test: pd.DataFrame) -> Tuple[Dict, int]:
     """Whole single-pill photos, the same preprocessing as validation; unknown K-codes are counted, not scored."""
-    from pillsnap.evaluate.metrics import classification_metrics
+    from pillsnap.metrics.classification import classification_metrics
     from pillsnap.infer.preprocess import crop_pixels, load_rgb, normalise_batch
 
     singles = test[test["kind"] == "single"]
@@ -164,7 +164,7 @@ def _classification(predictor, test: pd.DataFrame) -> Tuple[Dict, int]:
 def _detection(cfg: PillSnapConfig, plan: FinalTestPlan, test: pd.DataFrame) -> Dict:
     if plan.detector is None:
         return {"measured": False, "reason": "no Stage 4 detector checkpoint"}
-    from pillsnap.evaluate.detection import detection_samples, evaluate_detector, map_detector
+    from pillsnap.infer.detection import detection_samples, evaluate_detector, map_detector
     from pillsnap.models.detector import load_detector_checkpoint
 
     combos = test[test["kind"] == "combination"]

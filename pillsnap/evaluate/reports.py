@@ -1,103 +1,10 @@
-"""D-9 report files: metrics.json (per-epoch history + latest), confusion-pair analysis, hard cases (JSONL).
-
-Every JSON file is written to a temp file in the same folder and moved into place with os.replace, so a
-reader (TensorBoard-side script, Prefect artifact, a crash mid-write) never sees half a file.
-Non-finite floats are written as null: the files stay standard JSON.
-"""
+"""D-9 report files: metrics.json (per-epoch history + latest), confusion-pair analysis, hard cases (JSONL)."""
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import os
-import tempfile
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-PathLike = Union[str, Path]
-MODES_USED = ("single", "combo")
-
-
-def to_jsonable(value: Any) -> Any:
-    """Plain JSON types from numpy scalars/arrays, paths, dataclasses; NaN/inf become None."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json_atomic(path: PathLike, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(to_jsonable(data), indent=2, ensure_ascii=False, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def read_json(path: PathLike) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def append_epoch_metrics(
-    path: PathLike,
-    epoch: int,
-    metrics: Mapping[str, Any],
-    monitor: Optional[str] = None,
-    mode: str = "max",
-) -> Dict[str, Any]:
-    """Add one epoch to metrics.json: {"history": [...], "latest": {...}, "best": {...} | None}.
-
-    Re-writing an epoch that is already there (a resumed run) replaces it instead of duplicating it.
-    With `monitor`, "best" is the history entry with the best value of that metric (`mode` max|min).
-    """
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode={mode!r} is not one of ['max', 'min']")
-    if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
-        raise ValueError(f"epoch={epoch!r} must be a non-negative int")
-    path = Path(path)
-    doc = read_json(path) if path.is_file() else {"history": []}
-    entry = {"epoch": int(epoch), **to_jsonable(dict(metrics))}
-    history = [h for h in doc.get("history", []) if h.get("epoch") != entry["epoch"]] + [entry]
-    history.sort(key=lambda h: h["epoch"])
-    doc = {
-        "history": history,
-        "latest": history[-1],
-        "best": _best_entry(history, monitor, mode) if monitor else doc.get("best"),
-        "monitor": monitor or doc.get("monitor"),
-        "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_json_atomic(path, doc)
-    return doc
-
-
-def _best_entry(history: Sequence[Mapping[str, Any]], monitor: str, mode: str) -> Optional[Dict[str, Any]]:
-    scored = [h for h in history if isinstance(h.get(monitor), (int, float)) and not isinstance(h.get(monitor), bool)]
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return dict(pick(scored, key=lambda h: h[monitor]))
 
 
 def most_confused_pairs(
@@ -156,38 +63,3 @@ def _name(index: int, class_names: Optional[Sequence[str]]) -> str:
     return str(class_names[index])
 
 
-@dataclass(frozen=True)
-class HardCase:
-    """One misclassified or low-confidence prediction kept for the weekly analysis (D-9)."""
-
-    image_path: str
-    true_kcode: str
-    pred_kcode: str
-    mode_used: str  # single | combo: what the pipeline actually ran
-    gating_score: Optional[float] = None
-    single_confidence: Optional[float] = None
-    fallback_reason: Optional[str] = None  # why auto mode fell back to combo, if it did
-    thumbnail_path: Optional[str] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.mode_used not in MODES_USED:
-            raise ValueError(f"HardCase.mode_used={self.mode_used!r} is not one of {list(MODES_USED)}")
-        conf = self.single_confidence
-        if conf is not None and not 0.0 <= conf <= 1.0:
-            raise ValueError(f"HardCase.single_confidence={conf!r} must be in [0, 1]")
-
-
-def write_hard_cases(path: PathLike, cases: Iterable[HardCase], append: bool = False) -> int:
-    """Write (or append) one JSON object per line; returns the number of lines written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(to_jsonable(c), ensure_ascii=False, allow_nan=False) for c in cases]
-    with open(path, "a" if append else "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-    return len(lines)
-
-
-def read_hard_cases(path: PathLike) -> List[Dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

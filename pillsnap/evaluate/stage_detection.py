@@ -9,7 +9,7 @@ import pandas as pd
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.class_map import ClassMap
-from pillsnap.infer import locations
+from pillsnap.core import layout
 
 log = logging.getLogger(__name__)
 DETECTION_KEYS = {"mAP_0.5": ("mAP_0.5", "map50"), "mAP_0.5_0.95": ("mAP_0.5_0.95", "map"),
@@ -28,15 +28,15 @@ def detection_results(train: Optional[Dict]) -> Optional[Dict]:
 
 def combination_accuracy(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, class_map: ClassMap) -> Dict:
     from pillsnap.evaluate.combination import combination_samples, evaluate_combinations
-    from pillsnap.evaluate.stage_eval import load_classifier
+    from pillsnap.models.classifier import load_classifier
     from pillsnap.infer.engines import TorchClassifierEngine, build_detector
     from pillsnap.infer.preprocess import normalise_batch
 
     val = subset[(subset["split"] == "val") & (subset["kind"] == "combination")]
-    detector_ckpt = locations.detector_checkpoint(cfg, stage)
+    detector_ckpt = layout.detector_checkpoint(cfg.exp_dir, stage)
     if val.empty or not detector_ckpt.is_file():
         return {"measured": False, "reason": "no validation combination images" if val.empty else "no detector"}
-    model, labels = load_classifier(cfg, locations.classifier_checkpoint(cfg, stage), class_map)
+    model, labels = load_classifier(cfg, layout.classifier_checkpoint(cfg.exp_dir, stage), class_map)
     detector = build_detector(cfg, detector_ckpt, "torch")
     engine = TorchClassifierEngine(model)
     classify = lambda crops: engine.logits(normalise_batch(list(crops)))  # noqa: E731

@@ -1,96 +1,86 @@
 """Evaluate a stage's best classifier on the stage's validation split (never the test split).
 
 Produces the measured results that Go/No-Go, the stage criteria and the advisor read, and the report files
-(metrics, most-confused pairs, ROC/PR curves).
+(metrics, most-confused pairs, ROC/PR curves). The validation pass runs batched on evaluation.device (auto = the
+training device); the latency the gates read is batch-1 end to end (decode, preprocess, model, top-k) through the
+serving pipeline on inference.device, and is reported with that device's name.
 """
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import pandas as pd
 import torch
 
 from pillsnap.config import PillSnapConfig
-from pillsnap.data.cache import build_cache
+from pillsnap.core.devices import device_name, select_device
+from pillsnap.core.jsonio import write_json_atomic
 from pillsnap.data.class_map import ClassMap
-from pillsnap.data.datasets import ClassificationDataset, classification_samples, make_loader
-from pillsnap.evaluate.metrics import classification_metrics
+from pillsnap.data.prepare import pixel_store  # the training data's store: the same pixels, decoded once
+from pillsnap.data.datasets import ClassificationDataset, Collate, classification_samples, finish_batch, make_loader
 from pillsnap.evaluate.plots import save_confusion_report, save_roc_pr_report
-from pillsnap.evaluate.reports import write_json_atomic
-from pillsnap.models.classifier import build_classifier
-from pillsnap.train.checkpoints import check_compatible, load_checkpoint
+from pillsnap.infer.engines import TorchClassifierEngine
+from pillsnap.infer.latency import classifier_model_latency, pipeline_latency
+from pillsnap.metrics.classification import classification_metrics
+from pillsnap.models.classifier import load_classifier
 
 log = logging.getLogger(__name__)
 LATENCY_SAMPLES = 30
 
 
-def load_classifier(cfg: PillSnapConfig, checkpoint: Path, class_map: ClassMap) -> Tuple[torch.nn.Module, ClassMap]:
-    """The classifier of a checkpoint and its label space, checked against the global class map."""
-    payload = load_checkpoint(checkpoint)
-    labels = class_map.restrict(payload["k_codes"])
-    check_compatible(payload, cfg.classification.backbone, len(labels), labels.hash, checkpoint)
-    model = build_classifier(cfg.classification, len(labels))
-    model.load_state_dict(payload["model"])
-    return model.eval(), labels
-
-
-def _val_logits(cfg: PillSnapConfig, model: torch.nn.Module, labels: ClassMap, rows: pd.DataFrame):
-    data = classification_samples(rows, labels, cfg.data.include_combination_crops)
+def _val_logits(cfg: PillSnapConfig, model: torch.nn.Module, labels: ClassMap, rows: pd.DataFrame,
+                device: torch.device, batch_size: int):
+    data = classification_samples(rows, labels, cfg.data.include_combination_crops, cfg.classification.crop_padding)
     size, pad = cfg.classification.image_size, cfg.classification.crop_padding
-    cache = None
+    store, store_rows = None, None
     if cfg.dataloader.cache.enabled:
-        cache = build_cache(data.samples, size, Path(cfg.dataloader.cache.dir or cfg.exp_dir / "data" / "cache"),
-                            pad, show_progress=False)
-    dataset = ClassificationDataset(data, size, False, cache, pad)
-    loader = make_loader(dataset, cfg.train.classification.batch_size, cfg.dataloader, False, num_workers=0)
+        store = pixel_store(cfg)
+        store_rows = store.ensure(data.samples, show_progress=False)
+    dataset = ClassificationDataset(data, size, store, store_rows, pad)
+    loader = make_loader(dataset, batch_size, cfg.dataloader, False, num_workers=0, collate=Collate())
     logits, y = [], []
     with torch.no_grad():
         for batch in loader:
-            if batch is not None:
-                logits.append(model(batch[0]).float().numpy())
-                y.append(batch[1].numpy())
-    return dataset, np.concatenate(y), np.concatenate(logits)
-
-
-def _latency_ms(model: torch.nn.Module, dataset: ClassificationDataset) -> Dict[str, float]:
-    """Single-image latency (batch 1, this machine) after a warm-up, as p50/p95 in ms."""
-    times = []
-    with torch.no_grad():
-        for i in range(min(len(dataset), LATENCY_SAMPLES + 5)):
-            item = dataset[i]
-            if item is None:
+            if batch is None:
                 continue
-            x = item[0].unsqueeze(0)
-            t = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t) * 1000)
-    times = times[5:] or times
-    return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95))} if times else {}
+            images = finish_batch({"images": batch["images"].to(device, non_blocking=True)}, None)["images"]
+            logits.append(model(images).float().cpu().numpy())
+            y.append(batch["targets"].numpy())
+    return data, np.concatenate(y), np.concatenate(logits)
 
 
 def evaluate_classifier(cfg: PillSnapConfig, checkpoint: Path, subset: pd.DataFrame, class_map: ClassMap,
-                        reports_dir: Path) -> Dict:
-    model, labels = load_classifier(cfg, checkpoint, class_map)
-    dataset, y_true, logits = _val_logits(cfg, model, labels, subset[subset["split"] == "val"])
+                        reports_dir: Path, batch_size: Optional[int] = None) -> Dict:
+    device = select_device(cfg.evaluation.device, "evaluation.device")
+    model, labels = load_classifier(cfg, checkpoint, class_map, device)
+    val = subset[subset["split"] == "val"]
+    data, y_true, logits = _val_logits(cfg, model, labels, val, device,
+                                       batch_size or cfg.train.classification.batch_size)
     metrics = classification_metrics(y_true, logits, labels.k_codes)
     probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
     reports_dir = Path(reports_dir)
     save_confusion_report(y_true, logits.argmax(1), reports_dir, labels.k_codes, name="classification")
     if len(labels) > 1:
         save_roc_pr_report(y_true, probs, reports_dir, labels.k_codes, name="classification")
-    latency = _latency_ms(model, dataset)
+    serving = select_device(cfg.inference.device, "inference.device")
+    photos: List[str] = [p for p, box in data.samples if box is None][:LATENCY_SAMPLES]
+    engine = TorchClassifierEngine(model, serving)
+    latency = pipeline_latency(cfg, engine, labels, photos)
     metrics.update({
-        "inference_time_ms": latency.get("p50"), "latency_p95_ms": latency.get("p95"),
+        "inference_time_ms": classifier_model_latency(engine, cfg.classification.image_size)["p50"],
+        "latency_p50_ms": latency.get("p50"), "latency_p95_ms": latency.get("p95"),
+        "latency_device": device_name(serving), "latency_device_type": serving.type,
+        "evaluation_device": device_name(device),
         "class_coverage": metrics["classes_evaluated"] / max(1, len(labels)),
         "num_classes": len(labels), "checkpoint": str(checkpoint),
     })
     write_json_atomic(reports_dir / "classification_eval.json", metrics)
-    log.info("evaluation: accuracy=%.4f macro_f1=%.4f top5=%.4f n=%d p95=%.1fms", metrics["accuracy"],
-             metrics["macro_f1"], metrics["top5"], metrics["n"], latency.get("p95", float("nan")))
+    log.info("evaluation on %s: accuracy=%.4f macro_f1=%.4f top5=%.4f n=%d; batch-1 end-to-end p95 %.1f ms on %s",
+             metrics["evaluation_device"], metrics["accuracy"], metrics["macro_f1"], metrics["top5"], metrics["n"],
+             latency.get("p95", float("nan")), metrics["latency_device"])
     return metrics
 
 

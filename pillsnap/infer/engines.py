@@ -1,7 +1,7 @@
 """Inference engines behind one interface, so predict, export parity, the final test and the benchmark share them.
 
 A classifier engine maps a normalised (N, 3, S, S) float32 batch to (N, K) logits; torch and ONNX Runtime both.
-The detector is `pillsnap.evaluate.detection.Detector` (letterbox -> raw head -> the ONE shared NMS), fed by a
+The detector is `pillsnap.infer.detection.Detector` (letterbox -> raw head -> the ONE shared NMS), fed by a
 torch model or an ONNX session: the two engines differ only in the raw predictor.
 """
 from __future__ import annotations
@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Protocol, Tuple
+from typing import List, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
 
 from pillsnap.config import PillSnapConfig
+from pillsnap.core.devices import select_device
 from pillsnap.data.class_map import ClassMap, check_same
-from pillsnap.evaluate.detection import Detector, onnx_raw_predictor, torch_raw_predictor
-from pillsnap.infer import locations
+from pillsnap.infer.detection import Detector, onnx_raw_predictor, torch_raw_predictor
+from pillsnap.core import layout
 from pillsnap.infer.onnx_files import onnx_session, read_metadata
 
 log = logging.getLogger(__name__)
@@ -37,20 +38,22 @@ class ClassifierEngine(Protocol):
 class TorchClassifierEngine:
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model.float().cpu().eval()
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.float().to(self.device).eval()
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
         with torch.no_grad():
-            return self.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).float().numpy()
+            return self.model(x).float().cpu().numpy()
 
 
 class OnnxClassifierEngine:
     name = "onnx"
 
-    def __init__(self, path: Path, threads: Optional[int] = None):
-        self.path = Path(path)
-        self.session = onnx_session(self.path, threads=threads)
+    def __init__(self, path: Path, threads: Optional[int] = None, device: str | torch.device = "cpu"):
+        self.path, self.device = Path(path), torch.device(device)
+        self.session = onnx_session(self.path, providers=onnx_providers(self.device), threads=threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -63,22 +66,35 @@ def check_engine(engine: str) -> str:
     return engine
 
 
-def load_classifier_engine(cfg: PillSnapConfig, stage: int, engine: str,
-                           class_map: ClassMap) -> Tuple[ClassifierEngine, ClassMap]:
-    """The stage's classifier and its label space (K-codes in output order), checked against the class map."""
-    if check_engine(engine) == "torch":
-        from pillsnap.evaluate.stage_eval import load_classifier
+def serving_device(cfg: PillSnapConfig) -> torch.device:
+    return select_device(cfg.inference.device, "inference.device")
 
-        checkpoint = locations.classifier_checkpoint(cfg, stage)
+
+def onnx_providers(device: torch.device) -> List[str]:
+    """CUDA first when the device is a GPU and this ONNX Runtime build has it; the CPU always."""
+    import onnxruntime as ort
+
+    wanted = ["CUDAExecutionProvider"] if device.type == "cuda" else []
+    return [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
+
+
+def load_classifier_engine(cfg: PillSnapConfig, stage: int, engine: str, class_map: ClassMap,
+                           device: Optional[torch.device] = None) -> Tuple[ClassifierEngine, ClassMap]:
+    """The stage's classifier and its label space (K-codes in output order), checked against the class map."""
+    device = device or serving_device(cfg)
+    if check_engine(engine) == "torch":
+        from pillsnap.models.classifier import load_classifier
+
+        checkpoint = layout.classifier_checkpoint(cfg.exp_dir, stage)
         if not checkpoint.is_file():
             raise InferenceSetupError(f"no classifier checkpoint for stage {stage}: {checkpoint} does not exist")
-        model, labels = load_classifier(cfg, checkpoint, class_map)
-        return TorchClassifierEngine(model), labels
-    path = locations.export_dir(cfg, stage) / locations.CLASSIFIER_ONNX
+        model, labels = load_classifier(cfg, checkpoint, class_map, device)
+        return TorchClassifierEngine(model, device), labels
+    path = layout.export_dir(cfg.exp_dir, stage) / layout.CLASSIFIER_ONNX
     if not path.is_file():
         raise InferenceSetupError(f"no ONNX classifier for stage {stage}: {path} does not exist "
                                   f"(run `pillsnap export --stage {stage}`)")
-    return OnnxClassifierEngine(path), onnx_label_space(path, class_map)
+    return OnnxClassifierEngine(path, device=device), onnx_label_space(path, class_map)
 
 
 def onnx_label_space(path: Path, class_map: ClassMap) -> ClassMap:
@@ -94,23 +110,25 @@ def detector_available(cfg: PillSnapConfig, stage: int, engine: str) -> Optional
     """The file the detector would load from, or None when the stage has none (or detection is disabled)."""
     if not cfg.detection.enabled:
         return None
-    path = (locations.detector_checkpoint(cfg, stage) if engine == "torch"
-            else locations.export_dir(cfg, stage) / locations.DETECTOR_ONNX)
+    path = (layout.detector_checkpoint(cfg.exp_dir, stage) if engine == "torch"
+            else layout.export_dir(cfg.exp_dir, stage) / layout.DETECTOR_ONNX)
     return path if path.is_file() else None
 
 
-def build_detector(cfg: PillSnapConfig, path: Path, engine: str, batch_size: int = 8) -> Detector:
+def build_detector(cfg: PillSnapConfig, path: Path, engine: str, batch_size: int = 8,
+                   device: Optional[torch.device] = None) -> Detector:
     """A serving Detector (detection.{conf,iou}_threshold, max_det) over a torch checkpoint or an ONNX file."""
+    device = device or serving_device(cfg)
     if check_engine(engine) == "torch":
         from pillsnap.models.detector import load_detector_checkpoint
 
-        predict_raw = torch_raw_predictor(load_detector_checkpoint(path))
+        predict_raw = torch_raw_predictor(load_detector_checkpoint(path, device))
     else:
         exported = read_metadata(path).get("image_size")
         if exported is not None and int(exported) != cfg.detection.image_size:
             raise InferenceSetupError(f"{path} was exported at {exported} px but detection.image_size="
                                       f"{cfg.detection.image_size}; re-export or set detection.image_size={exported}")
-        predict_raw = onnx_raw_predictor(path)
+        predict_raw = onnx_raw_predictor(path, onnx_providers(device))
     det = cfg.detection
-    log.info("detector loaded (%s engine) from %s", engine, path)
+    log.info("detector loaded (%s engine, %s) from %s", engine, device, path)
     return Detector(predict_raw, det.image_size, det.conf_threshold, det.iou_threshold, det.max_det, batch_size)

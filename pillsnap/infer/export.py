@@ -3,7 +3,7 @@
 <stage_dir>/export/
   classifier.onnx      input `images` (B, 3, S, S) normalised RGB, output `logits` (B, K); K-codes in metadata
   detector.onnx        input `images` (B, 3, S, S) letterboxed RGB in [0, 1], output the RAW head (B, 5, N):
-                       NMS stays outside the graph so torch and ONNX share pillsnap.evaluate.detection.nms
+                       NMS stays outside the graph so torch and ONNX share pillsnap.infer.detection.nms
   export_report.json   opset, shapes, parity numbers, pass/fail, file sizes, K-code hash
 
 The classifier is exported even when the stage has no detector (the report says why the detector was not).
@@ -22,8 +22,8 @@ import pandas as pd
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.class_map import ClassMap
-from pillsnap.evaluate.reports import write_json_atomic
-from pillsnap.infer import locations
+from pillsnap.core.jsonio import write_json_atomic
+from pillsnap.core import layout
 from pillsnap.infer.engines import InferenceSetupError, TorchClassifierEngine
 from pillsnap.infer.onnx_files import export_classifier_onnx, io_shapes, slim_in_place, write_metadata
 from pillsnap.infer.parity import (check_classifier_parity, check_detector_parity, classifier_parity_images,
@@ -41,14 +41,14 @@ def export_stage(cfg: PillSnapConfig, stage: int, subset: Optional[pd.DataFrame]
     """Export the stage's best classifier (and detector, when there is one), check parity, write the report."""
     from pillsnap.data.prepare import class_map_path
     from pillsnap.data.subsets import read_subset
-    from pillsnap.evaluate.stage_eval import load_classifier
+    from pillsnap.models.classifier import load_classifier
 
     class_map = class_map or ClassMap.load(class_map_path(cfg))
     subset = subset if subset is not None else read_subset(cfg.exp_dir, stage)[0]
-    checkpoint = locations.classifier_checkpoint(cfg, stage)
+    checkpoint = layout.classifier_checkpoint(cfg.exp_dir, stage)
     if not checkpoint.is_file():
         raise InferenceSetupError(f"export: no classifier checkpoint for stage {stage}: {checkpoint} does not exist")
-    out = locations.export_dir(cfg, stage)
+    out = layout.export_dir(cfg.exp_dir, stage)
     model, labels = load_classifier(cfg, checkpoint, class_map)
     report: Dict = {"stage": stage, "opset": cfg.export.opset, "dynamic_batch": cfg.export.dynamic_batch,
                     "k_codes_hash": labels.hash, "num_classes": len(labels),
@@ -57,10 +57,10 @@ def export_stage(cfg: PillSnapConfig, stage: int, subset: Optional[pd.DataFrame]
                     "detector": _export_detector(cfg, stage, subset, out, slim)}
     failures = _failures(report)
     report.update(passed=not failures, ok=not failures, failures=failures)
-    write_json_atomic(out / locations.EXPORT_REPORT, report)
+    write_json_atomic(out / layout.EXPORT_REPORT, report)
     log.info("export stage %d -> %s: %s", stage, out, "PASS" if not failures else "FAIL " + "; ".join(failures))
     if failures:
-        raise ExportParityError(f"ONNX export of stage {stage} failed its parity check ({out / locations.EXPORT_REPORT}"
+        raise ExportParityError(f"ONNX export of stage {stage} failed its parity check ({out / layout.EXPORT_REPORT}"
                                 f"): " + "; ".join(failures))
     return report
 
@@ -68,7 +68,7 @@ def export_stage(cfg: PillSnapConfig, stage: int, subset: Optional[pd.DataFrame]
 def _export_classifier(cfg: PillSnapConfig, model, labels: ClassMap, checkpoint: Path, subset: pd.DataFrame,
                        out: Path, slim: bool) -> Dict:
     size = cfg.classification.image_size
-    path = export_classifier_onnx(model, out / locations.CLASSIFIER_ONNX, size, cfg.export.opset,
+    path = export_classifier_onnx(model, out / layout.CLASSIFIER_ONNX, size, cfg.export.opset,
                                   cfg.export.dynamic_batch)
     slimmed = slim_in_place(path) if slim else "skipped: disabled"
     write_metadata(path, {"k_codes": labels.k_codes, "class_map_hash": labels.hash, "image_size": str(size),
@@ -80,14 +80,14 @@ def _export_classifier(cfg: PillSnapConfig, model, labels: ClassMap, checkpoint:
 
 
 def _export_detector(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, out: Path, slim: bool) -> Dict:
-    checkpoint = locations.detector_checkpoint(cfg, stage)
+    checkpoint = layout.detector_checkpoint(cfg.exp_dir, stage)
     if not cfg.detection.enabled:
         return {"exported": False, "reason": "detection.enabled=false"}
     if not checkpoint.is_file():
         return {"exported": False, "reason": f"no detector checkpoint: {checkpoint} does not exist"}
     from pillsnap.models.activations import verify_onnx_activations
     from pillsnap.models.detector import export_detector_onnx, load_detector_checkpoint, parse_model_name
-    from pillsnap.train.checkpoints import load_checkpoint
+    from pillsnap.core.checkpoints import load_checkpoint
 
     payload = load_checkpoint(checkpoint)
     size = int(payload.get("image_size") or cfg.detection.image_size)
@@ -95,13 +95,13 @@ def _export_detector(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, out:
         log.warning("detector %s was trained at %d px, detection.image_size=%d: exporting at %d px",
                     checkpoint, size, cfg.detection.image_size, size)
     model = load_detector_checkpoint(checkpoint)
-    path = export_detector_onnx(model, out / locations.DETECTOR_ONNX, size, cfg.export.opset, cfg.export.dynamic_batch)
+    path = export_detector_onnx(model, out / layout.DETECTOR_ONNX, size, cfg.export.opset, cfg.export.dynamic_batch)
     slimmed = slim_in_place(path) if slim else "skipped: disabled"
     activation = parse_model_name(str(payload["backbone"])).activation
     activations = verify_onnx_activations(path, activation).as_dict()  # raises when the graph lost the activation
     write_metadata(path, {"image_size": str(size), "backbone": str(payload["backbone"]),
                           "classes": payload.get("classes", ["pill"]), "source_checkpoint": str(checkpoint),
-                          "nms": "outside the graph: pillsnap.evaluate.detection.nms"})
+                          "nms": "outside the graph: pillsnap.infer.detection.nms"})
     rows = detector_parity_rows(subset, cfg.export.parity_samples)
     parity = check_detector_parity(model, path, rows, size, cfg.export.max_map_diff)
     return {"exported": True, "path": str(path), "onnxslim": slimmed, **_file_facts(path), "image_size": size,
@@ -133,7 +133,7 @@ def _failures(report: Dict) -> list:
 
 
 def read_export_report(cfg: PillSnapConfig, stage: int) -> Dict:
-    path = locations.export_dir(cfg, stage) / locations.EXPORT_REPORT
+    path = layout.export_dir(cfg.exp_dir, stage) / layout.EXPORT_REPORT
     if not path.is_file():
         raise FileNotFoundError(f"no export report: {path} (run `pillsnap export --stage {stage}`)")
     return json.loads(path.read_text())

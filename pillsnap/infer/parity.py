@@ -1,7 +1,7 @@
 """Torch vs ONNX parity on REAL validation images of the stage subset (never the test split).
 
 Classifier: the same normalised crops through both engines -> max |Δlogit| and top-1 agreement.
-Detector:  both raw heads through the SAME letterbox, NMS and mAP code (`pillsnap.evaluate.detection`) ->
+Detector:  both raw heads through the SAME letterbox, NMS and mAP code (`pillsnap.infer.detection`) ->
            mAP@0.5 of each and their difference, plus the max |Δ| of the raw head output on one batch.
 """
 from __future__ import annotations
@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pillsnap.data.manifest import boxes_of
-from pillsnap.evaluate.detection import (detection_samples, evaluate_detector, letterbox, load_bgr, map_detector,
-                                         onnx_raw_predictor, torch_raw_predictor)
+from pillsnap.infer.detection import (detection_samples, evaluate_detector, letterbox, load_bgr, map_detector, onnx_raw_predictor, torch_raw_predictor)
 from pillsnap.infer.engines import OnnxClassifierEngine, TorchClassifierEngine
 from pillsnap.infer.preprocess import classifier_inputs, load_rgb
 

@@ -24,10 +24,10 @@ from PIL import Image
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.class_map import ClassMap
-from pillsnap.evaluate.combination import CropCountError, crop_detections
-from pillsnap.evaluate.detection import Detector
-from pillsnap.evaluate.reports import HardCase, write_hard_cases
-from pillsnap.infer import locations
+from pillsnap.infer.preprocess import CropCountError, crop_detections
+from pillsnap.infer.detection import Detector
+from pillsnap.infer.hard_cases import HardCase, write_hard_cases
+from pillsnap.core import layout
 from pillsnap.infer.engines import (ClassifierEngine, InferenceSetupError, build_detector, check_engine,
                                     detector_available, load_classifier_engine)
 from pillsnap.infer.gating import Route, count_blobs, decide
@@ -175,7 +175,7 @@ def load_predictor(cfg: PillSnapConfig, stage: Optional[int] = None, engine: Opt
     """The Predictor of a trained stage (default: the highest stage with a classifier best.pt)."""
     from pillsnap.data.prepare import class_map_path
 
-    stage = stage if stage is not None else locations.latest_trained_stage(cfg)
+    stage = stage if stage is not None else layout.latest_trained_stage(cfg.exp_dir)
     if stage is None:
         raise InferenceSetupError(f"no trained stage under {cfg.exp_dir} (no stage_<n>/checkpoints/best.pt)")
     engine = check_engine(engine or cfg.inference.engine)

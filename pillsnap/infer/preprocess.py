@@ -1,7 +1,7 @@
 """Inference preprocessing: the SAME pixels the classifier saw in training and validation.
 
 Training decodes a sample with `pillsnap.data.cache.decode_sample` (RGB, optional padded crop, bilinear resize to
-S×S) and normalises it with `eval_transform`. Here the photo is decoded once and every crop is cut from it with
+S×S) and normalises it with `pillsnap.data.augment.normalise`. Here the photo is decoded once and every crop is cut from it with
 the same `padded_box` rule and the same resize, so a crop of a detected box matches a training crop of the same box.
 """
 from __future__ import annotations
@@ -13,10 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pillsnap.data.augment import normalise
 from pillsnap.data.cache import padded_box
-from pillsnap.data.datasets import eval_transform
-
-_NORMALISE = eval_transform()
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -45,9 +43,23 @@ def normalise_batch(pixels: Sequence[np.ndarray]) -> np.ndarray:
     if not pixels:
         raise ValueError("normalise_batch: no images")
     batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
-    return _NORMALISE(batch).numpy().astype(np.float32, copy=False)
+    return normalise(batch).numpy()
 
 
 def classifier_inputs(image: Image.Image, boxes_xywh: Sequence[Optional[Sequence[float]]], size: int,
                       padding: float) -> np.ndarray:
     return normalise_batch([crop_pixels(image, box, size, padding) for box in boxes_xywh])
+
+
+class CropCountError(RuntimeError):
+    """The classifier did not return one prediction per detected pill."""
+
+
+def crop_detections(image_rgb: np.ndarray, boxes_xyxy: np.ndarray, padding: float, size: int) -> np.ndarray:
+    """(K, size, size, 3) uint8: every box padded and resized as the classifier's training crops are."""
+    image = Image.fromarray(image_rgb)
+    crops = []
+    for x1, y1, x2, y2 in boxes_xyxy[:, :4]:
+        box = padded_box((float(x1), float(y1), float(x2 - x1), float(y2 - y1)), image.size, padding)
+        crops.append(np.asarray(image.crop(box).resize((size, size), Image.BILINEAR), dtype=np.uint8))
+    return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)

@@ -10,8 +10,7 @@ why a name that does not follow the rule is rejected, never guessed (an earlier 
 vs `leaky.yaml`). For relu / leaky_relu the yaml gets the top-level `activation:` key that replaces every Conv's
 activation; `pillsnap.models.activations` verifies that it really did.
 
-Ultralytics is imported lazily, after `prepare_ultralytics` has pointed its settings folder into the experiment
-directory and switched it offline: it fixes its settings folder at import time, and nothing may download.
+Ultralytics is imported lazily: it fixes its settings folder (YOLO_CONFIG_DIR, set at the entry points) at import.
 """
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ import torch
 import yaml
 
 from pillsnap.config import DetectionConfig
+from pillsnap.models.pretrained import Reachable, load_matching, probe, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ NAMING_RULE = "yolo11{scale}-{activation}.yaml (scale: n|s|m|l|x; activation: si
 _NAME = re.compile(r"^yolo11(?P<scale>[a-z]*)-(?P<activation>[a-z_]+)$")
 PILL_CLASSES = ["pill"]
 # The detector's label space is the one class "pill"; its hash fills check_compatible's class-map slot.
+GITHUB_HOST = "github.com"
 DETECTOR_CLASS_MAP_HASH = hashlib.sha256(json.dumps(PILL_CLASSES).encode()).hexdigest()[:16]
 
 
@@ -88,14 +89,6 @@ def parse_model_name(name: str | Path) -> DetectorName:
     return DetectorName(scale, activation)
 
 
-def prepare_ultralytics(settings_dir: Path) -> None:
-    """Offline, and settings under our folder unless the caller chose one. Call before the first ultralytics import."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    if "YOLO_CONFIG_DIR" not in os.environ:
-        Path(settings_dir).mkdir(parents=True, exist_ok=True)
-        os.environ["YOLO_CONFIG_DIR"] = str(settings_dir)
-
-
 def packaged_yolo11_yaml() -> Dict[str, Any]:
     import ultralytics
 
@@ -138,20 +131,19 @@ def build_from_yaml(path: Path | str | Dict[str, Any], verbose: bool = False) ->
 
 
 def transfer_pretrained(model: torch.nn.Module, weights_path: str | Path) -> int:
-    """Copy every tensor whose name and shape match from a local file (ultralytics .pt or a PillSnap checkpoint)."""
+    """Copy every tensor whose name and shape match from a local file (ultralytics .pt or a PillSnap checkpoint).
+
+    The activation swap (relu / leaky_relu) has no weights, so every convolution and norm still fits; only the
+    80-class COCO head rows are left fresh for the one class "pill".
+    """
     path = Path(weights_path)
     if not path.is_file():
-        raise FileNotFoundError(f"detection.pretrained_path: no such file {path} (weights are never downloaded)")
-    state = _pretrained_state(path)
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and getattr(v, "shape", None) == own[k].shape}
-    model.load_state_dict(matched, strict=False)
-    log.info("detector: transferred %d/%d tensors from %s", len(matched), len(own), path)
-    return len(matched)
+        raise FileNotFoundError(f"detection.pretrained_path: no such file {path}")
+    return load_matching(model, _pretrained_state(path), str(path))
 
 
 def _pretrained_state(path: Path) -> Dict[str, torch.Tensor]:
-    from pillsnap.train.checkpoints import CheckpointError, load_checkpoint
+    from pillsnap.core.checkpoints import CheckpointError, load_checkpoint
 
     try:
         return load_checkpoint(path)["model"]  # ours: plain tensors, weights_only
@@ -167,16 +159,36 @@ def _pretrained_state(path: Path) -> Dict[str, torch.Tensor]:
     return source.float().state_dict()
 
 
-def build_detector(cfg: DetectionConfig, model_dir: Path, verbose: bool = False) -> torch.nn.Module:
-    """Generated yaml -> model -> optional local pretrained weights -> activation check (before any training)."""
+def pretrained_weights(cfg: DetectionConfig, reachable: Optional[Reachable] = None) -> Optional[Path]:
+    """The COCO weights file for detection.pretrained (yolo11{scale}.pt), downloaded when missing and online."""
+    if not cfg.pretrained:
+        return None
+    if cfg.pretrained_path:
+        return Path(cfg.pretrained_path)
+    from ultralytics.utils import SETTINGS
+    from ultralytics.utils.downloads import attempt_download_asset
+
+    name = f"yolo11{cfg.scale}.pt"
+    cached = Path(SETTINGS["weights_dir"]) / name
+    if cached.is_file():
+        return cached
+    if not probe(reachable)(GITHUB_HOST):
+        raise unavailable("detection", f"ultralytics {name}", GITHUB_HOST)
+    log.info("detector: downloading %s into %s", name, cached.parent)
+    return Path(attempt_download_asset(cached))
+
+
+def build_detector(cfg: DetectionConfig, model_dir: Path, verbose: bool = False, pretrained: Optional[bool] = None,
+                   reachable: Optional[Reachable] = None) -> torch.nn.Module:
+    """Generated yaml -> model -> pretrained weights (detection.pretrained) -> activation check (before training)."""
     from pillsnap.models.activations import verify_torch_activations
 
-    prepare_ultralytics(Path(model_dir) / "ultralytics_settings")
     model = build_from_yaml(write_model_yaml(cfg, model_dir), verbose=verbose)
-    if cfg.pretrained_path:
-        transfer_pretrained(model, cfg.pretrained_path)
+    weights = pretrained_weights(cfg, reachable) if (cfg.pretrained if pretrained is None else pretrained) else None
+    if weights is not None:
+        transfer_pretrained(model, weights)
     else:
-        log.info("detector %s: no detection.pretrained_path, training from scratch", backbone_name(cfg))
+        log.info("detector %s: training from scratch (no pretrained weights)", backbone_name(cfg))
     verify_torch_activations(model, cfg.activation)
     return model
 
@@ -188,25 +200,12 @@ def verify_detector(cfg: DetectionConfig, model_dir: Path) -> Dict[str, Any]:
     """
     from pillsnap.models.activations import verify_torch_activations
 
-    model = build_detector(cfg, model_dir)
+    model = build_detector(cfg, model_dir, pretrained=False)  # the architecture is checked, no download needed
     report = verify_torch_activations(model, cfg.activation)
     return {"backbone": backbone_name(cfg), "model_yaml": str(Path(model_dir) / model_file_name(cfg.scale,
                                                                                                 cfg.activation)),
             "scale": model.yaml.get("scale"), "parameters": sum(p.numel() for p in model.parameters()),
             "activation": report.as_dict()}
-
-
-class LazyDetector:
-    """Builds (and loads) the detector on first use only: single-pill requests never pay for it."""
-
-    def __init__(self, checkpoint: Path):
-        self.checkpoint = Path(checkpoint)
-        self._model: Optional[torch.nn.Module] = None
-
-    def get(self) -> torch.nn.Module:
-        if self._model is None:
-            self._model = load_detector_checkpoint(self.checkpoint)
-        return self._model
 
 
 def detector_payload(model: torch.nn.Module, backbone: str, image_size: int, **extra: Any) -> Dict[str, Any]:
@@ -220,8 +219,8 @@ def detector_payload(model: torch.nn.Module, backbone: str, image_size: int, **e
 
 def load_detector_checkpoint(path: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """A DetectionModel from one of our detector checkpoints (best.pt / last.pt), in eval mode."""
+    from pillsnap.core.checkpoints import load_checkpoint
     from pillsnap.models.activations import verify_torch_activations
-    from pillsnap.train.checkpoints import load_checkpoint
 
     payload = load_checkpoint(path)
     name = parse_model_name(str(payload.get("backbone")))

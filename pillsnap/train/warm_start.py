@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Dict
 
-import torch
 import torch.nn as nn
 
 from pillsnap.data.class_map import ClassMap
-from pillsnap.train.checkpoints import CheckpointMismatchError
+from pillsnap.core.checkpoints import CheckpointMismatchError
 
 log = logging.getLogger(__name__)
 

@@ -81,14 +81,15 @@ def det_data(tmp_path_factory) -> TinyData:
 def sequential_run(det_data: TinyData, tmp_path_factory) -> Run:
     """Sequential training interrupted after 3 epochs, then resumed to the configured 10."""
     if "sequential" not in _CACHE:
-        from pillsnap.train.detector import train_detector
+        from pillsnap.train import train_detector
 
         exp = tmp_path_factory.mktemp("seq") / "exp"
         cfg = det_config(exp, "train.strategy=sequential")
         run = Run(first_error=RuntimeError("no interruption happened"), result=None, exp_dir=exp,
                   losses={"detector": []})
+        stage_dir = exp / "stage_1"
 
-        def crash(epoch: int, record: Dict) -> None:
+        def crash(model: str, epoch: int, record: Dict) -> None:
             if epoch == SEQ_CRASH_AFTER:
                 raise SimulatedInterruption(f"interrupted after epoch {epoch}")
 
@@ -97,21 +98,22 @@ def sequential_run(det_data: TinyData, tmp_path_factory) -> Run:
             run.steps.append(step)
 
         try:
-            train_detector(cfg, det_data.manifest, 1, step_hook=collect, epoch_hook=crash, show_progress=False)
+            train_detector(cfg, det_data.manifest, 1, stage_dir, step_hook=collect, epoch_hook=crash,
+                           show_progress=False)
         except SimulatedInterruption as e:
             run.first_error = e
-        run.result = train_detector(cfg, det_data.manifest, 1, step_hook=collect, show_progress=False,
-                                    epoch_hook=lambda epoch, record: run.epochs_after_resume.append(epoch))
+        run.result = train_detector(cfg, det_data.manifest, 1, stage_dir, step_hook=collect, show_progress=False,
+                                    epoch_hook=lambda model, epoch, record: run.epochs_after_resume.append(epoch))
         _CACHE["sequential"] = run
     return _CACHE["sequential"]
 
 
 @pytest.fixture(scope="session")
 def interleaved_run(det_data: TinyData, tmp_path_factory) -> Run:
-    """Interleaved training (1:1) interrupted at global step 10, then resumed from its newest checkpoint."""
+    """Interleaved training (1:1) interrupted at tick 10, then resumed from its newest checkpoint; result: both models."""
     if "interleaved" not in _CACHE:
         from pillsnap.data.class_map import build_class_map
-        from pillsnap.train.detector import train_detector
+        from pillsnap.train import train_interleaved
 
         exp = tmp_path_factory.mktemp("inter") / "exp"
         cfg = det_config(exp, "train.strategy=interleaved", "train.interleave_ratio=[1,1]",
@@ -130,12 +132,14 @@ def interleaved_run(det_data: TinyData, tmp_path_factory) -> Run:
                 raise run.first_error
 
         try:
-            train_detector(cfg, det_data.manifest, 1, class_map=class_map, step_hook=collect, show_progress=False)
+            train_interleaved(cfg, det_data.manifest, class_map, 1, exp / "stage_1", step_hook=collect,
+                              show_progress=False)
         except SimulatedInterruption:
             pass
-        run.result = train_detector(cfg, det_data.manifest, 1, class_map=class_map, step_hook=collect,
-                                    show_progress=False,
-                                    epoch_hook=lambda epoch, record: run.epochs_after_resume.append(epoch))
+        run.result = train_interleaved(cfg, det_data.manifest, class_map, 1, exp / "stage_1", step_hook=collect,
+                                       show_progress=False,
+                                       epoch_hook=lambda model, epoch, record: run.epochs_after_resume.append(
+                                           (model, epoch)))
         _CACHE["interleaved"] = run
     return _CACHE["interleaved"]
 

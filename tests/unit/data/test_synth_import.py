@@ -1,6 +1,5 @@
 """Synthesis -> import round trip in the real AIHub layout."""
 import json
-from pathlib import Path
 
 import numpy as np
 from PIL import Image

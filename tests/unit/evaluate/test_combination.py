@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from pillsnap.data.cache import decode_sample
-from pillsnap.evaluate.combination import (CropCountError, combination_samples, crop_detections,
-                                           evaluate_combinations, greedy_match)
-from pillsnap.evaluate.detection import load_bgr, serving_detector
+from pillsnap.infer.preprocess import CropCountError, crop_detections
+from pillsnap.evaluate.combination import combination_samples, evaluate_combinations, greedy_match
+from pillsnap.infer.detection import load_bgr, serving_detector
 from pillsnap.models.detector import load_detector_checkpoint
 from tests.unit.detection_support import det_data, sequential_run  # noqa: F401  (session fixtures)
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from pillsnap.evaluate.detection import (detection_metrics, detection_samples, evaluate_detector,
-                                         letterbox, load_bgr, map_detector, match_detections, nms,
-                                         onnx_raw_predictor, torch_raw_predictor)
+from pillsnap.metrics.detection import detection_metrics, match_detections
+from pillsnap.infer.detection import (detection_samples, evaluate_detector, letterbox, load_bgr, map_detector, nms, onnx_raw_predictor, torch_raw_predictor)
 from pillsnap.models.detector import export_detector_onnx, load_detector_checkpoint
 from tests.unit.detection_support import det_data, sequential_run  # noqa: F401  (session fixtures)
 

@@ -14,7 +14,7 @@ from pillsnap.data.class_map import ClassMap
 from pillsnap.data.prepare import class_map_path, run_import, run_subset, run_validation
 from pillsnap.data.subsets import read_subset
 from pillsnap.evaluate.final_test import FinalTestRefused, results_path, run_final_test
-from pillsnap.infer import locations
+from pillsnap.core import layout
 from pillsnap.ledger import Ledger, StageRecord
 
 _recording = []  # the active recorder: an O_APPEND file descriptor, or nothing
@@ -94,7 +94,7 @@ def before_final(tmp_path_factory, tiny_aihub, make_config):
     """Every pre-final-test step under the recorder: import, validation, subset, a tiny training, evaluation,
     and the refused final test. Returns (cfg, opened paths, refusal message)."""
     from pillsnap.evaluate.stage_eval import evaluate_classifier
-    from pillsnap.train.loop import train_classifier
+    from pillsnap.train import train_classifier
 
     cfg = make_config(tmp_path_factory.mktemp("final"), f"synth.out_dir={tiny_aihub}", f"paths.data_root={tiny_aihub}",
                       "logging.tensorboard=false", "train.classification.epochs=1")
@@ -105,8 +105,8 @@ def before_final(tmp_path_factory, tiny_aihub, make_config):
         run_subset(cfg, 1)
         subset, _ = read_subset(cfg.exp_dir, 1)
         class_map = ClassMap.load(class_map_path(cfg))
-        result = train_classifier(cfg, subset, class_map, locations.stage_dir(cfg, 1), show_progress=False)
-        reports = locations.stage_dir(cfg, 1) / "reports"
+        result = train_classifier(cfg, subset, class_map, layout.stage_dir(cfg.exp_dir, 1), show_progress=False)
+        reports = layout.stage_dir(cfg.exp_dir, 1) / "reports"
         evaluate_classifier(cfg, Path(result.best_checkpoint), subset, class_map, reports)
         with pytest.raises(FinalTestRefused) as refused:
             run_final_test(cfg)
@@ -123,13 +123,13 @@ def test_the_test_split_is_never_opened_before_the_final_test(before_final, tiny
 def _approve_stage4(cfg):
     """Stage 4 by hand: the stage-1 classifier as its best.pt, a random detector, a GO + proceed record."""
     from pillsnap.models.detector import backbone_name, build_detector, detector_payload
-    from pillsnap.train.checkpoints import save_checkpoint
+    from pillsnap.core.checkpoints import save_checkpoint
 
-    target = locations.classifier_checkpoint(cfg, 4)
+    target = layout.classifier_checkpoint(cfg.exp_dir, 4)
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(locations.classifier_checkpoint(cfg, 1), target)
+    shutil.copy(layout.classifier_checkpoint(cfg.exp_dir, 1), target)
     model = build_detector(cfg.detection, cfg.exp_dir / "detector_model")
-    save_checkpoint(locations.detector_checkpoint(cfg, 4),
+    save_checkpoint(layout.detector_checkpoint(cfg.exp_dir, 4),
                     detector_payload(model, backbone_name(cfg.detection), cfg.detection.image_size))
     _record(cfg, metrics={"accuracy": 0.9, "macro_f1": 0.85, "top5": 1.0})
 

@@ -1,6 +1,5 @@
 """D-9 reports: metrics.json history, confusion pairs + heatmap, ROC/PR, hard cases, detection drawings."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -8,49 +7,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from pillsnap.evaluate import plots, reports
-from pillsnap.evaluate.reports import HardCase
-
-
-def test_metrics_json_accumulates_epochs(tmp_path):
-    path = tmp_path / "reports" / "metrics.json"
-    for epoch, f1 in enumerate([0.2, 0.5, 0.4]):
-        reports.append_epoch_metrics(path, epoch, {"val_loss": 1.0 - f1, "macro_f1": np.float32(f1)}, monitor="macro_f1")
-    doc = json.loads(path.read_text())
-    assert [h["epoch"] for h in doc["history"]] == [0, 1, 2]
-    assert doc["latest"]["epoch"] == 2 and doc["latest"]["macro_f1"] == pytest.approx(0.4)
-    assert doc["best"]["epoch"] == 1
-    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temp file left behind
-
-
-def test_resumed_epoch_replaces_its_entry_and_nan_is_null(tmp_path):
-    path = tmp_path / "metrics.json"
-    reports.append_epoch_metrics(path, 0, {"acc": 0.1})
-    reports.append_epoch_metrics(path, 1, {"acc": 0.2})
-    doc = reports.append_epoch_metrics(path, 1, {"acc": 0.3, "loss": math.nan})
-    assert [(h["epoch"], h["acc"]) for h in doc["history"]] == [(0, 0.1), (1, 0.3)]
-    assert json.loads(path.read_text())["latest"] == {"epoch": 1, "acc": 0.3, "loss": None}
-
-
-def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "metrics.json"
-    reports.append_epoch_metrics(path, 0, {"acc": 0.1})
-    before = path.read_text()
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(reports.os, "replace", broken_replace)
-    with pytest.raises(OSError):
-        reports.append_epoch_metrics(path, 1, {"acc": 0.2})
-    assert path.read_text() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
-
-
-def test_bad_epoch_or_mode(tmp_path):
-    with pytest.raises(ValueError, match="epoch"):
-        reports.append_epoch_metrics(tmp_path / "m.json", -1, {})
-    with pytest.raises(ValueError, match="mode"):
-        reports.append_epoch_metrics(tmp_path / "m.json", 0, {}, monitor="acc", mode="best")
+from pillsnap.infer import hard_cases
+from pillsnap.infer.hard_cases import HardCase
 
 
 def confused_labels():
@@ -152,9 +110,9 @@ def test_hard_cases_jsonl_round_trip(tmp_path):
                  fallback_reason="low_single_confidence"),
     ]
     path = tmp_path / "hard_cases" / "stage_1.jsonl"
-    assert reports.write_hard_cases(path, cases) == 2
-    assert reports.write_hard_cases(path, cases[:1], append=True) == 1
-    rows = reports.read_hard_cases(path)
+    assert hard_cases.write_hard_cases(path, cases) == 2
+    assert hard_cases.write_hard_cases(path, cases[:1], append=True) == 1
+    rows = hard_cases.read_hard_cases(path)
     assert len(rows) == 3
     assert rows[1]["mode_used"] == "combo" and rows[1]["fallback_reason"] == "low_single_confidence"
     assert rows[0]["thumbnail_path"] == str(thumb) and rows[0]["true_kcode"] == "K-000001"

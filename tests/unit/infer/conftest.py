@@ -10,7 +10,7 @@ import torch
 from pillsnap.data.class_map import ClassMap
 from pillsnap.data.prepare import class_map_path, run_import, run_subset
 from pillsnap.data.subsets import read_subset
-from pillsnap.infer import locations
+from pillsnap.core import layout
 
 
 @contextlib.contextmanager
@@ -38,17 +38,17 @@ def stage_config(make_config, root: Path, aihub: Path, *overrides: str):
 
 def save_random_detector(cfg, stage: int) -> Path:
     from pillsnap.models.detector import backbone_name, build_detector, detector_payload
-    from pillsnap.train.checkpoints import save_checkpoint
+    from pillsnap.core.checkpoints import save_checkpoint
 
-    model = build_detector(cfg.detection, cfg.exp_dir / "detector_model")
+    model = build_detector(cfg.detection, cfg.exp_dir / "detector_model", pretrained=False)
     payload = detector_payload(model, backbone_name(cfg.detection), cfg.detection.image_size)
-    return save_checkpoint(locations.detector_checkpoint(cfg, stage), payload)
+    return save_checkpoint(layout.detector_checkpoint(cfg.exp_dir, stage), payload)
 
 
 @pytest.fixture(scope="session")
 def trained_stage(tmp_path_factory, tiny_aihub, make_config):
     """(cfg, subset, class map) of stage 1 with classifier and detector best.pt in their usual places."""
-    from pillsnap.train.loop import train_classifier
+    from pillsnap.train import train_classifier
 
     cfg = stage_config(make_config, tmp_path_factory.mktemp("infer"), tiny_aihub)
     with one_torch_thread():
@@ -56,7 +56,7 @@ def trained_stage(tmp_path_factory, tiny_aihub, make_config):
         run_subset(cfg, 1)
         subset, _ = read_subset(cfg.exp_dir, 1)
         class_map = ClassMap.load(class_map_path(cfg))
-        train_classifier(cfg, subset, class_map, locations.stage_dir(cfg, 1), show_progress=False)
+        train_classifier(cfg, subset, class_map, layout.stage_dir(cfg.exp_dir, 1), show_progress=False)
         save_random_detector(cfg, 1)
     return cfg, subset, class_map
 

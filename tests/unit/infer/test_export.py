@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from pillsnap.cli import main
 from pillsnap.infer import export as export_module
-from pillsnap.infer import locations
+from pillsnap.core import layout
 from pillsnap.infer.engines import TorchClassifierEngine
 from pillsnap.infer.export import ExportParityError, export_stage
 from pillsnap.infer.onnx_files import read_metadata
@@ -19,7 +19,7 @@ from pillsnap.infer.parity import check_classifier_parity, classifier_parity_ima
 
 def test_export_writes_both_models_and_a_passing_report(exported_stage):
     cfg, subset, class_map, report = exported_stage
-    out = locations.export_dir(cfg, 1)
+    out = layout.export_dir(cfg.exp_dir, 1)
     assert report == json.loads((out / "export_report.json").read_text())
     assert report["passed"] and report["ok"] and report["opset"] == 17 and report["failures"] == []
     cls, det = report["classifier"], report["detector"]
@@ -39,7 +39,7 @@ def test_export_writes_both_models_and_a_passing_report(exported_stage):
 
 def test_exported_classifier_takes_any_batch_size(exported_stage):
     cfg = exported_stage[0]
-    session = ort.InferenceSession(str(locations.export_dir(cfg, 1) / "classifier.onnx"))
+    session = ort.InferenceSession(str(layout.export_dir(cfg.exp_dir, 1) / "classifier.onnx"))
     size = cfg.classification.image_size
     for batch in (1, 5):
         assert session.run(None, {"images": np.zeros((batch, 3, size, size), np.float32)})[0].shape == (batch, 6)
@@ -49,9 +49,9 @@ def _copy_stage(trained_stage, tmp_path, make_config, *overrides):
     cfg, subset, class_map = trained_stage
     other = make_config(tmp_path, f"synth.out_dir={cfg.synth.out_dir}", f"paths.data_root={cfg.paths.data_root}",
                         "export.parity_samples=12", *overrides)
-    target = locations.classifier_checkpoint(other, 1)
+    target = layout.classifier_checkpoint(other.exp_dir, 1)
     target.parent.mkdir(parents=True)
-    shutil.copy(locations.classifier_checkpoint(cfg, 1), target)
+    shutil.copy(layout.classifier_checkpoint(cfg.exp_dir, 1), target)
     return other, subset, class_map
 
 
@@ -60,7 +60,7 @@ def test_classifier_exports_without_a_detector(trained_stage, tmp_path, make_con
     report = export_stage(cfg, 1, subset, class_map, slim=False)
     assert report["passed"] and report["classifier"]["exported"]
     assert report["detector"]["exported"] is False and "no detector checkpoint" in report["detector"]["reason"]
-    assert not (locations.export_dir(cfg, 1) / "detector.onnx").exists()
+    assert not (layout.export_dir(cfg.exp_dir, 1) / "detector.onnx").exists()
 
 
 def _reverse_head_rows(path):
@@ -75,10 +75,10 @@ def _reverse_head_rows(path):
 
 def test_tampered_onnx_weights_fail_parity_directly(exported_stage, tmp_path):
     cfg, subset, class_map, _ = exported_stage
-    from pillsnap.evaluate.stage_eval import load_classifier
-    model, _ = load_classifier(cfg, locations.classifier_checkpoint(cfg, 1), class_map)
+    from pillsnap.models.classifier import load_classifier
+    model, _ = load_classifier(cfg, layout.classifier_checkpoint(cfg.exp_dir, 1), class_map)
     tampered = tmp_path / "classifier.onnx"
-    shutil.copy(locations.export_dir(cfg, 1) / "classifier.onnx", tampered)
+    shutil.copy(layout.export_dir(cfg.exp_dir, 1) / "classifier.onnx", tampered)
     _reverse_head_rows(tampered)
     images = classifier_parity_images(subset, 12)
     size = cfg.classification.image_size
@@ -94,7 +94,7 @@ def test_failed_parity_writes_the_report_and_raises(how, trained_stage, tmp_path
         monkeypatch.setattr(export_module, "slim_in_place", lambda path: _reverse_head_rows(path) or "tampered")
     with pytest.raises(ExportParityError, match=r"classifier: top-1 agreement [0-9.]+ < export.min_top1_agreement"):
         export_stage(cfg, 1, subset, class_map)
-    report = json.loads((locations.export_dir(cfg, 1) / "export_report.json").read_text())
+    report = json.loads((layout.export_dir(cfg.exp_dir, 1) / "export_report.json").read_text())
     assert report["passed"] is False and report["failures"]
     assert report["detector"] == {"exported": False, "reason": "detection.enabled=false"}
 
@@ -119,7 +119,7 @@ def test_onnx_label_space_is_checked_against_the_class_map(exported_stage, tmp_p
 
     cfg, _, class_map, report = exported_stage
     copy = tmp_path / "classifier.onnx"
-    shutil.copy(locations.export_dir(cfg, 1) / "classifier.onnx", copy)
+    shutil.copy(layout.export_dir(cfg.exp_dir, 1) / "classifier.onnx", copy)
     assert onnx_label_space(copy, class_map).hash == report["k_codes_hash"]
     write_metadata(copy, {**read_metadata(copy), "class_map_hash": "0123456789abcdef"})
     with pytest.raises(ClassMapError, match="refusing to remap silently"):

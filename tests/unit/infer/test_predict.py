@@ -6,8 +6,8 @@ import pytest
 
 from pillsnap.cli import main
 from pillsnap.data.manifest import boxes_of
-from pillsnap.evaluate.detection import Detector, letterbox, load_bgr
-from pillsnap.evaluate.reports import read_hard_cases
+from pillsnap.infer.detection import Detector, letterbox, load_bgr
+from pillsnap.infer.hard_cases import read_hard_cases
 from pillsnap.infer.engines import InferenceSetupError
 from pillsnap.infer.predict import Predictor, load_predictor
 

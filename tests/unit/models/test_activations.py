@@ -13,7 +13,7 @@ ONNX_OP = {"silu": "SiLU", "relu": "Relu", "leaky_relu": "LeakyRelu"}
 
 @pytest.mark.parametrize("activation", ["silu", "relu", "leaky_relu"])
 def test_verifier_passes_when_the_activation_applied(activation, tmp_path):
-    model = build_detector(DetectionConfig(scale="n", activation=activation), tmp_path)  # verifies internally
+    model = build_detector(DetectionConfig(scale="n", activation=activation, pretrained=False), tmp_path)  # verifies internally
     counts = torch_activation_counts(model)
     assert counts[EXPECTED[activation]] > 50, counts  # one per Conv, although the instance is shared
     assert set(counts) <= {EXPECTED[activation]}, counts
@@ -44,7 +44,7 @@ def test_verifier_fails_when_the_yaml_key_is_missing(tmp_path):
 def test_a_partly_converted_model_is_caught(tmp_path):
     import torch.nn as nn
 
-    model = build_detector(DetectionConfig(scale="n", activation="relu"), tmp_path)
+    model = build_detector(DetectionConfig(scale="n", activation="relu", pretrained=False), tmp_path)
     model.model[0].act = nn.SiLU()  # one Conv left behind
     with pytest.raises(ActivationVerificationError, match="1 SiLU activation"):
         verify_torch_activations(model, "relu")

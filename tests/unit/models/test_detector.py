@@ -9,7 +9,7 @@ from pillsnap.config import DetectionConfig
 from pillsnap.models.detector import (SCALES, DetectorNameError, backbone_name, build_detector, build_from_yaml,
                                       detector_payload, load_detector_checkpoint, model_file_name, parse_model_name,
                                       transfer_pretrained, write_model_yaml)
-from pillsnap.train.checkpoints import save_checkpoint
+from pillsnap.core.checkpoints import save_checkpoint
 
 
 @pytest.mark.parametrize("activation", ["silu", "relu", "leaky_relu"])
@@ -57,7 +57,7 @@ def test_scale_comes_from_the_file_name_and_bad_names_are_refused(tmp_path):
 
 
 def test_local_pretrained_weights_transfer_and_checkpoints_round_trip(tmp_path):
-    source = build_detector(DetectionConfig(scale="n", activation="relu"), tmp_path / "a")
+    source = build_detector(DetectionConfig(scale="n", activation="relu", pretrained=False), tmp_path / "a")
     with torch.no_grad():
         for p in source.parameters():
             p.add_(0.01)
@@ -66,6 +66,6 @@ def test_local_pretrained_weights_transfer_and_checkpoints_round_trip(tmp_path):
     for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
         assert torch.equal(a.float(), b.float()), name
     assert load_detector_checkpoint(weights).state_dict().keys() == source.state_dict().keys()
-    assert transfer_pretrained(build_detector(DetectionConfig(scale="n"), tmp_path / "c"), weights) > 0
-    with pytest.raises(FileNotFoundError, match="never downloaded"):
+    assert transfer_pretrained(build_detector(DetectionConfig(scale="n", pretrained=False), tmp_path / "c"), weights) > 0
+    with pytest.raises(FileNotFoundError, match="detection.pretrained_path: no such file"):
         build_detector(DetectionConfig(scale="n", pretrained_path=str(tmp_path / "missing.pt")), tmp_path / "d")

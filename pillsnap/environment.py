@@ -1,0 +1,37 @@
+"""The process environment, read in ONE place: the entry points (the CLI, flow entry) call these; the library
+below them never reads environment variables for its settings, it receives a PillSnapConfig.
+
+- PILLSNAP_INJECT_OOM="3,7" becomes the override train.oom.inject_at_steps=[3,7] (an OOM drill on a running
+  deployment without editing its config);
+- YOLO_CONFIG_DIR defaults to <exp_dir>/ultralytics_settings (ultralytics fixes its settings folder at import);
+- PYTORCH_CUDA_ALLOC_CONF defaults to expandable_segments:True (less fragmentation, fewer OOMs; read by CUDA at
+  first use). A value the user set always wins.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Mapping, MutableMapping
+
+INJECT_ENV_VAR = "PILLSNAP_INJECT_OOM"
+ALLOC_CONF_ENV_VAR = "PYTORCH_CUDA_ALLOC_CONF"
+DEFAULT_ALLOC_CONF = "expandable_segments:True"
+
+
+def overrides_from_environment(env: Mapping[str, str] = os.environ) -> List[str]:
+    text = env.get(INJECT_ENV_VAR, "").strip()
+    if not text:
+        return []
+    steps = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [s for s in steps if not s.isdigit()]
+    if bad:
+        raise ValueError(f"{INJECT_ENV_VAR}={text!r}: expected comma-separated step numbers like '3,7'")
+    return [f"train.oom.inject_at_steps=[{','.join(steps)}]"]
+
+
+def prepare_process(exp_dir: Path, env: MutableMapping[str, str] = os.environ) -> None:
+    if not env.get("YOLO_CONFIG_DIR"):
+        settings = Path(exp_dir).resolve() / "ultralytics_settings"
+        settings.mkdir(parents=True, exist_ok=True)
+        env["YOLO_CONFIG_DIR"] = str(settings)
+    env.setdefault(ALLOC_CONF_ENV_VAR, DEFAULT_ALLOC_CONF)

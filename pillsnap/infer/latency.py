@@ -1,0 +1,58 @@
+"""Latency as the gates read it: batch 1 on the serving device, after a warm-up, as p50 / p95 in ms.
+
+- pipeline_latency: end to end through the serving Predictor in single mode (decode, preprocess, model, top-k);
+- classifier_model_latency / detector_model_latency: the model's forward pass alone at its input size.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Sequence
+
+import numpy as np
+
+from pillsnap.config import PillSnapConfig
+from pillsnap.data.class_map import ClassMap
+from pillsnap.infer.engines import ClassifierEngine
+
+WARMUP, SAMPLES = 5, 30
+
+
+def percentiles(times_ms: Sequence[float]) -> Dict[str, float]:
+    if not len(times_ms):
+        return {}
+    return {"p50": float(np.percentile(times_ms, 50)), "p95": float(np.percentile(times_ms, 95)), "n": len(times_ms)}
+
+
+def _timed(run: Callable[[], None], samples: int = SAMPLES) -> Dict[str, float]:
+    for _ in range(WARMUP):
+        run()
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    return percentiles(times)
+
+
+def pipeline_latency(cfg: PillSnapConfig, engine: ClassifierEngine, labels: ClassMap,
+                     photos: Sequence[str]) -> Dict[str, float]:
+    """End-to-end single-mode latency of the serving pipeline over real photos (cycled when fewer than needed)."""
+    from pillsnap.infer.predict import Predictor
+
+    if not photos:
+        return {}
+    predictor = Predictor(engine, labels, labels.names, cfg.classification.image_size,
+                          cfg.classification.crop_padding, cfg.inference.single_confidence_threshold,
+                          default_mode="single")
+    order = iter(list(photos) * (1 + (WARMUP + SAMPLES) // len(photos)))
+    return _timed(lambda: predictor.predict(next(order), "single"))
+
+
+def classifier_model_latency(engine: ClassifierEngine, image_size: int) -> Dict[str, float]:
+    batch = np.zeros((1, 3, image_size, image_size), np.float32)
+    return _timed(lambda: engine.logits(batch))
+
+
+def detector_model_latency(predict_raw: Callable[[np.ndarray], np.ndarray], image_size: int) -> Dict[str, float]:
+    batch = np.zeros((1, 3, image_size, image_size), np.float32)
+    return _timed(lambda: predict_raw(batch))

@@ -1,0 +1,1 @@
+"""Metric arithmetic (numpy only): classification and detection scores. No models, no files."""

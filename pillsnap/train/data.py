@@ -1,0 +1,115 @@
+"""Each model's training and validation data for one stage subset, shared by the loops and the tuners.
+
+Worker autotuning needs the real data (pixel store included) but no model, so data is built apart from the units.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from pillsnap.config import PillSnapConfig
+from pillsnap.data.augment import BatchAugment
+from pillsnap.data.class_map import ClassMap
+from pillsnap.data.prepare import pixel_store
+from pillsnap.data.datasets import (ClassificationDataset, ClassificationSamples, Collate, EpochSampler,
+                                    classification_samples, make_loader)
+from pillsnap.data.yolo_dataset import YoloDataset, build_yolo_dataset, detection_rows
+from pillsnap.train.loss import sample_weights
+
+CLOSE_MOSAIC_EPOCHS = 10  # ultralytics' recipe: the last detector epochs see un-mosaicked images
+
+
+@dataclass
+class UnitData:
+    """What a stream needs: the dataset, its seeded sampler, a loader factory and an epoch hook."""
+    dataset: Any
+    sampler: EpochSampler
+    build_loader: Callable[[int, int], DataLoader]  # (batch_size, num_workers) -> loader over `sampler`
+    num_workers: int
+    drop_last: bool
+    on_epoch: Optional[Callable[[int], bool]] = None  # before an epoch starts; True = the loader must be rebuilt
+
+
+@dataclass
+class ClassifierData:
+    train_samples: ClassificationSamples
+    val_samples: ClassificationSamples
+    train: UnitData
+    val_loader: DataLoader
+
+
+def stage_label_space(subset: pd.DataFrame, class_map: ClassMap) -> ClassMap:
+    """The global class map restricted to the classes of the subset's single-pill images."""
+    return class_map.restrict(sorted({k for k in subset.loc[subset["kind"] == "single", "k_code"]}))
+
+
+def classifier_samples(cfg: PillSnapConfig, subset: pd.DataFrame, labels: ClassMap, split: str) -> ClassificationSamples:
+    return classification_samples(subset[subset["split"] == split], labels, cfg.data.include_combination_crops,
+                                  cfg.classification.crop_padding)
+
+
+def classifier_data(cfg: PillSnapConfig, subset: pd.DataFrame, labels: ClassMap, device: torch.device,
+                    show_progress: bool = True) -> ClassifierData:
+    """Datasets over the pixel store; augmentation in the loader's workers on a CPU, on the device otherwise."""
+    train_samples = classifier_samples(cfg, subset, labels, "train")
+    val_samples = classifier_samples(cfg, subset, labels, "val")
+    if not train_samples.samples:
+        raise ValueError("the stage subset has no training images for the classifier")
+    size, pad = cfg.classification.image_size, cfg.classification.crop_padding
+    store, rows = None, [None, None]
+    if cfg.dataloader.cache.enabled:
+        store = pixel_store(cfg)
+        rows = [store.ensure(d.samples, show_progress=show_progress) for d in (train_samples, val_samples)]
+    train_ds = ClassificationDataset(train_samples, size, store, rows[0], pad)
+    val_ds = ClassificationDataset(val_samples, size, store, rows[1], pad)
+    weights = sample_weights(train_samples.labels, len(labels)) if cfg.loss.weighted_sampler else None
+    sampler = EpochSampler(len(train_ds), cfg.train.seed, weights)
+    on_cpu = device.type != "cuda"
+    augment = BatchAugment(cfg.augment, size, len(labels), cfg.loss.label_smoothing) if on_cpu else None
+    dl = cfg.dataloader
+
+    def build(batch_size: int, workers: int) -> DataLoader:
+        return make_loader(train_ds, batch_size, dl, True, sampler, workers, Collate(augment))
+
+    val_loader = make_loader(val_ds, cfg.train.classification.batch_size, dl, False, None, 0,
+                             Collate(normalise_only=on_cpu))
+    train = UnitData(train_ds, sampler, build, dl.num_workers, dl.drop_last)
+    return ClassifierData(train_samples, val_samples, train, val_loader)
+
+
+@dataclass
+class DetectorData:
+    yolo: YoloDataset
+    train: UnitData
+    val_rows: pd.DataFrame
+
+
+def detector_data(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, hyp, epochs: int) -> DetectorData:
+    """The stage's YOLO dataset (one class "pill") through ultralytics' augmenting dataset, in our epoch order."""
+    from ultralytics.data import build_yolo_dataset as ultralytics_dataset
+
+    include_single = cfg.detection.include_single_images
+    yolo = build_yolo_dataset(subset, cfg.exp_dir, stage, include_single)
+    rows = detection_rows(subset, include_single)
+    dataset = ultralytics_dataset(hyp, yolo.train_list, cfg.train.detection.batch_size, yolo.ultralytics_data(),
+                                  mode="train", stride=32)
+    sampler = EpochSampler(len(dataset), cfg.train.seed, with_seeds=False)
+    dl = cfg.dataloader
+
+    def build(batch_size: int, workers: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                          collate_fn=dataset.collate_fn, pin_memory=dl.pin_memory and torch.cuda.is_available(),
+                          persistent_workers=bool(workers) and dl.persistent_workers)
+
+    def close_mosaic(epoch: int) -> bool:
+        if epoch >= epochs - CLOSE_MOSAIC_EPOCHS and getattr(dataset, "mosaic", False):
+            dataset.close_mosaic(hyp)
+            return True  # persistent workers hold their own copy of the dataset
+        return False
+
+    train = UnitData(dataset, sampler, build, dl.num_workers, False, close_mosaic)
+    return DetectorData(yolo, train, rows[rows["split"] == "val"])

@@ -1,0 +1,67 @@
+"""Building a loop's members (unit + data + files) and the run-wide settings both loops share."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import pandas as pd
+
+from pillsnap.config import PillSnapConfig
+from pillsnap.core import layout
+from pillsnap.data.class_map import ClassMap
+from pillsnap.train.data import classifier_data, detector_data, stage_label_space
+from pillsnap.train.loops.engine import Member
+from pillsnap.train.services.oom import FaultInjector
+from pillsnap.train.services.policy import Policy, apply_global_settings, resolve_policy, set_seed
+from pillsnap.train.units.classifier import ClassifierUnit
+from pillsnap.train.units.detector import DetectorUnit, detector_hyperparameters
+
+log = logging.getLogger(__name__)
+Injectors = Dict[str, FaultInjector]
+
+
+def run_policy(cfg: PillSnapConfig, policy: Optional[Policy] = None) -> Policy:
+    """Seeding (D-11), then the device / precision / compile policy (Annex 3), with one log line."""
+    set_seed(cfg.train.seed, cfg.train.deterministic)
+    policy = policy or resolve_policy(cfg.optimization)
+    apply_global_settings(policy, cfg.train.deterministic)
+    log.info("training policy: %s", policy.describe())
+    return policy
+
+
+def _injector(cfg: PillSnapConfig, name: str, injectors: Optional[Injectors]) -> FaultInjector:
+    if injectors and name in injectors:
+        return injectors[name]
+    oom = cfg.train.oom
+    return FaultInjector.from_steps(oom.inject_at_steps if name == "classifier" else oom.inject_detector_at_steps)
+
+
+def classifier_member(cfg: PillSnapConfig, subset: pd.DataFrame, class_map: ClassMap, stage_dir: Path,
+                      policy: Policy, init_checkpoint: Optional[Path] = None, show_progress: bool = True,
+                      compile_backend: Optional[Callable] = None, injectors: Optional[Injectors] = None,
+                      ratio: int = 1) -> Member:
+    labels = stage_label_space(subset, class_map)
+    data = classifier_data(cfg, subset, labels, policy.device, show_progress)
+    unit = ClassifierUnit(cfg, labels, data.train_samples.labels, policy, data.train_samples.image_ids,
+                          init_checkpoint, compile_backend)
+    unit.val_loader = data.val_loader
+    return Member(cfg, unit, data.train, Path(stage_dir), "classification", _injector(cfg, "classifier", injectors),
+                  ratio)
+
+
+def detector_member(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, stage_dir: Path, policy: Policy,
+                    init_checkpoint: Optional[Path] = None, compile_backend: Optional[Callable] = None,
+                    injectors: Optional[Injectors] = None, ratio: int = 1) -> Member:
+    out = Path(stage_dir) / "detector"
+    data = detector_data(cfg, subset, stage, detector_hyperparameters(cfg), cfg.train.detection.epochs)
+    unit = DetectorUnit(cfg, policy, out / "model", data.val_rows, init_checkpoint, compile_backend)
+    member = Member(cfg, unit, data.train, out, "detection", _injector(cfg, "detector", injectors), ratio)
+    member.facts = {"yolo_dataset": data.yolo.root, "data_yaml": data.yolo.data_yaml, "images": data.yolo.images,
+                    "boxes": data.yolo.boxes,
+                    "val_images": len(data.val_rows), "include_single_images": data.yolo.include_single_images}
+    return member
+
+
+def stage_dir_of(cfg: PillSnapConfig, stage: int, stage_dir: Optional[Path]) -> Path:
+    return Path(stage_dir) if stage_dir is not None else layout.stage_dir(cfg.exp_dir, stage)

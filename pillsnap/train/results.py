@@ -1,0 +1,47 @@
+"""What training returns to the orchestrator for each model: small, serialisable, the same shape for both."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+from pillsnap.core.jsonio import to_jsonable
+
+
+@dataclass
+class TrainResult:
+    model: str  # classifier | detector
+    strategy: str  # sequential | interleaved
+    backbone: str
+    best_checkpoint: str
+    last_checkpoint: str
+    monitor: str
+    best_metric: Optional[float]  # None (JSON) / NaN when never measured (see not_measured)
+    best_epoch: int
+    epochs_completed: int
+    epochs_planned: int
+    global_step: int  # this model's optimizer steps
+    resumed_from_step: Optional[int]
+    stopped_early: bool
+    val_metrics: Dict[str, Any]  # the best epoch's validation metrics
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    mean_throughput: float = 0.0
+    skipped_samples: int = 0
+    class_map_hash: str = ""
+    policy: str = ""
+    batch_size: int = 0  # what ran at the end: OOM recovery or a batch plan may differ from the config
+    grad_accum: int = 1
+    oom_events: List[Dict[str, Any]] = field(default_factory=list)  # one audit dict per OOM decision (D-8)
+    auto_batch: Optional[Dict[str, Any]] = None  # the batch plan applied (D-4), None when none was given
+    num_workers: Optional[Dict[str, Any]] = None  # the worker plan applied (Annex 2)
+    warnings: List[Dict[str, Any]] = field(default_factory=list)  # loss spikes, plateaus, memory warnings
+    tensorboard: str = ""
+    compile: str = "eager"  # eager | compiled | fell_back
+    not_measured: List[str] = field(default_factory=list)
+    data: Dict[str, Any] = field(default_factory=dict)  # what it trained and validated on
+    run_dir: str = ""  # the ultralytics run folder (sequential detector)
+
+    def as_dict(self, with_history: bool = False) -> Dict[str, Any]:
+        out = asdict(self)
+        if not with_history:
+            out.pop("history")
+        return to_jsonable(out)  # NaN -> null for JSON; the names are in not_measured

@@ -1,0 +1,140 @@
+"""One optimizer step of a training unit, run under OOM recovery (D-8 / Annex 6) and a non-finite loss guard.
+
+A *window* is the list of loader batches that make one optimizer step: the global batch G = loader batch x
+accumulation. The step splits the window into micro-batches of OomState.batch_size (each weighted by its share of
+the window's samples, so the gradient is the window mean whatever the split). After every OOM the decision is
+applied OUTSIDE the except block (so the traceback and the activations its frames hold are released first) and
+the SAME window is replayed:
+  S1 amp_fp16             CUDA: autocast fp16 + an enabled GradScaler. CPU: recorded only (a CPU "OOM" here is
+                          injected, and fp16 on CPU would only change the math).
+  S2 microbatching        smaller micro-batches, more accumulation: same G, same samples, same LR/WD/schedule.
+  S3 global_batch_change  LR and weight decay rescaled, schedule switched to samples; `step` returns None and the
+                          loop re-feeds the window's samples in windows of the new G (same samples, same seeds).
+  emergency_exit          emergency.pt is written, then OomExhaustedError.
+Before a replay the gradients are dropped and BatchNorm statistics / RNG restored (ReplayPoint), so the
+half-accumulated window never counts. A compile failure (the first forward or backward of a compiled model) is
+replayed the same way on the eager model. The same guard runs both models, in both strategies.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from pillsnap.train.services.monitors import NonFiniteLossError
+from pillsnap.train.services.oom import (AMP_FP16, GLOBAL_BATCH_CHANGE, FaultInjector, OomDecision, OomPolicy,
+                                         OomRecovery, OomRecoveryExhausted, OomState, is_fatal_cuda_error,
+                                         is_oom_error, release_cached_memory)
+from pillsnap.train.services.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+Emergency = Callable[[], Path]  # writes emergency.pt with the weights before this step, returns its path
+
+
+class OomExhaustedError(OomRecoveryExhausted):
+    """OOM recovery ran out of options; the message names the emergency checkpoint and what to change."""
+
+    def __init__(self, decision: OomDecision, checkpoint: Path, config_key: str):
+        super().__init__(decision)
+        self.checkpoint = checkpoint
+        self.args = (f"{self.args[0]}. Emergency checkpoint: {checkpoint}. Lower {config_key}.batch_size or the "
+                     "image size, enable optimization.amp, or use a GPU with more memory; train.resume=last "
+                     "continues from the last regular checkpoint.",)
+
+
+class OomGuard:
+    def __init__(self, unit, policy: OomPolicy, injector: FaultInjector, emergency: Emergency,
+                 telemetry: Telemetry, release_memory: Callable[[], None] = release_cached_memory):
+        self.unit, self.injector, self.emergency, self.telemetry = unit, injector, emergency, telemetry
+        self.recovery = OomRecovery(policy, OomState(unit.batch_size, unit.accum, unit.amp))
+        self.release_memory = release_memory
+        self.events: List[Dict[str, Any]] = []
+
+    def reset_state(self) -> None:
+        """The unit's knobs were set by a plan or a resume: recovery starts from them."""
+        st = self.recovery.state
+        self.recovery.state = OomState(self.unit.batch_size, self.unit.accum, self.unit.amp,
+                                       did_amp_escalate=st.did_amp_escalate, retries=st.retries)
+
+    def step(self, window: Sequence[Any], step_number: int, epoch: int) -> Optional[float]:
+        """One optimizer step over `window`: its mean loss, or None when S3 changed the global batch (the step was
+        not taken; the unit's batch / accumulation are already the new ones and the caller re-feeds the samples)."""
+        unit = self.unit
+        window_batch = unit.batch_size * unit.accum
+        unit.replay.capture()
+        while True:
+            if self.recovery.state.global_batch != window_batch:
+                st = self.recovery.state
+                unit.batch_size, unit.accum = st.batch_size, st.grad_accum
+                return None
+            error = None
+            try:
+                loss = self._attempt(window, step_number)
+            except NonFiniteLossError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - filtered right below
+                if unit.train_model.fall_back(exc):
+                    self._undo()
+                    continue
+                if is_fatal_cuda_error(exc) or not is_oom_error(exc):
+                    raise
+                # Keep only the text: holding `exc` keeps its traceback and every tensor its frames reference.
+                error = f"{type(exc).__name__}: {exc}"
+            if error is None:  # the weights changed: from here on nothing may be replayed
+                unit.train_model.confirm()
+                unit.after_update()
+                return loss
+            self.release_memory()  # outside the except block: the failed step's tensors can go now
+            self._apply(self.recovery.decide(error), step_number, epoch)
+
+    def _attempt(self, window: Sequence[Any], step_number: int) -> float:
+        unit = self.unit
+        n = sum(unit.batch_len(b) for b in window)
+        total: Optional[torch.Tensor] = None
+        micro = [mb for b in window for mb in
+                 ([b] if unit.batch_len(b) <= self.recovery.state.batch_size else
+                  unit.split(b, self.recovery.state.batch_size))]
+        for i, mb in enumerate(micro):
+            m = unit.batch_len(mb)
+            loss = unit.forward_backward(mb, m / n)  # m / n == 1 / accum for equal micro-batches
+            total = loss * m if total is None else total + loss * m
+            if i == 0:  # after a backward, so a replay must really drop the half-accumulated gradients
+                self.injector.maybe_raise(step_number)
+        value = float(total) / n  # the one device sync per optimizer step, before the weights change
+        if not math.isfinite(value):
+            unit.optimizer.zero_grad(set_to_none=True)
+            path = self.emergency()  # the weights before this step: still finite
+            log.error("%s: non-finite loss %s at step %d; emergency checkpoint %s", unit.name, value, step_number,
+                      path)
+            raise NonFiniteLossError(step_number, {"model": unit.name, "samples": n,
+                                                   "images": [i for b in window for i in unit.sample_ids(b)][:8],
+                                                   "emergency_checkpoint": str(path)}, value)
+        unit.apply_update()
+        return value
+
+    def _undo(self) -> None:
+        self.unit.optimizer.zero_grad(set_to_none=True)  # drop the half-accumulated window before the replay
+        self.unit.replay.restore()
+        self.unit.reset_scaler_stage()
+
+    def _apply(self, decision: OomDecision, step_number: int, epoch: int) -> None:
+        self._undo()
+        event: Dict[str, Any] = {"model": self.unit.name, "action": decision.action, "global_step": step_number,
+                                 "epoch": epoch, **{k: v for k, v in decision.audit.items() if k != "error"},
+                                 "error": decision.audit.get("error", "")[:200]}
+        self.events.append(event)
+        if decision.action == AMP_FP16:
+            event["autocast"] = self.unit.escalate_precision()
+        elif decision.action == GLOBAL_BATCH_CHANGE:
+            event.update(self.unit.change_global_batch(decision))
+        elif decision.is_exit:
+            event["checkpoint"] = str(self.emergency())
+        self.telemetry.scalars(decision.tb_scalars(), step_number)
+        self.telemetry.tb.flush()
+        log.info("%s: OOM event at step %d recorded: %s", self.unit.name, step_number,
+                 {k: v for k, v in event.items() if k != "error"})
+        if decision.is_exit:
+            raise OomExhaustedError(decision, Path(event["checkpoint"]), self.unit.config_key)

@@ -1,0 +1,119 @@
+"""Device, precision and compile policy (Annex 3), and seeding (D-11). One log line says what was applied."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pillsnap.config import OptimizationConfig
+
+log = logging.getLogger(__name__)
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Policy:
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]  # None = full fp32
+    use_scaler: bool
+    channels_last: bool
+    compile_mode: str
+    tf32: bool
+
+    def describe(self) -> str:
+        amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
+        return (f"device={self.device} amp={amp} grad_scaler={self.use_scaler} channels_last={self.channels_last} "
+                f"compile={self.compile_mode} tf32={self.tf32}")
+
+
+def select_amp_dtype(policy: str, cuda: bool, bf16_supported: bool) -> torch.dtype:
+    if policy == "auto":
+        return torch.bfloat16 if bf16_supported else torch.float16
+    if policy not in _DTYPES:
+        raise ValueError(f"optimization.amp_dtype={policy!r} is not one of auto, bf16, fp16")
+    return _DTYPES[policy]
+
+
+def resolve_policy(cfg: OptimizationConfig, device: Optional[str] = None) -> Policy:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type != "cuda":
+        return Policy(dev, None, False, False, "none", False)
+    dtype = select_amp_dtype(cfg.amp_dtype, True, torch.cuda.is_bf16_supported()) if cfg.amp else None
+    return Policy(dev, dtype, dtype == torch.float16, cfg.channels_last, cfg.torch_compile, cfg.tf32)
+
+
+def apply_global_settings(policy: Policy, deterministic: bool) -> None:
+    if policy.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = policy.tf32
+        torch.backends.cudnn.allow_tf32 = policy.tf32
+        if policy.tf32:
+            torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+
+
+def prepare_model(model: nn.Module, policy: Policy) -> nn.Module:
+    model = model.to(policy.device)
+    if policy.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _is_compile_error(exc: BaseException) -> bool:
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return any(type(e).__module__.startswith(("torch._dynamo", "torch._inductor")) for e in chain)
+
+
+class CompiledModel:
+    """What a training step calls: the torch.compile'd model when the policy says so, the eager one otherwise.
+
+    torch.compile is lazy: a backend that cannot compile fails at the first forward or backward, not at the
+    compile call. `fall_back(exc)` switches to the eager model (one warning) when the compiled one failed before
+    its first successful step, or later with a compiler error (a recompile); the caller then replays the step.
+    """
+
+    def __init__(self, model: nn.Module, mode: str, backend: Optional[Callable] = None):
+        self.eager, self.mode, self.confirmed = model, mode, False
+        self.current: nn.Module = model
+        self.state = "eager"
+        if mode == "none" and backend is None:
+            return
+        try:
+            self.current = torch.compile(model, backend=backend) if backend else torch.compile(model, mode=mode)
+            self.state = "compiled"
+        except Exception as e:  # compile support varies by platform; eager always works
+            log.warning("torch.compile(mode=%s) failed (%s: %s); training eagerly", mode, type(e).__name__, e)
+            self.state = "fell_back"
+
+    def __call__(self, *args, **kwargs):
+        return self.current(*args, **kwargs)
+
+    def confirm(self) -> None:
+        """A step completed with the current model."""
+        self.confirmed = True
+
+    def fall_back(self, exc: BaseException) -> bool:
+        if self.current is self.eager or (self.confirmed and not _is_compile_error(exc)):
+            return False
+        log.warning("torch.compile(mode=%s) failed while running (%s: %s); falling back to eager and replaying "
+                    "the step", self.mode, type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+        self.current, self.state = self.eager, "fell_back"
+        return True
+
+
+def set_seed(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)

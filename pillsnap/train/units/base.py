@@ -1,0 +1,221 @@
+"""A training unit: ONE model and everything that changes while it trains, behind one small interface.
+
+A unit owns its model, loss, optimizer (AdamW), LR schedule, GradScaler, EMA and compile state, and the knobs
+OOM recovery and batch plans change (loader batch, accumulation, precision). Loops drive it with:
+
+    loss = unit.forward_backward(batch, weight)   # one micro-batch; gradients accumulate
+    unit.apply_update()                            # clip after unscale, step, scaler update, zero grads
+    unit.after_update()                            # the LR schedule and the EMA advance
+    metrics = unit.validate()                      # fp32, on the eval weights (EMA when enabled)
+
+and save / restore it with state_dict() / load_state_dict(). The classifier and the detector differ only in
+what a batch is, how the loss is computed and how they are validated (units/classifier.py, units/detector.py).
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import replace
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from pillsnap.config import ModelTrainConfig, PillSnapConfig
+from pillsnap.train.services.oom import OomDecision
+from pillsnap.train.services.policy import CompiledModel, Policy
+from pillsnap.train.services.schedule import lr_schedule, scale_optimizer_hparams, switch_to_samples
+
+log = logging.getLogger(__name__)
+Batch = Any
+
+
+def amp_name(dtype: Optional[torch.dtype]) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")  # type: ignore[arg-type]
+
+
+class ReplayPoint:
+    """Model buffers (BatchNorm running statistics) and RNG state as they were before a step.
+
+    A failed attempt has already updated BatchNorm statistics and drawn dropout noise; restoring both makes the
+    replay the step that an OOM-free run would have taken. Capturing is one fused copy of the (small) buffers.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.buffers = list(model.buffers())
+        self.saved = [b.detach().clone() for b in self.buffers]
+        self.device = device
+        self.cpu_rng: Optional[torch.Tensor] = None
+        self.cuda_rng: Optional[torch.Tensor] = None
+
+    def capture(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+        self.cpu_rng = torch.get_rng_state()
+        if self.device.type == "cuda":
+            self.cuda_rng = torch.cuda.get_rng_state(self.device)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            if self.buffers:
+                torch._foreach_copy_(self.buffers, self.saved)
+        if self.cpu_rng is not None:
+            torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+
+
+class TrainUnit(ABC):
+    name = "model"  # "classifier" | "detector": the key of its state in checkpoints and results
+    log_tag = "[train]"
+    config_key = "train"  # where its batch / lr live in the config (for messages)
+    monitor, mode = "metric", "max"
+
+    def __init__(self, cfg: PillSnapConfig, model_cfg: ModelTrainConfig, model: torch.nn.Module,
+                 param_groups: Iterable, policy: Policy, compile_backend: Optional[Callable] = None):
+        tc = cfg.train
+        self.cfg, self.policy, self.model = cfg, policy, model
+        self.train_model = CompiledModel(model, policy.compile_mode, compile_backend)
+        self.optimizer = torch.optim.AdamW(param_groups, lr=model_cfg.lr, weight_decay=tc.weight_decay,
+                                           fused=policy.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.use_scaler)
+        self.ema = self._build_ema() if tc.ema.enabled else None
+        self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+        self.epochs = model_cfg.epochs
+        self.batch_size = self.eval_batch_size = model_cfg.batch_size
+        self.accum = max(1, tc.grad_accum_steps)
+        self.configured_global_batch = self.batch_size * self.accum
+        self.replay = ReplayPoint(model, policy.device)
+        self.updates = 0  # optimizer steps taken
+
+    def _build_ema(self):
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(self.model, decay=self.cfg.train.ema.decay)
+
+    # ------------------------------------------------------------------ what differs per model
+    @abstractmethod
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Forward pass and loss of one (micro-)batch through self.train_model, under the caller's autocast."""
+
+    @abstractmethod
+    def eval_forward(self, model: torch.nn.Module, batch: Batch) -> Any:
+        """One inference forward of `model` (probes measure its memory)."""
+
+    @abstractmethod
+    def split(self, batch: Batch, size: int) -> List[Batch]:
+        """The batch as micro-batches of at most `size` samples (OOM S2 replays the same samples this way)."""
+
+    @abstractmethod
+    def batch_len(self, batch: Batch) -> int: ...
+
+    @abstractmethod
+    def sample_ids(self, batch: Batch) -> List[str]: ...
+
+    @abstractmethod
+    def validate(self) -> Dict[str, Any]:
+        """Metrics on the validation data with the eval weights; must hold self.monitor (NaN when unmeasured)."""
+
+    @abstractmethod
+    def identity(self) -> Dict[str, Any]:
+        """backbone, num_classes, class_map_hash, image_size: what check_compatible compares."""
+
+    @abstractmethod
+    def weights_payload(self) -> Dict[str, Any]:
+        """The eval weights in this model's checkpoint schema (best.pt, warm start, export read it)."""
+
+    # ------------------------------------------------------------------ one step
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.accum
+
+    @property
+    def eval_module(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def plan_schedule(self, total_steps: int) -> None:
+        tc = self.cfg.train
+        self.scheduler = lr_schedule(self.optimizer, total_steps, tc.warmup_steps, tc.scheduler, self.global_batch)
+
+    def forward_backward(self, batch: Batch, weight: float) -> torch.Tensor:
+        """Loss of one micro-batch (detached, no device sync); its gradient is added at `weight`."""
+        dev = self.policy.device
+        with torch.autocast(dev.type, dtype=self.policy.amp_dtype or torch.float32,
+                            enabled=self.policy.amp_dtype is not None):
+            loss = self.loss(batch)
+        self.scaler.scale(loss * weight).backward()
+        return loss.detach()
+
+    def apply_update(self) -> None:
+        """Clip after unscaling (so the threshold is in real gradient units), step, update the scaler, zero."""
+        tc = self.cfg.train
+        if tc.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=tc.zero_grad_set_to_none)
+
+    def after_update(self) -> None:
+        self.updates += 1
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.updates)
+
+    # ------------------------------------------------------------------ what OOM recovery changes
+    @property
+    def amp(self) -> str:
+        return amp_name(self.policy.amp_dtype)
+
+    def escalate_precision(self) -> str:
+        if self.policy.device.type != "cuda":
+            log.warning("%s: OOM recovery S1 on CPU: fp16 escalation recorded; autocast stays off (no CPU memory "
+                        "to gain, and CPU fp16 would only change the math)", self.name)
+            return "unchanged on cpu"
+        if self.policy.amp_dtype != torch.float16:
+            was = self.amp
+            self.policy = replace(self.policy, amp_dtype=torch.float16, use_scaler=True)
+            self.scaler = torch.amp.GradScaler("cuda", enabled=True)
+            log.warning("%s: autocast now fp16 with a GradScaler (was %s)", self.name, was)
+        return "fp16 + GradScaler"
+
+    def reset_scaler_stage(self) -> None:
+        """A step that failed after unscale_ would make the replay's unscale_ raise: keep the scale, drop the stage."""
+        if self.scaler.is_enabled():
+            saved = self.scaler.state_dict()
+            self.scaler = torch.amp.GradScaler(self.policy.device.type, enabled=True)
+            self.scaler.load_state_dict(saved)
+
+    def change_global_batch(self, decision: OomDecision) -> Dict[str, Any]:
+        """S3: LR and weight decay rescaled, the schedule counted in samples from here on."""
+        lr_before = self.lr
+        scale_optimizer_hparams(self.optimizer, self.scheduler, decision.lr_scale, decision.wd_scale)
+        switch_to_samples(self.scheduler, decision.state.global_batch)
+        return {"lr_before": lr_before, "lr_after": self.lr, "base_lrs": list(self.scheduler.base_lrs),
+                "weight_decay": self.optimizer.param_groups[0].get("weight_decay"), "schedule": "by_samples"}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, with_model: bool = True) -> Dict[str, Any]:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
+                 "batch_size": self.batch_size, "grad_accum": self.accum, "eval_batch_size": self.eval_batch_size,
+                 "amp": self.amp, "updates": self.updates, "compile": self.train_model.state}
+        if with_model:
+            state["model"] = self.model.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any], model_weights: Optional[Dict[str, Any]] = None) -> None:
+        """Weights, optimizer, schedule, scaler, EMA and the knobs the run had reached (not the config's)."""
+        self.model.load_state_dict(model_weights if model_weights is not None else state["model"])
+        self.batch_size, self.accum = int(state["batch_size"]), int(state["grad_accum"])
+        self.eval_batch_size, self.updates = int(state["eval_batch_size"]), int(state["updates"])
+        if state["amp"] == "fp16" and self.policy.device.type == "cuda":
+            self.escalate_precision()  # before the scaler state is loaded into the (now enabled) scaler
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])

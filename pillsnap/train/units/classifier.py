@@ -1,0 +1,109 @@
+"""The classifier unit: a timm model over the stage's label space (the global class map restricted to its classes).
+
+A batch is the dict `pillsnap.data.datasets.Collate` makes. Its images arrive either finished (augmented and
+normalised in the loader's workers: the CPU path) or as uint8, finished here on the device (the GPU path).
+Mixup / CutMix give soft targets; their loss is timm's SoftTargetCrossEntropy.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from pillsnap.config import PillSnapConfig
+from pillsnap.core.checkpoints import load_checkpoint
+from pillsnap.data.augment import BatchAugment
+from pillsnap.data.class_map import ClassMap
+from pillsnap.data.datasets import Batch, finish_batch
+from pillsnap.metrics.classification import classification_metrics
+from pillsnap.models.classifier import build_classifier
+from pillsnap.train.loss import build_criterion
+from pillsnap.train.services.policy import Policy, prepare_model
+from pillsnap.train.units.base import TrainUnit
+from pillsnap.train.warm_start import warm_start_from
+
+VAL_KEYS = ("accuracy", "macro_f1", "top5", "val_loss")
+
+
+class ClassifierUnit(TrainUnit):
+    name, log_tag, config_key = "classifier", "[train]", "train.classification"
+
+    def __init__(self, cfg: PillSnapConfig, labels: ClassMap, train_labels: List[int], policy: Policy,
+                 image_ids: List[str], init_checkpoint: Optional[Path] = None,
+                 compile_backend: Optional[Callable] = None):
+        self.labels, self.image_ids = labels, image_ids
+        # A warm start replaces the ImageNet weights anyway: no need to fetch them.
+        fresh = build_classifier(cfg.classification, len(labels), pretrained=False if init_checkpoint else None)
+        model = prepare_model(fresh, policy)
+        if init_checkpoint is not None:
+            warm_start_from(model, load_checkpoint(init_checkpoint), labels, cfg.classification.backbone)
+        super().__init__(cfg, cfg.train.classification, model, model.parameters(), policy, compile_backend)
+        tc = cfg.train
+        self.monitor, self.mode = tc.early_stopping.monitor, tc.early_stopping.mode
+        self.criterion = build_criterion(cfg.loss, train_labels, len(labels), cfg.augment).to(policy.device)
+        self.augment = BatchAugment(cfg.augment, cfg.classification.image_size, len(labels),
+                                    cfg.loss.label_smoothing)
+        self.val_loader = None  # set by the data builder (the loop owns no data)
+
+    # ------------------------------------------------------------------ batches
+    def to_device(self, batch: Batch, train: bool) -> Batch:
+        dev = self.policy.device
+        moved = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        moved = finish_batch(moved, self.augment if train else None)
+        if self.policy.channels_last:
+            moved["images"] = moved["images"].contiguous(memory_format=torch.channels_last)
+        return moved
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        b = self.to_device(batch, train=True)
+        return self.criterion(self.train_model(b["images"]), b["targets"])
+
+    def eval_forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return model(self.to_device(batch, train=False)["images"])
+
+    def split(self, batch: Batch, size: int) -> List[Batch]:
+        n = self.batch_len(batch)
+        return [{k: v[s:s + size] for k, v in batch.items()} for s in range(0, n, size)]
+
+    def batch_len(self, batch: Batch) -> int:
+        return len(batch["indices"])
+
+    def sample_ids(self, batch: Batch) -> List[str]:
+        return [self.image_ids[int(i)] for i in batch["indices"]]
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+    @torch.no_grad()
+    def validate(self) -> Dict[str, Any]:
+        model = self.eval_module
+        was_training = model.training
+        model.eval()
+        logits, labels, loss_sum = [], [], 0.0
+        ce = torch.nn.CrossEntropyLoss(reduction="sum")
+        try:
+            for batch in self.val_loader:
+                if batch is None:
+                    continue
+                b = self.to_device(batch, train=False)
+                out = model(b["images"]).float()  # fp32 validation, no autocast (D-6)
+                loss_sum += float(ce(out, b["targets"]))
+                logits.append(out.cpu().numpy())
+                labels.append(b["targets"].cpu().numpy())
+        finally:
+            model.train(was_training)
+        if not logits:
+            return {"n": 0, **{k: float("nan") for k in VAL_KEYS}}
+        y_true, all_logits = np.concatenate(labels), np.concatenate(logits)
+        metrics = classification_metrics(y_true, all_logits, self.labels.k_codes)
+        metrics["val_loss"] = loss_sum / len(y_true)
+        return metrics
+
+    def identity(self) -> Dict[str, Any]:
+        """What check_compatible and warm start compare: backbone, label space, image size."""
+        c = self.cfg.classification
+        return {"backbone": c.backbone, "num_classes": len(self.labels), "class_map_hash": self.labels.hash,
+                "k_codes": self.labels.k_codes, "image_size": c.image_size}
+
+    def weights_payload(self) -> Dict[str, Any]:
+        return {"model": self.eval_module.state_dict(), **self.identity()}

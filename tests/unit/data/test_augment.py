@@ -1,0 +1,96 @@
+"""Batch augmentation: a pure function of (pixels, seed), pill-safe by default, every policy op runs batched."""
+import dataclasses
+
+import pytest
+import torch
+
+from pillsnap.config import AugmentConfig, ConfigError, check_augment_config, load_config
+from pillsnap.data.augment import POLICY_OPS, BatchAugment, normalise
+
+PLAIN = dict(rot90=False, rotate_degrees=0.0, scale=[1.0, 1.0], translate=0.0, brightness=0.0, contrast=0.0,
+             saturation=0.0, hue=0.0, channel_gain=0.0)
+
+
+def _batch(n=6, size=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    boxes = torch.tensor([[0.5, 0.5, 0.3, 0.2]] * n)
+    return images, torch.arange(100, 100 + n), boxes, torch.arange(n) % 3
+
+
+def _pill_images(n, size, box):
+    """Black frames with one white pill rectangle at `box` (cx, cy, w, h as fractions)."""
+    cx, cy, w, h = box
+    images = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+    x0, x1 = int((cx - w / 2) * size), int((cx + w / 2) * size)
+    y0, y1 = int((cy - h / 2) * size), int((cy + h / 2) * size)
+    images[:, :, y0:y1, x0:x1] = 255
+    return images
+
+
+def test_a_sample_is_a_pure_function_of_its_seed_whatever_its_batch():
+    aug = BatchAugment(AugmentConfig(policy="randaugment", erasing=0.5), 48, 3)
+    images, seeds, boxes, labels = _batch()
+    whole, _ = aug(images, seeds, boxes, labels)
+    alone, _ = aug(images[3:4], seeds[3:4], boxes[3:4], labels[3:4])
+    reordered, _ = aug(images.flip(0), seeds.flip(0), boxes.flip(0), labels.flip(0))
+    assert torch.allclose(whole[3], alone[0], atol=1e-5) and torch.allclose(whole, reordered.flip(0), atol=1e-5)
+    other, _ = aug(images, seeds + 1, boxes, labels)
+    assert not torch.allclose(whole, other)
+
+
+def test_plain_settings_are_exactly_the_evaluation_normalisation():
+    cfg = AugmentConfig(**PLAIN)
+    images, seeds, boxes, labels = _batch()
+    out, targets = BatchAugment(cfg, 48, 3)(images, seeds, boxes, labels)
+    assert torch.equal(out, normalise(images)) and torch.equal(targets, labels)
+
+
+def test_defaults_never_mirror_and_keep_the_pill_in_the_frame():
+    size, box = 64, (0.82, 0.2, 0.3, 0.24)  # a pill near a corner: free rotation would push it out
+    images = _pill_images(64, size, box)
+    out, _ = BatchAugment(AugmentConfig(), size, 3)(images, torch.arange(64), torch.tensor([box] * 64),
+                                                    torch.zeros(64, dtype=torch.long))
+    pixels = out * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
+        1, 3, 1, 1)
+    inside = (pixels.mean(1) > 0.5).float().sum((1, 2))  # bright pill pixels left in each frame
+    area = (box[2] * size) * (box[3] * size)
+    assert (inside > 0.75 * area).all(), inside.min()
+    cfg = AugmentConfig()
+    assert not cfg.hflip and not cfg.vflip and cfg.policy == "none"
+
+
+def test_without_the_box_rule_a_large_shift_loses_the_pill():
+    size, box = 64, (0.82, 0.2, 0.3, 0.24)
+    cfg = AugmentConfig(**{**PLAIN, "translate": 0.5, "keep_box_in_frame": False})
+    images = _pill_images(32, size, box)
+    out, _ = BatchAugment(cfg, size, 3)(images, torch.arange(32), torch.tensor([box] * 32),
+                                        torch.zeros(32, dtype=torch.long))
+    assert ((out.mean(1) > 1.0).float().sum((1, 2)) < 0.5 * box[2] * box[3] * size * size).any()
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+def test_every_policy_op_runs_on_a_batch(policy):
+    cfg = AugmentConfig(policy=policy, policy_ops=3)
+    images, _, boxes, labels = _batch(n=200, size=32)
+    out, _ = BatchAugment(cfg, 32, 3)(images, torch.arange(200), boxes[:1].expand(200, 4), labels.repeat(200)[:200])
+    assert out.shape == (200, 3, 32, 32) and torch.isfinite(out).all()
+    assert len(POLICY_OPS) == 14
+
+
+def test_mixup_gives_soft_targets_that_sum_to_one():
+    cfg = AugmentConfig(**PLAIN, mixup=0.8, cutmix=1.0)
+    images, seeds, boxes, labels = _batch(n=8)
+    aug = BatchAugment(cfg, 48, 5, label_smoothing=0.1)
+    out, targets = aug(images, seeds, boxes, labels)
+    again, targets_again = aug(images, seeds, boxes, labels)
+    assert targets.shape == (8, 5) and torch.allclose(targets.sum(1), torch.ones(8))
+    assert torch.equal(out, again) and torch.equal(targets, targets_again)  # seeded by the batch
+
+
+def test_bad_values_are_named():
+    assert "augment.scale" in check_augment_config(dataclasses.replace(AugmentConfig(), scale=[1.2, 0.8]))
+    assert "augment.erasing" in check_augment_config(dataclasses.replace(AugmentConfig(), erasing=1.5))
+    assert check_augment_config(AugmentConfig()) is None
+    with pytest.raises(ConfigError, match=r"augment.hue=0.9"):
+        load_config(profile="ci", overrides=["augment.hue=0.9"])

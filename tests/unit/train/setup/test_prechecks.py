@@ -1,0 +1,84 @@
+"""Pre-training checks: resources via fakes, config sanity."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pillsnap.config import load_config
+from pillsnap.train.setup.prechecks import PrecheckError, PrecheckRequirements, run_prechecks
+
+GB = 10**9
+
+
+@pytest.fixture(scope="module")
+def base_cfg():
+    return load_config()
+
+
+@pytest.fixture
+def cfg(base_cfg, tmp_path):
+    cfg = copy.deepcopy(base_cfg)
+    cfg.paths.data_root = str(tmp_path / "data")
+    cfg.paths.exp_dir = str(tmp_path / "exp" / "not-yet-created")
+    return cfg
+
+
+def plenty_of_everything(**overrides):
+    fakes = dict(
+        disk_usage=lambda path: SimpleNamespace(total=1000 * GB, used=100 * GB, free=900 * GB),
+        virtual_memory=lambda: SimpleNamespace(available=64 * GB),
+        gpu_free_total=lambda: None,
+    )
+    fakes.update(overrides)
+    return fakes
+
+
+def test_everything_fine_returns_report(cfg):
+    report = run_prechecks(cfg, stage=1, class_map_size=50, model_num_classes=50, **plenty_of_everything())
+    assert report.ok and {r.name for r in report.results} >= {"gpu", "ram", "disk_data", "disk_exp", "config"}
+    assert report.to_dict()["ok"] is True
+
+
+def test_short_disk_names_path_and_numbers(cfg):
+    measured = []
+
+    def disk_usage(path: Path):
+        measured.append(path)
+        return SimpleNamespace(total=1000 * GB, used=0, free=1.2 * GB)
+
+    with pytest.raises(PrecheckError) as info:
+        run_prechecks(cfg, requirements=PrecheckRequirements(min_free_disk_gb_exp=5, min_free_disk_gb_data=1),
+                      **plenty_of_everything(disk_usage=disk_usage))
+    assert info.value.report.problems == [f"free disk at {cfg.paths.exp_dir}: 1.2 GB < required 5 GB"]
+    assert str(info.value).startswith("pre-training checks failed: free disk at")
+    assert all(p.exists() for p in measured)  # a not-yet-created exp dir is measured at its existing parent
+
+
+def test_low_ram_and_required_gpu_missing_are_both_reported(cfg):
+    fakes = plenty_of_everything(virtual_memory=lambda: SimpleNamespace(available=2 * GB))
+    with pytest.raises(PrecheckError) as info:
+        run_prechecks(cfg, requirements=PrecheckRequirements(min_available_ram_gb=8, min_free_gpu_gb=10), **fakes)
+    problems = info.value.report.problems
+    assert "available RAM: 2.0 GB < required 8 GB" in problems
+    assert any("no GPU" in p for p in problems)
+
+
+def test_gpu_memory_short(cfg):
+    fakes = plenty_of_everything(gpu_free_total=lambda: (3 * GB, 16 * GB))
+    with pytest.raises(PrecheckError, match=r"free GPU memory: 3.0 of 16.0 GB \(< required 10 GB\)"):
+        run_prechecks(cfg, requirements=PrecheckRequirements(min_free_gpu_gb=10), **fakes)
+
+
+def test_config_sanity(cfg):
+    cfg.detection.image_size = 650
+    cfg.classification.image_size = 0
+    with pytest.raises(PrecheckError) as info:
+        run_prechecks(cfg, stage=3, class_map_size=50, model_num_classes=49, **plenty_of_everything())
+    message = str(info.value)
+    assert "detection.image_size=650 must be a positive multiple of 32" in message
+    assert "classification.image_size=0 must be positive" in message
+    assert "data.stages[3].classes=1000 > class map size 50" in message
+    assert "classifier has 49 outputs but the class map has 50" in message

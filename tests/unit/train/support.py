@@ -1,0 +1,41 @@
+"""Running the training loops on the tiny `ci` data, for the loop and OOM tests (both strategies)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from pillsnap.core.checkpoints import load_checkpoint
+from pillsnap.train import train_classifier, train_interleaved
+
+STRATEGIES = ("sequential", "interleaved")
+
+
+def run(make_config, tmp: Path, tiny_stage, strategy: str, *overrides: str, **kwargs):
+    """Train stage 1 with `strategy`: {"classifier": result[, "detector": result]}. The sequential strategy's
+    detector runs on ultralytics' trainer (tested on its own), so here it trains the classifier alone."""
+    m, cmap = tiny_stage
+    cfg = make_config(tmp, f"train.strategy={strategy}", "train.deterministic=true", *overrides)
+    stage_dir = tmp / "stage_1"
+    if strategy == "interleaved":
+        return train_interleaved(cfg, m, cmap, 1, stage_dir, show_progress=False, **kwargs)
+    init = kwargs.pop("init_checkpoints", None)
+    return {"classifier": train_classifier(cfg, m, cmap, stage_dir, (init or {}).get("classifier"),
+                                           show_progress=False, **kwargs)}
+
+
+def final_weights(stage_dir: Path) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Every model's raw weights from the run's last.pt."""
+    payload = load_checkpoint(Path(stage_dir) / "checkpoints" / "last.pt")
+    out = {"classifier": payload["model"]}
+    if "detector" in payload["units"]:
+        out["detector"] = payload["units"]["detector"]["model"]
+    return out
+
+
+def assert_same_weights(a: Dict[str, Dict[str, torch.Tensor]], b: Dict[str, Dict[str, torch.Tensor]]) -> None:
+    assert a.keys() == b.keys()
+    for model in a:
+        for key, value in a[model].items():
+            assert torch.equal(value, b[model][key]), f"{model}: {key}"

@@ -1,0 +1,81 @@
+"""Auto batch (D-4) and worker autotune (Annex 2) for both models as library calls; stage settings (D-13)."""
+import json
+import logging
+
+import pytest
+
+from pillsnap.train import stage_config, tune_batch, tune_workers
+from pillsnap.train.tuning.autobatch import CPU_REASON
+from pillsnap.train.tuning.plans import worker_candidates
+from pillsnap.train.tuning.workers import available_cores
+from tests.unit.train.support import run
+
+
+@pytest.mark.parametrize("model", ["classifier", "detector"])
+def test_worker_autotune_measures_each_models_real_loader(make_config, tmp_path, tiny_stage, model):
+    m, cmap = tiny_stage
+    cfg = make_config(tmp_path, "dataloader.autotune_workers=true", "dataloader.autotune_candidates=[0,1,16]",
+                      "dataloader.persistent_workers=false")
+    plan = tune_workers(cfg, m, cmap, model, 1, batch_size=2)
+    usable = [c for c in plan["candidates"] if c <= available_cores()]
+    assert plan["model"] == model and plan["num_workers"] in usable and 16 in plan["skipped"]
+    assert set(plan["data_time_ms"]) == {str(c) for c in usable}
+    assert all(plan["measured_steps"][str(c)] >= 1 for c in usable)
+    json.dumps(plan)
+
+
+def test_worker_candidates_grow_only_on_small_machines():
+    assert worker_candidates([4, 8, 12, 16], cores=2) == [1, 2, 4, 8, 12, 16]  # 4..16 are then skipped
+    assert worker_candidates([4, 8, 12, 16], cores=16) == [4, 8, 12, 16]
+
+
+@pytest.mark.parametrize("model", ["classifier", "detector"])
+def test_auto_batch_without_cuda_keeps_the_configured_batch_and_says_why(make_config, tmp_path, tiny_stage,
+                                                                          caplog, model):
+    m, cmap = tiny_stage
+    key = "classification" if model == "classifier" else "detection"
+    assert "auto_batch_tune=false" in tune_batch(make_config(tmp_path), m, cmap, model)["reasons"][0]  # ci: off
+    cfg = make_config(tmp_path, f"train.{key}.auto_batch_tune=true")
+    with caplog.at_level(logging.INFO, logger="pillsnap"):
+        plan = tune_batch(cfg, m, cmap, model)
+    configured = getattr(cfg.train, key).batch_size
+    assert (plan["batch_size"], plan["grad_accum"], plan["eval_batch_size"]) == (configured, 1, configured)
+    assert plan["reasons"] == [CPU_REASON] and plan["probed"] is False and plan["device"] == "cpu"
+    assert len([r for r in caplog.records if CPU_REASON in r.getMessage()]) == 1
+    json.dumps(plan)
+
+
+@pytest.mark.parametrize("model", ["classifier", "detector"])
+def test_probes_drive_the_search_for_either_model(make_config, tmp_path, tiny_stage, model):
+    # Fake probes stand in for CUDA: 5 MiB per sample against 100 MiB x headroom 0.88 -> up to 17; max is 16.
+    def peak(batch_size, amp_dtype):
+        return batch_size * 5 * 2**20
+
+    m, cmap = tiny_stage
+    key = "classification" if model == "classifier" else "detection"
+    cfg = make_config(tmp_path, f"train.{key}.auto_batch_tune=true", f"train.{key}.auto_batch_max=16")
+    plan = tune_batch(cfg, m, cmap, model, probes=(peak, peak), device_total_bytes=100 * 2**20)
+    assert (plan["batch_size"], plan["grad_accum"]) == (16, 1) and plan["probed"]
+    start = getattr(cfg.train, key).batch_size
+    assert plan["probes"][0] == [start, start * 5 * 2**20] and plan["eval_batch_size"] >= 16
+
+
+def test_a_probed_plan_trains_at_its_batch(make_config, tmp_path, tiny_stage):
+    plan = {"batch_size": 16, "grad_accum": 1, "eval_batch_size": 16, "probed": True, "device": "test probes"}
+    seen = []
+    result = run(make_config, tmp_path, tiny_stage, "sequential", "train.classification.epochs=1",
+                 plans={"batch": plan}, step_hook=lambda tick, loss, model: seen.append(tick))["classifier"]
+    assert result.batch_size == 16 and result.global_step == len(seen) == 3
+    assert result.auto_batch["applied_lr_scale"] == 2.0
+
+
+def test_stage_config_returns_changes_and_logs_what_runs(make_config, tmp_path, caplog):
+    cfg = make_config(tmp_path, "train.stage_overrides.stage_3.batch_size_override=16",
+                      "train.stage_overrides.stage_3.num_workers_override=2")
+    with caplog.at_level(logging.INFO, logger="pillsnap"):
+        staged, changes = stage_config(cfg, 3)
+    assert "train.classification.batch_size: 16 (stage override)" in changes
+    assert staged.train.classification.batch_size == 16 and cfg.train.classification.batch_size == 8
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("stage 3 runs with"))
+    assert "classifier batch 16" in line and "detector batch 4" in line and "2 workers" in line
+    assert "channels_last=True" in line and "strategy sequential" in line
