@@ -1,9 +1,10 @@
-"""Training-step throughput: ClassifierTrainer.train_step vs a plain hand-written timm loop, same run.
+"""Training-step throughput: one optimizer step of the classifier unit under its OOM guard vs a plain
+hand-written timm loop, same run.
 
 A benchmark, not a test. Both sides train the same timm model (same init), batch, dtype and math: AdamW,
-cross-entropy with label smoothing, grad-norm clipping, a per-step LambdaLR. Our side adds what the trainer's
+cross-entropy with label smoothing, grad-norm clipping, a per-step LambdaLR. Our side adds what the engine's
 step path does on top: OOM recovery around the step (replay point of BatchNorm buffers + RNG), micro-batch
-planning, one loss sync per step with the non-finite check, the sample-based schedule. Data is already in
+planning, one loss sync per step with the non-finite check, the sample-based schedule, the compile guard. Data is already in
 memory (host tensors, copied to the device inside the step, as a loader batch would be). Timed blocks
 alternate between the two sides so a busy machine slows both alike; the median block counts.
 
@@ -43,16 +44,15 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def build_trainer(args: argparse.Namespace, work: Path):
-    """A ClassifierTrainer over a tiny synthetic stage; its model is the one benchmarked."""
+def build_member(args: argparse.Namespace, work: Path):
+    """The classifier unit (with its OOM guard) over a tiny synthetic stage; its model is the one benchmarked."""
     from pillsnap.config import load_config
     from pillsnap.data.aihub import import_aihub
     from pillsnap.data.class_map import build_class_map
     from pillsnap.data.manifest import assign_splits
     from pillsnap.data.synth import synthesize
-    from pillsnap.train.classifier_data import stage_label_space
-    from pillsnap.train.loop import ClassifierTrainer
-    from pillsnap.train.oom import FaultInjector
+    from pillsnap.train.loops.members import classifier_member, run_policy
+    from pillsnap.train.services.oom import FaultInjector
 
     cuda = torch.cuda.is_available()
     cfg = load_config(profile="ci", overrides=[
@@ -63,26 +63,28 @@ def build_trainer(args: argparse.Namespace, work: Path):
         f"optimization.torch_compile={args.compile}", "dataloader.cache.enabled=false"])
     synthesize(cfg.synth, work / "aihub", show_progress=False)
     manifest = assign_splits(import_aihub(work / "aihub", show_progress=False).manifest, 0.2, 0)
-    labels = stage_label_space(manifest, build_class_map(manifest))
-    return ClassifierTrainer(cfg, manifest, labels, work / "run", show_progress=False, fault_injector=FaultInjector())
+    member = classifier_member(cfg, manifest, build_class_map(manifest), work / "run", run_policy(cfg),
+                               show_progress=False, injectors={"classifier": FaultInjector()})
+    member.unit.plan_schedule(10_000)
+    return member
 
 
-def plain_loop(trainer, data_on_device: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def plain_loop(unit, data_on_device: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """The hand-written loop: same model architecture and init, same optimizer, loss, clip and schedule."""
     import copy
 
-    from pillsnap.train.policy import try_compile
-    from pillsnap.train.schedule import warmup_cosine
+    from pillsnap.train.services.policy import CompiledModel
+    from pillsnap.train.services.schedule import lr_schedule
 
-    cfg, policy = trainer.cfg, trainer.policy
-    model = copy.deepcopy(trainer.model)
-    train_model = try_compile(model, policy.compile_mode)
+    cfg, policy = unit.cfg, unit.policy
+    model = copy.deepcopy(unit.model)
+    train_model = CompiledModel(model, policy.compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.classification.lr, weight_decay=cfg.train.weight_decay,
                             fused=policy.device.type == "cuda")
-    sched = warmup_cosine(opt, 10_000, cfg.train.warmup_steps)
+    sched = lr_schedule(opt, 10_000, cfg.train.warmup_steps, "cosine", args_batch(unit))
     crit = torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
     dev, dtype = policy.device, policy.amp_dtype
-    train_model.train()
+    model.train()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         if not data_on_device:
@@ -98,6 +100,10 @@ def plain_loop(trainer, data_on_device: bool) -> Callable[[torch.Tensor, torch.T
         sched.step()
 
     return step
+
+
+def args_batch(unit) -> int:
+    return unit.batch_size * unit.accum
 
 
 def timed_block(step: Callable[[], None], steps: int, device: torch.device) -> float:
@@ -117,20 +123,21 @@ def main() -> None:
     if not cuda:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="pillsnap-bench-step-") as tmp:
-        trainer = build_trainer(args, Path(tmp))
-        dev = trainer.policy.device
-        n_classes = len(trainer.labels)
+        member = build_member(args, Path(tmp))
+        unit = member.unit
+        dev = unit.policy.device
+        n_classes = len(unit.labels)
         x = torch.randn(args.batch, 3, args.size, args.size)
         y = torch.randint(0, n_classes, (args.batch,))
-        idx = torch.arange(args.batch)
         if cuda:
             x, y = x.pin_memory(), y.pin_memory()
-        trainer.train_model.train()
-        sides: Dict[str, Callable[[], None]] = {"ours": lambda: trainer.train_step([(x, y, idx)])}
-        plain = plain_loop(trainer, data_on_device=False)
+        batch = {"images": x, "targets": y, "indices": torch.arange(args.batch),
+                 "seeds": torch.arange(args.batch), "boxes": torch.zeros(args.batch, 4)}  # already normalised
+        sides: Dict[str, Callable[[], None]] = {"ours": lambda: member.guard.step([batch], unit.updates + 1, 1)}
+        plain = plain_loop(unit, data_on_device=False)
         sides["plain"] = lambda: plain(x, y)
         if cuda:
-            ceiling = plain_loop(trainer, data_on_device=True)
+            ceiling = plain_loop(unit, data_on_device=True)
             xd = x.to(dev).contiguous(memory_format=torch.channels_last)
             yd = y.to(dev)
             sides["ceiling"] = lambda: ceiling(xd, yd)
@@ -141,8 +148,8 @@ def main() -> None:
             for name, step in sides.items():
                 times[name].append(timed_block(step, args.steps, dev))
     rate = {name: args.batch * args.steps / statistics.median(t) for name, t in times.items()}
-    print(f"model={args.model} size={args.size} batch={args.batch} device={dev} amp={trainer.policy.amp_dtype} "
-          f"channels_last={trainer.policy.channels_last} compile={args.compile} "
+    print(f"model={args.model} size={args.size} batch={args.batch} device={dev} amp={unit.policy.amp_dtype} "
+          f"channels_last={unit.policy.channels_last} compile={unit.train_model.state} "
           f"threads={torch.get_num_threads()} blocks={args.blocks}x{args.steps} steps (median block)")
     for name, r in rate.items():
         print(f"  {name:8s} {r:9.1f} images/s")

@@ -1,7 +1,8 @@
 """Classification datasets and loaders: single-pill images (and optionally combination crops) -> uint8 batches.
 
-A dataset item is the sample's S×S uint8 pixels (from the pixel store, or decoded on the fly), its label, index,
-augmentation seed and pill box. `Collate` stacks items into a batch dict; augmentation runs on the whole batch
+A dataset item is the sample's S×S×3 uint8 pixels (from the pixel store, or decoded on the fly), its label,
+index, augmentation seed and pill box. `Collate` stacks items into a batch dict (NCHW, channels-last in memory);
+augmentation runs on the whole batch
 (pillsnap.data.augment): inside the loader's workers on a CPU machine, on the GPU after the copy otherwise.
 An unreadable sample yields None and is dropped (and counted), so one bad file never stops a run.
 """
@@ -72,7 +73,7 @@ def classification_samples(rows: pd.DataFrame, class_map: ClassMap, include_crop
 
 
 class ClassificationDataset(Dataset):
-    """Items: (uint8 3×S×S, label, index, seed, pill box) or None for an unreadable sample."""
+    """Items: (uint8 S×S×3, label, index, seed, pill box) or None for an unreadable sample."""
 
     def __init__(self, data: ClassificationSamples, size: int, store: Optional[PixelStore] = None,
                  rows: Optional[np.ndarray] = None, padding: float = 0.0):
@@ -100,8 +101,7 @@ class ClassificationDataset(Dataset):
         pixels = self.pixels(i)
         if pixels is None:
             return None
-        image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-        return image, self.data.labels[i], i, seed, self.data.pill_boxes[i]
+        return torch.from_numpy(pixels), self.data.labels[i], i, seed, self.data.pill_boxes[i]
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -156,7 +156,9 @@ class Collate:
         if not kept:
             return None
         images, labels, indices, seeds, boxes = zip(*kept)
-        batch = {"images": torch.stack(images), "targets": torch.tensor(labels), "indices": torch.tensor(indices),
+        # NCHW shape over NHWC memory (channels-last): no per-image transposition anywhere on the way
+        batch = {"images": torch.stack(images).permute(0, 3, 1, 2), "targets": torch.tensor(labels),
+                 "indices": torch.tensor(indices),
                  "seeds": torch.tensor(seeds, dtype=torch.int64), "boxes": torch.tensor(boxes, dtype=torch.float32)}
         return finish_batch(batch, self.augment) if (self.augment or self.normalise_only) else batch
 
