@@ -1,5 +1,5 @@
-"""One stage: settings → check → validate → subset → verify models → tune → train → evaluate → export
-→ Go/No-Go → advisor review → ledger → report."""
+"""One stage: settings → validate → subset → environment check (resources, config, the stage's pixel cache)
+→ verify models → tune both models → train → evaluate → export → Go/No-Go → advisor review → ledger → report."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -76,12 +76,12 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
                config_path: Optional[str] = None) -> Dict:
     config, settings_changed = stage_settings_task(resolve(config_path, profile, overrides), stage)
     storage = result_storage(config)
-    environment_check_task(config, stage)
     manifest_hash = current_manifest_hash(config)
     validation = validate_task.with_options(result_storage=storage)(config, manifest_hash)
     subset_missing = not (subset_dir(Path(config["paths"]["exp_dir"]), stage) / "subset.csv").is_file()
     subset = subset_task.with_options(result_storage=storage, refresh_cache=subset_missing)(
         config, stage, manifest_hash)
+    environment_check_task(config, stage)  # after the subset: the pixel cache it sizes is the stage's
     verify_models_task(config, stage)
     init_checkpoints, baseline = _previous_stage(config, stage)
     train, det_train, train_state = _train(config, stage, subset["subset_hash"], storage, init_checkpoints)

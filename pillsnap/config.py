@@ -28,7 +28,6 @@ class PathsConfig:
     data_root: str = "data/aihub"  # AIHub layout root holding train/ (and val/ = the sealed test split)
     manifest_csv: Optional[str] = None  # a plain manifest CSV instead of the AIHub layout
     exp_dir: str = "exp/exp01"
-    pretrained_dir: Optional[str] = None
 
 
 @dataclass

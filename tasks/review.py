@@ -25,8 +25,18 @@ class ReviewChoice(RunInput):
 
 @task(name="environment-check")
 def environment_check_task(config: Dict, stage: int) -> Dict:
+    """GPU, RAM, disk, the config, and whether the stage's pixel cache fits (so it runs after the subset)."""
+    from pillsnap.data.class_map import ClassMap
+    from pillsnap.data.prepare import class_map_path
+    from pillsnap.data.subsets import read_subset
+    from pillsnap.train.data import stage_samples
+
+    cfg = cfg_of(config)
     with library_logs_in_run():
-        return run_prechecks(cfg_of(config), stage=stage).to_dict()
+        subset = read_subset(cfg.exp_dir, stage)[0]
+        class_map = ClassMap.load(class_map_path(cfg))
+        return run_prechecks(cfg, stage=stage, class_map_size=len(class_map),
+                             cache_samples=stage_samples(cfg, subset, class_map)).to_dict()
 
 
 def review(config: Dict, stage: int, advice: Dict) -> Tuple[str, str]:

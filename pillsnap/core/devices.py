@@ -37,3 +37,13 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {_cpu_name()}"
+
+
+def evaluation_device(cfg) -> torch.device:
+    """evaluation.device: auto = the training device (CUDA when present)."""
+    return select_device(cfg.evaluation.device, "evaluation.device")
+
+
+def serving_device(cfg) -> torch.device:
+    """inference.device: where predict / serve run, and where the gates' latency is measured."""
+    return select_device(cfg.inference.device, "inference.device")

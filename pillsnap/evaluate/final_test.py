@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pillsnap.config import PillSnapConfig
+from pillsnap.core.devices import evaluation_device
 from pillsnap.core.jsonio import write_json_atomic
 from pillsnap.core import layout
 from pillsnap.ledger import Ledger, StageRecord
@@ -135,9 +136,10 @@ def _predictor(cfg: PillSnapConfig, plan: FinalTestPlan):
     from pillsnap.infer.predict import Predictor
 
     class_map = ClassMap.load(class_map_path(cfg))
-    model, labels = load_classifier(cfg, plan.classifier, class_map)
-    loader = (lambda: build_detector(cfg, plan.detector, "torch")) if plan.detector else None
-    predictor = Predictor(TorchClassifierEngine(model), labels, class_map.names, cfg.classification.image_size,
+    device = evaluation_device(cfg)
+    model, labels = load_classifier(cfg, plan.classifier, class_map, device)
+    loader = (lambda: build_detector(cfg, plan.detector, "torch", device=device)) if plan.detector else None
+    predictor = Predictor(TorchClassifierEngine(model, device), labels, class_map.names, cfg.classification.image_size,
                           cfg.classification.crop_padding, cfg.inference.single_confidence_threshold, loader)
     return predictor, labels
 
@@ -170,7 +172,7 @@ def _detection(cfg: PillSnapConfig, plan: FinalTestPlan, test: pd.DataFrame) -> 
     combos = test[test["kind"] == "combination"]
     if combos.empty:
         return {"measured": False, "reason": "the test split has no combination images"}
-    model = load_detector_checkpoint(plan.detector)
+    model = load_detector_checkpoint(plan.detector, evaluation_device(cfg))
     metrics = evaluate_detector(map_detector(model, cfg.detection.image_size), detection_samples(combos),
                                 cfg.detection.conf_threshold)
     return {"measured": True, **metrics}

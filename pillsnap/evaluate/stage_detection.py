@@ -27,20 +27,29 @@ def detection_results(train: Optional[Dict]) -> Optional[Dict]:
 
 
 def combination_accuracy(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, class_map: ClassMap) -> Dict:
+    from pillsnap.core.devices import device_name, evaluation_device, serving_device
     from pillsnap.evaluate.combination import combination_samples, evaluate_combinations
-    from pillsnap.models.classifier import load_classifier
+    from pillsnap.infer.detection import torch_raw_predictor
     from pillsnap.infer.engines import TorchClassifierEngine, build_detector
+    from pillsnap.infer.latency import detector_model_latency
     from pillsnap.infer.preprocess import normalise_batch
+    from pillsnap.models.classifier import load_classifier
+    from pillsnap.models.detector import load_detector_checkpoint
 
     val = subset[(subset["split"] == "val") & (subset["kind"] == "combination")]
     detector_ckpt = layout.detector_checkpoint(cfg.exp_dir, stage)
     if val.empty or not detector_ckpt.is_file():
         return {"measured": False, "reason": "no validation combination images" if val.empty else "no detector"}
-    model, labels = load_classifier(cfg, layout.classifier_checkpoint(cfg.exp_dir, stage), class_map)
-    detector = build_detector(cfg, detector_ckpt, "torch")
-    engine = TorchClassifierEngine(model)
+    device, serving = evaluation_device(cfg), serving_device(cfg)
+    model, labels = load_classifier(cfg, layout.classifier_checkpoint(cfg.exp_dir, stage), class_map, device)
+    detector = build_detector(cfg, detector_ckpt, "torch", device=device)
+    engine = TorchClassifierEngine(model, device)
     classify = lambda crops: engine.logits(normalise_batch(list(crops)))  # noqa: E731
     result = evaluate_combinations(combination_samples(val), detector, classify, labels.k_codes,
                                    cfg.classification.crop_padding, cfg.classification.image_size)
-    log.info("combination accuracy on %d val images: %s", len(val), result.as_dict())
-    return {"measured": True, **result.as_dict()}
+    latency = detector_model_latency(torch_raw_predictor(load_detector_checkpoint(detector_ckpt, serving)),
+                                     cfg.detection.image_size)
+    log.info("combination accuracy on %d val images (%s): %s; detector batch-1 p50 %.1f ms on %s", len(val),
+             device_name(device), result.as_dict(), latency["p50"], device_name(serving))
+    return {"measured": True, **result.as_dict(), "detector_inference_time_ms": latency["p50"],
+            "latency_device": device_name(serving), "evaluation_device": device_name(device)}

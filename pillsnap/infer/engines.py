@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pillsnap.config import PillSnapConfig
-from pillsnap.core.devices import select_device
+from pillsnap.core.devices import serving_device
 from pillsnap.data.class_map import ClassMap, check_same
 from pillsnap.infer.detection import Detector, onnx_raw_predictor, torch_raw_predictor
 from pillsnap.core import layout
@@ -64,10 +64,6 @@ def check_engine(engine: str) -> str:
     if engine not in ENGINES:
         raise InferenceSetupError(f"inference.engine={engine!r} is not one of {list(ENGINES)}")
     return engine
-
-
-def serving_device(cfg: PillSnapConfig) -> torch.device:
-    return select_device(cfg.inference.device, "inference.device")
 
 
 def onnx_providers(device: torch.device) -> List[str]:

@@ -11,6 +11,7 @@ A failed parity check still writes the report, then raises ExportParityError wit
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from typing import Dict, Optional
 import pandas as pd
 
 from pillsnap.config import PillSnapConfig
+from pillsnap.core.devices import evaluation_device
 from pillsnap.data.class_map import ClassMap
 from pillsnap.core.jsonio import write_json_atomic
 from pillsnap.core import layout
@@ -74,7 +76,9 @@ def _export_classifier(cfg: PillSnapConfig, model, labels: ClassMap, checkpoint:
     write_metadata(path, {"k_codes": labels.k_codes, "class_map_hash": labels.hash, "image_size": str(size),
                           "backbone": cfg.classification.backbone, "source_checkpoint": str(checkpoint)})
     images = classifier_parity_images(subset, cfg.export.parity_samples)
-    parity = check_classifier_parity(TorchClassifierEngine(model), path, images, size, cfg.export.min_top1_agreement)
+    device = evaluation_device(cfg)
+    parity = check_classifier_parity(TorchClassifierEngine(copy.deepcopy(model), device), path, images, size,
+                                     cfg.export.min_top1_agreement, device=device)
     return {"exported": True, "path": str(path), "onnxslim": slimmed, **_file_facts(path),
             "source_checkpoint": str(checkpoint), "parity": parity.as_dict()}
 
@@ -103,7 +107,7 @@ def _export_detector(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, out:
                           "classes": payload.get("classes", ["pill"]), "source_checkpoint": str(checkpoint),
                           "nms": "outside the graph: pillsnap.infer.detection.nms"})
     rows = detector_parity_rows(subset, cfg.export.parity_samples)
-    parity = check_detector_parity(model, path, rows, size, cfg.export.max_map_diff)
+    parity = check_detector_parity(model, path, rows, size, cfg.export.max_map_diff, evaluation_device(cfg))
     return {"exported": True, "path": str(path), "onnxslim": slimmed, **_file_facts(path), "image_size": size,
             "backbone": payload["backbone"], "source_checkpoint": str(checkpoint), "activations": activations,
             "parity": parity.as_dict()}

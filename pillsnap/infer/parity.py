@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pillsnap.data.manifest import boxes_of
 from pillsnap.infer.detection import (detection_samples, evaluate_detector, letterbox, load_bgr, map_detector, onnx_raw_predictor, torch_raw_predictor)
@@ -64,10 +65,12 @@ def detector_parity_rows(subset: pd.DataFrame, n: int) -> pd.DataFrame:
 
 
 def check_classifier_parity(torch_engine: TorchClassifierEngine, onnx_path: Path, image_paths: List[str],
-                            image_size: int, min_top1_agreement: float, batch_size: int = 16) -> ClassifierParity:
+                            image_size: int, min_top1_agreement: float, batch_size: int = 16,
+                            device: Optional[torch.device] = None) -> ClassifierParity:
+    """Both engines batched on the evaluation device (ONNX Runtime with its CUDA provider when there is one)."""
     if not image_paths:
         raise ValueError("classifier parity: the stage subset has no validation images to compare on")
-    onnx_engine = OnnxClassifierEngine(onnx_path)
+    onnx_engine = OnnxClassifierEngine(onnx_path, device=device or torch.device("cpu"))
     diffs, agree = [], 0
     for start in range(0, len(image_paths), batch_size):
         batch = np.concatenate([classifier_inputs(load_rgb(p), [None], image_size, 0.0)
@@ -82,12 +85,15 @@ def check_classifier_parity(torch_engine: TorchClassifierEngine, onnx_path: Path
 
 
 def check_detector_parity(model, onnx_path: Path, rows: pd.DataFrame, image_size: int,
-                          max_map_diff: float) -> DetectorParity:
+                          max_map_diff: float, device: Optional[torch.device] = None) -> DetectorParity:
     if rows.empty:
         raise ValueError("detector parity: the stage subset has no validation images with boxes to compare on")
+    from pillsnap.infer.engines import onnx_providers
+
+    device = device or torch.device("cpu")
     samples = detection_samples(rows)
-    onnx_raw = onnx_raw_predictor(onnx_path)
-    torch_raw = torch_raw_predictor(model)
+    onnx_raw = onnx_raw_predictor(onnx_path, onnx_providers(device))
+    torch_raw = torch_raw_predictor(model, device)
     on_torch = evaluate_detector(map_detector(torch_raw, image_size), samples)
     on_onnx = evaluate_detector(map_detector(onnx_raw, image_size), samples)
     first = np.stack([letterbox(load_bgr(s.image_path), image_size)[0] for s in samples[:8]])

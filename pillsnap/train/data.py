@@ -5,7 +5,7 @@ Worker autotuning needs the real data (pixel store included) but no model, so da
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import pandas as pd
 import torch
@@ -50,6 +50,12 @@ def stage_label_space(subset: pd.DataFrame, class_map: ClassMap) -> ClassMap:
 def classifier_samples(cfg: PillSnapConfig, subset: pd.DataFrame, labels: ClassMap, split: str) -> ClassificationSamples:
     return classification_samples(subset[subset["split"] == split], labels, cfg.data.include_combination_crops,
                                   cfg.classification.crop_padding)
+
+
+def stage_samples(cfg: PillSnapConfig, subset: pd.DataFrame, class_map: ClassMap) -> List:
+    """Every classifier sample (train and val) of a stage: what its pixel cache must hold."""
+    labels = stage_label_space(subset, class_map)
+    return [*classifier_samples(cfg, subset, labels, "train").samples, *classifier_samples(cfg, subset, labels, "val").samples]
 
 
 def classifier_data(cfg: PillSnapConfig, subset: pd.DataFrame, labels: ClassMap, device: torch.device,

@@ -1,4 +1,5 @@
-"""Pre-training checks (v3 lessons, phases 1-2): resources first, then the config.
+"""Pre-training checks (v3 lessons, phases 1-2): resources first (GPU, RAM, disk, the stage's pixel cache),
+then the config.
 
 Everything is checked and reported together, so one run names every shortfall instead of the first one.
 `run_prechecks` raises PrecheckError whose message lists each problem with the numbers behind it.
@@ -9,10 +10,12 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import psutil
 import torch
+
+from pillsnap.data.prepare import pixel_store
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +143,20 @@ def check_config(cfg: Any, stage: Optional[int] = None, class_map_size: Optional
     return [CheckResult("config", False, p) for p in problems]
 
 
+def check_pixel_cache(cfg: Any, samples: Sequence[Any]) -> CheckResult:
+    """The decode-once pixel store must hold this stage's samples: the rows it lacks x S x S x 3 bytes."""
+    if not cfg.dataloader.cache.enabled:
+        return CheckResult("pixel_cache", True, "dataloader.cache.enabled=false: images are decoded on the fly")
+    plan = pixel_store(cfg).plan(samples)
+    verdict = "fits" if plan.fits else "does NOT fit (set dataloader.cache.dir to a larger disk or free space)"
+    return CheckResult("pixel_cache", plan.fits, f"pixel cache at {pixel_store(cfg).dir}: {plan.describe()}: {verdict}")
+
+
 def run_prechecks(
     cfg: Any,
     *,
     stage: Optional[int] = None,
+    cache_samples: Optional[Sequence[Any]] = None,
     class_map_size: Optional[int] = None,
     model_num_classes: Optional[int] = None,
     requirements: Optional[PrecheckRequirements] = None,
@@ -159,6 +172,7 @@ def run_prechecks(
         check_disk("disk_data", data_dir_of(cfg), req.min_free_disk_gb_data, disk_usage),
         check_disk("disk_exp", Path(cfg.paths.exp_dir), req.min_free_disk_gb_exp, disk_usage),
         *check_config(cfg, stage, class_map_size, model_num_classes),
+        *([check_pixel_cache(cfg, cache_samples)] if cache_samples is not None else []),
     ])
     for result in report.results:
         (logger.info if result.ok else logger.error)("precheck %s: %s", result.name, result.detail)

@@ -82,3 +82,15 @@ def test_config_sanity(cfg):
     assert "classification.image_size=0 must be positive" in message
     assert "data.stages[3].classes=1000 > class map size 50" in message
     assert "classifier has 49 outputs but the class map has 50" in message
+
+
+def test_the_stage_4_pixel_cache_is_sized_before_anything_is_decoded(cfg, monkeypatch, tmp_path):
+    """500K photos at 384 px need ~221 GB; with 100 GB free the check names both numbers and stops the stage."""
+    monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=100 * GB, total=1000 * GB))
+    samples = [(f"/data/aihub/train/K-{i % 4523:06d}_{i}.png", None) for i in range(500_000)]
+    with pytest.raises(PrecheckError, match=r"pixel_cache|pixel cache") as info:
+        run_prechecks(cfg, cache_samples=samples, **plenty_of_everything(disk_usage=lambda p: SimpleNamespace(
+            free=100 * GB)))
+    detail = next(r.detail for r in info.value.report.results if r.name == "pixel_cache")
+    assert "500000 samples, 0 already cached, 500000 to decode = 221.18 GB more" in detail
+    assert "free 100.00 GB" in detail and "does NOT fit" in detail
