@@ -63,7 +63,7 @@ def build_models(work: Path, args: argparse.Namespace):
 
     torch.manual_seed(0)
     classifier = timm.create_model("test_efficientnet", pretrained=False, num_classes=args.classes).eval()
-    detector = build_detector(DetectionConfig(scale="n", image_size=args.det_size), work / "det").eval()
+    detector = build_detector(DetectionConfig(scale="n", image_size=args.det_size, pretrained=False), work / "det").eval()
     cls_onnx = export_classifier_onnx(classifier, work / "classifier.onnx", args.cls_size, 17, True)
     det_onnx = export_detector_onnx(detector, work / "detector.onnx", args.det_size, 17, True)
     return classifier, detector, cls_onnx, det_onnx
@@ -82,7 +82,7 @@ def predictors(classifier, detector, cls_onnx: Path, det_onnx: Path, args: argpa
 
     def make(engine, raw) -> Predictor:
         loader = lambda: Detector(raw, args.det_size, 0.0, 0.5, args.pills)  # noqa: E731
-        return Predictor(engine, labels, {}, args.cls_size, 0.15, 0.30, loader, lazy_detector=False)
+        return Predictor(engine, labels, args.cls_size, 0.15, 0.30, loader, lazy_detector=False)
 
     return {"torch": make(TorchClassifierEngine(classifier), torch_raw_predictor(detector)),
             "onnx": make(OnnxClassifierEngine(cls_onnx, threads=args.threads), onnx_raw)}

@@ -111,6 +111,20 @@ def cmd_export(args) -> int:
     return export_command(args, _load)
 
 
+def cmd_serve(args) -> int:
+    from pillsnap.environment import api_keys_from_environment
+    from pillsnap.serve.server import read_api_keys, serve_stage
+
+    cfg = _load(args)
+    keys = read_api_keys(cfg, api_keys_from_environment())
+    try:
+        serve_stage(cfg, args.stage, args.engine, args.host or cfg.serve.host, args.port or cfg.serve.port, keys)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pillsnap serve: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_stage(args) -> int:
     _flow_env()
     from flows.stage import stage_flow
@@ -152,6 +166,7 @@ COMMANDS: Dict[str, tuple[Callable, str]] = {
     "final-test": (cmd_final_test, "the one-time final test on the sealed test split (after an approved Stage 4)"),
     "predict": (cmd_predict, "recognise pills in photos: single | combo | auto, torch or ONNX engine"),
     "export": (cmd_export, "export a stage's classifier (and detector) to ONNX with a torch parity check"),
+    "serve": (cmd_serve, "serve a trained stage over HTTP (FastAPI on uvicorn): health, ready, predict, metrics"),
     "demo": (cmd_demo, "the Stage 1 demo: synthetic data, Prefect's embedded server, CPU"),
 }
 
@@ -177,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("predict", "export"):
             from pillsnap.infer.cli_commands import add_arguments
             add_arguments(name, p)
+        if name == "serve":
+            p.add_argument("--stage", type=int, help="stage whose models to serve (default: the highest trained)")
+            p.add_argument("--engine", choices=["torch", "onnx"], help="default: inference.engine")
+            p.add_argument("--host", help="default: serve.host (127.0.0.1)")
+            p.add_argument("--port", type=int, help="default: serve.port (8000)")
     return parser
 
 

@@ -270,6 +270,25 @@ class ExportConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The HTTP API (pillsnap serve) and the stage's API smoke test."""
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    require_api_key: bool = True
+    api_keys_file: Optional[str] = None  # one key a line; PILLSNAP_API_KEYS (comma-separated) is read at the CLI
+    max_request_mb: float = 20.0  # a larger body is refused with 413
+    max_image_pixels: int = 40_000_000  # a larger photo is refused with 422 (a decompression bomb is larger still)
+    max_batch_images: int = 16
+    max_concurrency: int = 4  # photos processed at once; more wait
+    max_waiting: int = 64  # requests waiting for a slot; more get 503
+    micro_batch: bool = True  # concurrent requests share one classifier forward pass
+    micro_batch_max: int = 32
+    smoke_requests: int = 48  # the stage's API check: photos sent
+    smoke_concurrency: int = 4  # … by this many clients at once
+    smoke_timeout_s: float = 180.0  # start-up included
+
+
+@dataclass
 class LoggingConfig:
     level: str = "INFO"
     tensorboard: bool = True
@@ -345,6 +364,7 @@ class PillSnapConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

@@ -3,6 +3,7 @@ below them never reads environment variables for its settings, it receives a Pil
 
 - PILLSNAP_INJECT_OOM="3,7" becomes the override train.oom.inject_at_steps=[3,7] (an OOM drill on a running
   deployment without editing its config);
+- PILLSNAP_API_KEYS="k1,k2": API keys for `pillsnap serve` (beside serve.api_keys_file), kept out of configs;
 - YOLO_CONFIG_DIR defaults to <exp_dir>/ultralytics_settings (ultralytics fixes its settings folder at import);
 - PYTORCH_CUDA_ALLOC_CONF defaults to expandable_segments:True (less fragmentation, fewer OOMs; read by CUDA at
   first use). A value the user set always wins.
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import List, Mapping, MutableMapping
 
 INJECT_ENV_VAR = "PILLSNAP_INJECT_OOM"
+API_KEYS_ENV_VAR = "PILLSNAP_API_KEYS"
 ALLOC_CONF_ENV_VAR = "PYTORCH_CUDA_ALLOC_CONF"
 DEFAULT_ALLOC_CONF = "expandable_segments:True"
 
@@ -27,6 +29,10 @@ def overrides_from_environment(env: Mapping[str, str] = os.environ) -> List[str]
     if bad:
         raise ValueError(f"{INJECT_ENV_VAR}={text!r}: expected comma-separated step numbers like '3,7'")
     return [f"train.oom.inject_at_steps=[{','.join(steps)}]"]
+
+
+def api_keys_from_environment(env: Mapping[str, str] = os.environ) -> List[str]:
+    return [k.strip() for k in env.get(API_KEYS_ENV_VAR, "").split(",") if k.strip()]
 
 
 def prepare_process(exp_dir: Path, env: MutableMapping[str, str] = os.environ) -> None:

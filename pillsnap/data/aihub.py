@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pandas as pd
 
@@ -36,7 +36,7 @@ class ImportIssue:
 class ImportResult:
     manifest: pd.DataFrame
     issues: List[ImportIssue] = field(default_factory=list)
-    names: Dict[str, str] = field(default_factory=dict)  # K-code -> dl_name
+    info: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # K-code -> class_info of its labels
 
     def issues_frame(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(i) for i in self.issues], columns=["kind", "path", "detail"])
@@ -88,7 +88,7 @@ def import_aihub_split(split_root: Path, split: str = "", show_progress: bool = 
     issues: List[ImportIssue] = []
     image_index = _index_images(images_root, issues)
     label_paths = sorted(_walk(labels_root, {".json"}))
-    names: Dict[str, str] = {}
+    info: Dict[str, Dict[str, Any]] = {}
     records: Dict[str, Dict] = {}
     with progress(total=len(label_paths), desc=f"import {split_root.name}", unit="json",
                   enabled=show_progress) as bar:
@@ -99,7 +99,7 @@ def import_aihub_split(split_root: Path, split: str = "", show_progress: bool = 
             except ValueError as e:
                 issues.append(ImportIssue("malformed_json", str(path), str(e)))
                 continue
-            _add_label(records, names, issues, path, image, bbox)
+            _add_label(records, info, issues, path, image, bbox)
     rows = []
     for stem, rec in records.items():
         img = image_index.get(stem)
@@ -112,14 +112,26 @@ def import_aihub_split(split_root: Path, split: str = "", show_progress: bool = 
     for stem in sorted(set(image_index) - set(records)):
         issues.append(ImportIssue("missing_json", str(image_index[stem]), "image has no label file"))
     log.info("imported %d images from %s (%d issues)", len(rows), split_root, len(issues))
-    return ImportResult(from_rows(rows), issues, names)
+    return ImportResult(from_rows(rows), issues, info)
 
 
-def _add_label(records: Dict[str, Dict], names: Dict[str, str], issues: List[ImportIssue], path: Path,
+def class_info(image: Dict) -> Dict[str, Any]:
+    """What an AIHub label says about its drug, as the API returns it (EDI codes split, empty fields dropped)."""
+    text = lambda key: str(image.get(key) or "").strip()  # noqa: E731
+    info = {"drug_name": text("dl_name"), "drug_name_en": text("dl_name_en"),
+            "edi_codes": [c.strip() for c in text("di_edi_code").split(",") if c.strip()],
+            "item_seq": text("item_seq"), "company": text("dl_company"), "shape": text("drug_shape"),
+            "colours": [c for c in (text("color_class1"), text("color_class2")) if c],
+            "imprint": {"front": text("print_front"), "back": text("print_back")}}
+    return info
+
+
+def _add_label(records: Dict[str, Dict], info: Dict[str, Dict[str, Any]], issues: List[ImportIssue], path: Path,
                image: Dict, bbox: List[float]) -> None:
     stem = path.stem
     k_code = image["dl_mapping_code"]
-    names.setdefault(k_code, str(image.get("dl_name", "")))
+    if k_code not in info:
+        info[k_code] = class_info(image)
     combination = bool(_COMBO_STEM.match(stem))
     if not combination and not stem.startswith(k_code + "_"):
         issues.append(ImportIssue("kcode_mismatch", str(path), f"dl_mapping_code {k_code} vs file {stem}"))

@@ -59,7 +59,7 @@ def run_import(cfg: PillSnapConfig, show_progress: bool = True) -> Dict:
                          f"{[(i.kind, i.path) for i in result.issues[:5]]}")
     manifest = assign_splits(result.manifest, cfg.data.val_fraction, cfg.data.seed)
     write_manifest(manifest, manifest_path(cfg))
-    cmap = build_class_map(manifest, result.names)
+    cmap = build_class_map(manifest, result.info)
     cmap.save(class_map_path(cfg))
     result.issues_frame().to_json(data_dir(cfg) / "import_issues.jsonl", orient="records", lines=True,
                                   force_ascii=False)

@@ -139,7 +139,7 @@ def _predictor(cfg: PillSnapConfig, plan: FinalTestPlan):
     device = evaluation_device(cfg)
     model, labels = load_classifier(cfg, plan.classifier, class_map, device)
     loader = (lambda: build_detector(cfg, plan.detector, "torch", device=device)) if plan.detector else None
-    predictor = Predictor(TorchClassifierEngine(model, device), labels, class_map.names, cfg.classification.image_size,
+    predictor = Predictor(TorchClassifierEngine(model, device), labels, cfg.classification.image_size,
                           cfg.classification.crop_padding, cfg.inference.single_confidence_threshold, loader)
     return predictor, labels
 

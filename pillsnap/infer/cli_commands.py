@@ -7,7 +7,8 @@
 Options come before the images (argparse reads the positional words in one go, as for every pillsnap command).
 
 predict prints one JSON object per image in a list: {image, mode_requested, mode_used, fallback_reason,
-gating_score, single_confidence, pills: [{k_code, drug_name, confidence, box}]}.
+gating_score, single_confidence, pills: [{k_code, drug_name, confidence, top5, box, identifiers}]}. An unreadable
+photo gets {image, error} in its place, the others are still answered, and the exit code is 1.
 """
 from __future__ import annotations
 
@@ -50,12 +51,19 @@ def predict_command(args: argparse.Namespace, load: Callable) -> int:
     cfg = load(args)
     try:
         predictor = load_predictor(cfg, args.stage, args.engine, Path(args.hard_cases) if args.hard_cases else None)
-        results = [predictor.predict(image, args.mode) for image in args.images]
     except (InferenceSetupError, FileNotFoundError) as e:
         print(f"pillsnap predict: {e}", file=sys.stderr)
         return 2
+    results, failed = [], 0
+    for image in args.images:
+        try:
+            results.append(predictor.predict(image, args.mode))
+        except FileNotFoundError as e:  # unreadable or missing: reported, and the next photo is answered
+            failed += 1
+            results.append({"image": image, "error": str(e)})
+            print(f"pillsnap predict: {e}", file=sys.stderr)
     print(json.dumps(results, indent=1, ensure_ascii=False, default=str))
-    return 0
+    return 1 if failed else 0
 
 
 def export_command(args: argparse.Namespace, load: Callable) -> int:

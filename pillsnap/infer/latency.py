@@ -41,7 +41,7 @@ def pipeline_latency(cfg: PillSnapConfig, engine: ClassifierEngine, labels: Clas
 
     if not photos:
         return {}
-    predictor = Predictor(engine, labels, labels.names, cfg.classification.image_size,
+    predictor = Predictor(engine, labels, cfg.classification.image_size,
                           cfg.classification.crop_padding, cfg.inference.single_confidence_threshold,
                           default_mode="single")
     order = iter(list(photos) * (1 + (WARMUP + SAMPLES) // len(photos)))

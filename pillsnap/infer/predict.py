@@ -9,6 +9,9 @@ auto    classify the whole photo, then route (see `pillsnap.infer.gating`): low 
         When the gate fires but combo cannot help (no detector, or it finds no pill), the whole-image answer is
         kept: mode_used stays single, fallback_reason is null and `note` says what happened.
 
+Each pill: K-code, drug name, confidence, the top-5 K-codes, the box, and the identifiers the AIHub labels carry
+(EDI codes, item_seq, company, shape, colours, imprint; kept in the class map by the importer).
+
 The detector is loaded on first use when inference.lazy_load_detector is true: single-mode requests never pay for
 it. Hard cases (D-3: single with confidence < 0.30, or auto that fell back to combo) can be appended to a JSONL file.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -37,14 +40,20 @@ log = logging.getLogger(__name__)
 MODES = ("single", "combo", "auto")
 HARD_CASE_SINGLE_CONFIDENCE = 0.30  # D-3: a single-mode answer below this is kept for the weekly analysis
 Pill = Dict[str, object]
+Label = List[Tuple[str, float]]  # the top-5 (K-code, probability), best first
+
+
+IDENTIFIERS = ("edi_codes", "item_seq", "company", "shape", "colours", "imprint")
+TOP_K = 5
 
 
 class Predictor:
-    def __init__(self, classifier: ClassifierEngine, labels: ClassMap, names: Mapping[str, str], image_size: int,
+    def __init__(self, classifier: ClassifierEngine, labels: ClassMap, image_size: int,
                  crop_padding: float, single_threshold: float, detector_loader: Optional[Callable[[], Detector]] = None,
                  lazy_detector: bool = True, default_mode: str = "auto", hard_cases: Optional[Path] = None,
                  batch_size: int = 32):
-        self.classifier, self.labels, self.names = classifier, labels, dict(names)
+        """labels: the classifier's label space (K-codes in output order, with their class info)."""
+        self.classifier, self.labels = classifier, labels
         self.k_codes = labels.k_codes
         self.image_size, self.crop_padding, self.threshold = image_size, crop_padding, single_threshold
         self.default_mode, self.hard_cases, self.batch_size = default_mode, hard_cases, batch_size
@@ -70,36 +79,44 @@ class Predictor:
             self._detector = self._detector_loader()
         return self._detector
 
-    def classify_crops(self, crops: Sequence[np.ndarray]) -> List[Tuple[str, float]]:
-        """(K-code, probability) for each S×S×3 uint8 crop, in batches of `batch_size`."""
-        out: List[Tuple[str, float]] = []
+    def classify_crops(self, crops: Sequence[np.ndarray]) -> List[Label]:
+        """The top-5 (K-code, probability), best first, for each S×S×3 uint8 crop, in batches of `batch_size`."""
+        out: List[Label] = []
         for start in range(0, len(crops), self.batch_size):
             probs = _softmax(self.classifier.logits(normalise_batch(crops[start:start + self.batch_size])))
-            out += [(self.k_codes[int(i)], float(p[i])) for i, p in zip(probs.argmax(1), probs)]
+            k = min(TOP_K, probs.shape[1])
+            best = np.argsort(-probs, axis=1)[:, :k]
+            out += [[(self.k_codes[int(i)], float(row[i])) for i in order] for order, row in zip(best, probs)]
         return out
 
-    def classify_image(self, image: Image.Image) -> Tuple[str, float]:
+    def classify_image(self, image: Image.Image) -> Label:
         return self.classify_crops([crop_pixels(image, None, self.image_size, 0.0)])[0]
 
     # ------------------------------------------------------------------ pipeline
-    def predict(self, image_path: str | Path, mode: Optional[str] = None) -> Dict[str, object]:
+    def predict(self, image: str | Path | Image.Image, mode: Optional[str] = None,
+                name: Optional[str] = None) -> Dict[str, object]:
+        """One photo (a path, or an image already decoded, e.g. from an upload); `name` labels it in the answer."""
         started = time.perf_counter()
         mode = mode or self.default_mode
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {list(MODES)}")
         if mode == "combo" and not self.has_detector:
             self.detector()  # raises the clear "needs a detector" error before any work
-        image = load_rgb(image_path)
+        image_path = name if name is not None else str(image)
+        if not isinstance(image, Image.Image):
+            image = load_rgb(image)
+        elif image.mode != "RGB":
+            image = image.convert("RGB")
         whole_box = [0.0, 0.0, float(image.width), float(image.height)]
         single = self.classify_image(image) if mode != "combo" else None
         detections, objects, source = None, None, None
         if mode == "auto":
             detections, objects, source = self._count_objects(image)
-        route = decide(mode, single[1] if single else None, self.threshold, objects)
+        route = decide(mode, single[0][1] if single else None, self.threshold, objects)
         result: Dict[str, object] = {
             "image": str(image_path), "mode_requested": mode, "mode_used": route.mode_used,
             "fallback_reason": route.reason, "gating_score": route.gating_score,
-            "single_confidence": single[1] if single else None,
+            "single_confidence": single[0][1] if single else None,
             "objects_hint": {"count": objects, "source": source} if mode == "auto" else None}
         if route.mode_used == "combo":
             self._combo(image, detections, route, result)
@@ -139,10 +156,14 @@ class Predictor:
             return
         result["pills"] = [self._pill(label, box, float(det[4])) for label, box, det in zip(labels, boxes, detections)]
 
-    def _pill(self, label: Tuple[str, float], box: Sequence[float], det_conf: Optional[float] = None) -> Pill:
-        k_code, confidence = label
-        pill: Pill = {"k_code": k_code, "drug_name": self.names.get(k_code, ""), "confidence": confidence,
-                      "box": [round(float(v), 1) for v in box]}
+    def _pill(self, label: Label, box: Sequence[float], det_conf: Optional[float] = None) -> Pill:
+        k_code, confidence = label[0]
+        info = self.labels.info.get(k_code, {})
+        pill: Pill = {"k_code": k_code, "drug_name": info.get("drug_name", ""), "confidence": confidence,
+                      "top5": [{"k_code": k, "drug_name": self.labels.info.get(k, {}).get("drug_name", ""),
+                                "confidence": c} for k, c in label],
+                      "box": [round(float(v), 1) for v in box],
+                      "identifiers": {key: info.get(key) for key in IDENTIFIERS}}
         if det_conf is not None:
             pill["detection_confidence"] = det_conf
         return pill
@@ -186,6 +207,6 @@ def load_predictor(cfg: PillSnapConfig, stage: Optional[int] = None, engine: Opt
     if loader is None:
         log.info("stage %d: no %s detector; combo mode unavailable, auto mode uses the image heuristic",
                  stage, engine)
-    return Predictor(classifier, labels, class_map.names, cfg.classification.image_size,
+    return Predictor(classifier, labels, cfg.classification.image_size,
                      cfg.classification.crop_padding, cfg.inference.single_confidence_threshold, loader,
                      cfg.inference.lazy_load_detector, cfg.inference.mode, hard_cases)

@@ -22,7 +22,7 @@ def load_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any decoder failure (ultralytics' HEIF hook raises ImportError too)
         raise FileNotFoundError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 

@@ -33,9 +33,10 @@ def test_train_and_val_share_the_same_labels(tiny_manifest):
 
 
 def test_save_load_and_mismatch_is_an_error(tmp_path, tiny_manifest):
-    cmap = build_class_map(tiny_manifest, {"K-000001": "약"})
+    cmap = build_class_map(tiny_manifest, {"K-000001": {"drug_name": "약", "edi_codes": ["643900680"]}})
     loaded = ClassMap.load(cmap.save(tmp_path / "class_map.json"))
     assert loaded.hash == cmap.hash and loaded.names["K-000001"] == "약"
+    assert loaded.info["K-000001"]["edi_codes"] == ["643900680"] and loaded.restrict(["K-000001"]).info == cmap.info
     other = ClassMap.from_codes(cmap.k_codes[:-1])
     with pytest.raises(ClassMapError, match="refusing to remap"):
         check_same(cmap.hash, other, "checkpoint best.pt")

@@ -64,3 +64,14 @@ def test_synthesis_is_deterministic(tmp_path, make_config):
     assert files_a == files_b and files_a
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_the_importer_keeps_each_classes_identifiers(tiny_aihub):
+    from pillsnap.data.aihub import import_aihub
+
+    info = import_aihub(tiny_aihub, show_progress=False).info
+    first = info["K-000001"]  # synthetic class 0: 7 divides its index, so it has two EDI codes
+    assert first["edi_codes"] == ["640000001", "A05000001"] and first["item_seq"] == "200000001"
+    assert first["drug_name"].startswith("합성약") and first["company"] and first["shape"] and first["colours"]
+    assert set(first["imprint"]) == {"front", "back"}
+    assert info["K-007920"]["edi_codes"] == ["640007920"]  # class 1: one code

@@ -61,7 +61,7 @@ def photos(exported_stage):
 def _predictor(cfg, engine, threshold=None, detector=None, hard_cases=None):
     base = load_predictor(cfg, 1, engine, hard_cases)
     loader = (lambda: detector) if detector is not None else None
-    return Predictor(CountingEngine(base.classifier), base.labels, base.names, base.image_size, base.crop_padding,
+    return Predictor(CountingEngine(base.classifier), base.labels, base.image_size, base.crop_padding,
                      base.threshold if threshold is None else threshold, loader, True, "auto", hard_cases)
 
 
@@ -75,6 +75,11 @@ def test_single_mode_classifies_the_whole_photo_and_never_loads_the_detector(exp
     (pill,) = result["pills"]
     assert pill["k_code"] in predictor.k_codes and pill["drug_name"] == class_map.names[pill["k_code"]]
     assert 0 < pill["confidence"] <= 1 and pill["box"] == [0.0, 0.0, 96.0, 128.0]
+    assert [t["k_code"] for t in pill["top5"]][0] == pill["k_code"] and len(pill["top5"]) == 5
+    assert [t["confidence"] for t in pill["top5"]] == sorted((t["confidence"] for t in pill["top5"]), reverse=True)
+    info = class_map.info[pill["k_code"]]
+    assert pill["identifiers"]["edi_codes"] == info["edi_codes"] and pill["identifiers"]["edi_codes"]
+    assert pill["identifiers"]["imprint"] == info["imprint"] and pill["identifiers"]["colours"]
     assert not predictor.detector_loaded  # lazy: single-pill requests never pay for the detector
     json.dumps(result)  # serialisable as it is
 
@@ -166,3 +171,17 @@ def test_predict_command_prints_json(exported_stage, photos, capsys):
     assert main(args) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["image"] for r in results] == list(photos) and all(len(r["pills"]) == 1 for r in results)
+
+
+def test_predict_answers_every_readable_photo_and_reports_the_unreadable(exported_stage, photos, capsys, tmp_path):
+    cfg = exported_stage[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n only a header")
+    args = ["predict", "--mode", "single", "--stage", "1", "--profile", "ci", photos[0], str(broken), photos[1],
+            f"paths.exp_dir={cfg.exp_dir}"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert [r["image"] for r in results] == [photos[0], str(broken), photos[1]]
+    assert "pills" in results[0] and "pills" in results[2] and "cannot read image" in results[1]["error"]
+    assert str(broken) in captured.err
