@@ -1,5 +1,6 @@
 """One stage: settings → validate → subset → environment check (resources, config, the stage's pixel cache)
-→ verify models → tune both models → train → evaluate → export → Go/No-Go → advisor review → ledger → report."""
+→ verify models → tune both models → train → evaluate → export → API check → stage checks → Go/No-Go → advisor
+→ review (a person, or the unattended policy; attestations) → ledger → report."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,8 @@ from pillsnap.evaluate.stage_eval import assemble_stage_results
 from pillsnap.ledger import Ledger
 from tasks.common import result_storage
 from tasks.data import current_manifest_hash, subset_task, validate_task
-from tasks.evaluate import advisor_task, combination_task, evaluate_task, go_no_go_task
-from tasks.export import export_task
+from tasks.evaluate import advisor_task, attest_task, checks_task, combination_task, evaluate_task, go_no_go_task
+from tasks.export import api_check_task, export_task
 from tasks.review import environment_check_task, record_decision_task, report_task, review
 from tasks.train import train_classifier_task, train_detector_task, train_interleaved_task
 from tasks.tuning import auto_batch_task, autotune_workers_task, stage_settings_task, verify_models_task
@@ -87,22 +88,27 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
     train, det_train, train_state = _train(config, stage, subset["subset_hash"], storage, init_checkpoints)
     evaluation = evaluate_task(config, stage, train["best_checkpoint"],
                                (train.get("auto_batch") or {}).get("eval_batch_size"))
-    detection = detection_results(det_train)
-    if detection is not None:
-        detection["combination"] = combination_task(config, stage)
+    detection = detection_results(det_train, combination_task(config, stage) if det_train else None)
     export = export_task(config, stage)
-    results = assemble_stage_results(evaluation, train, validation, detection, export)
+    api = api_check_task(config, stage)
+    trained = {"classifier": train, "detector": det_train}
+    checks = checks_task(config, stage, subset, trained, evaluation, export, api)
+    results = assemble_stage_results(evaluation, trained, validation, subset,
+                                     {n: c["status"] for n, c in checks.items()}, detection, api)
     go_no_go = go_no_go_task(config, stage, results, baseline)
     advice = advisor_task(config, stage, results)
-    choice, chosen_by = review(config, stage, advice)
+    decided = review(config, stage, go_no_go, advice)
+    checks = attest_task(config, stage, decided.attestations)
     checkpoints = {"classifier": train["best_checkpoint"],
                    **({"detector": det_train["best_checkpoint"]} if det_train else {})}
-    decision = record_decision_task(config, stage, go_no_go, advice, choice, chosen_by,
-                                    {k: evaluation.get(k) for k in ("accuracy", "macro_f1", "top5", "n")}, checkpoints)
-    report = report_task(config, stage, subset, train, evaluation, go_no_go, advice, detection)
+    metrics = {k: evaluation.get(k) for k in ("accuracy", "macro_f1", "top5", "n")}
+    decision = record_decision_task(config, stage, go_no_go, advice, decided, metrics, checkpoints,
+                                    {n: c["status"] for n, c in checks.items()})
+    report = report_task(config, stage, subset, train, evaluation, go_no_go, advice, detection, checks, decision)
     return {"stage": stage, "report": report, "accuracy": evaluation["accuracy"],
             "macro_f1": evaluation["macro_f1"], "top5": evaluation["top5"], "n_val": evaluation["n"],
-            "detection": detection, "export_ok": bool(export.get("ok")), "settings_changed": settings_changed,
+            "detection": detection, "export_ok": bool(export.get("ok")), "api": api,
+            "settings_changed": settings_changed, "checks": {n: c["status"] for n, c in checks.items()},
             "go_no_go": go_no_go["decision"], "reasons": go_no_go["reasons"],
             "recommendation": advice["recommendation"], **decision, "exp_dir": config["paths"]["exp_dir"],
             "train_state": train_state, "global_step": train["global_step"],

@@ -35,6 +35,9 @@ class SynthConfig:
     out_dir: str = "data/synthetic"
     num_classes: int = 50
     images_per_class: int = 100
+    # Unequal class sizes, as in the real release: class k gets a seeded count in [images_per_class_min,
+    # images_per_class] (0 = every class gets images_per_class).
+    images_per_class_min: int = 0
     test_images_per_class: int = 10
     combinations: int = 40  # distinct combination folders (2-5 pills each) in train
     test_combinations: int = 8
@@ -49,7 +52,10 @@ class SynthConfig:
 @dataclass
 class StageSpec:
     classes: Optional[int] = None  # None = every class of the manifest
-    images: Optional[int] = None  # single-pill images (train + val); None = all of those classes
+    images: Optional[int] = None  # single-pill TRAINING photos; None = all of those classes'
+    # The detector's training photos: combination photos first (any K-codes: the detector has one class), then
+    # the stage's single photos; None = all of them. Validation keeps the same share of val photos.
+    detector_images: Optional[int] = None
     min_accuracy: float = 0.78
     max_latency_ms: float = 220.0
     min_coverage: float = 0.20
@@ -109,7 +115,7 @@ class DetectionConfig:
     conf_threshold: float = 0.25
     iou_threshold: float = 0.5
     max_det: int = 50
-    include_single_images: bool = False
+    include_single_images: bool = True  # single photos have a box: the detector learns from them as well
 
 
 @dataclass
@@ -129,6 +135,9 @@ class AugmentConfig:
     scale: List[float] = field(default_factory=lambda: [0.9, 1.1])
     translate: float = 0.05  # fraction of the image side
     keep_box_in_frame: bool = True  # geometry is clamped so the pill's box (known from the labels) stays inside
+    # Probability that a photo is seen as the padded crop of its pill box (classification.crop_padding): what
+    # the classifier gets for each pill the detector finds in a combination photo.
+    crop_view: float = 0.5
     brightness: float = 0.2
     contrast: float = 0.2
     saturation: float = 0.1
@@ -342,10 +351,24 @@ class AdvisorConfig:
 
 
 @dataclass
+class ChecksConfig:
+    """Bounds of the stage checks (pillsnap/evaluate/checks.py; definitions in the README)."""
+    max_host_memory_growth_mb: float = 1024.0  # private host memory, end of epoch 1 -> last epoch
+    max_gpu_memory_growth_mb: float = 512.0  # the allocator's per-epoch peak, epoch 1 -> last epoch
+    max_throughput_drop: float = 0.35  # late epochs' median throughput vs early epochs' (fraction lost)
+    max_data_share: float = 0.5  # data time / (data + compute) of a training step, epochs after the first
+    multi_batch_size: int = 32
+    multi_batch_photos: int = 64
+    # What this pipeline cannot measure: a person confirms it in the review pause; unattended it is "unattested".
+    attested: List[str] = field(default_factory=lambda: ["cloudflare_tunnel_setup"])
+
+
+@dataclass
 class EvaluationConfig:
     device: str = "auto"  # auto = the training device; evaluation, combination accuracy, final test, parity
     recommendation: RecommendationThresholds = field(default_factory=RecommendationThresholds)
     advisor: AdvisorConfig = field(default_factory=AdvisorConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
     stages: Dict[int, StageCriteria] = field(default_factory=dict)  # D-14 tables, in the YAML
 
 
@@ -439,7 +462,7 @@ def check_augment_config(cfg: Any, prefix: str = "augment") -> Optional[str]:
     """The first invalid value, as 'key=value: why', or None."""
     if len(cfg.scale) != 2 or not 0 < cfg.scale[0] <= cfg.scale[1]:
         return f"{prefix}.scale={list(cfg.scale)}: need [low, high] with 0 < low <= high"
-    for key in ("erasing", "mix_prob", "translate"):
+    for key in ("erasing", "mix_prob", "translate", "crop_view"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             return f"{prefix}.{key}={getattr(cfg, key)}: must be in [0, 1]"
     for key in ("brightness", "contrast", "saturation", "channel_gain", "mixup", "cutmix", "rotate_degrees"):

@@ -22,6 +22,9 @@ class StageRecord:
     recommendation: str = ""  # RECOMMEND_PROCEED | SUGGEST_OPTIMIZE | WARN_STOP
     choice: str = ""  # proceed | rerun_optimized | stop
     chosen_by: str = ""  # human | policy
+    reviewer: str = ""  # the person's name or note when chosen_by == human
+    overridden: List[str] = field(default_factory=list)  # the NO_GO reasons / advisor findings a person overrode
+    checks: Dict[str, str] = field(default_factory=dict)  # stage check name -> status (checks.json)
     metrics: Dict = field(default_factory=dict)
     checkpoints: Dict[str, str] = field(default_factory=dict)
     overrides: List[str] = field(default_factory=list)  # the advisor's key=value suggestions, for a re-run
@@ -29,8 +32,24 @@ class StageRecord:
     finished_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
+    def override(self) -> bool:
+        """A person chose to proceed although Go/No-Go or the advisor said otherwise."""
+        return self.chosen_by == "human" and self.choice == "proceed" and bool(self.overridden)
+
+    @property
     def approved(self) -> bool:
-        return self.decision == "GO" and self.choice == "proceed"
+        """GO and proceed, or a person's proceed over a NO_GO (an unattended policy never overrides a NO_GO)."""
+        return self.choice == "proceed" and (self.decision == "GO" or self.chosen_by == "human")
+
+
+def overridden_findings(go_no_go: Dict, advice: Dict) -> List[str]:
+    """What a person's 'proceed' overrides: the NO_GO reason codes and an advisor that did not recommend proceeding."""
+    found = list(go_no_go.get("reasons") or [])
+    if advice.get("recommendation") not in (None, "RECOMMEND_PROCEED"):
+        failed = advice.get("failed_mandatory") or []
+        found.append(f"advisor {advice['recommendation']}: {advice.get('message', '')}"
+                     + (f" (failed checks: {', '.join(failed)})" if failed else ""))
+    return found
 
 
 class Ledger:
@@ -57,7 +76,7 @@ class Ledger:
         self.save()
 
     def next_stage(self) -> Optional[int]:
-        """The first stage not yet approved (GO + proceed); None when Stage 4 is approved."""
+        """The first stage not yet approved (see StageRecord.approved); None when Stage 4 is approved."""
         for stage in STAGES:
             rec = self.latest(stage)
             if rec is None or not rec.approved:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from typing import Dict
 
 from prefect import task
@@ -46,10 +47,11 @@ def validate_task(config: Dict, manifest_hash: str) -> Dict:
 
 
 def _subset_key(context, parameters) -> str:
+    """Everything the subset depends on: the manifest, the stage's row, the seed, the val fraction."""
     cfg = cfg_of(parameters["config"])
     stage = parameters["stage"]
-    spec = cfg.stage(stage)
-    return f"subset-{parameters['manifest_hash']}-{stage}-{spec.classes}-{spec.images}-{cfg.data.seed}"
+    spec = json.dumps([asdict(cfg.stage(stage)), cfg.data.seed, cfg.data.val_fraction], sort_keys=True)
+    return f"subset-{parameters['manifest_hash']}-{stage}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
 
 
 @task(name="build-stage-subset", cache_key_fn=_subset_key, persist_result=True)

@@ -1,11 +1,15 @@
-"""Evaluation and decision tasks: evaluate on the stage's val split, Go/No-Go, advisor review."""
+"""Evaluation and decision tasks: evaluate on the stage's val split, combination accuracy, the stage checks,
+Go/No-Go and the advisor (each decision also written to stage_<n>/reports/)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Dict, Optional
 
 from prefect import task
+from prefect.artifacts import create_table_artifact
 
+from pillsnap.core import layout
+from pillsnap.core.jsonio import write_json_atomic
 from pillsnap.data.class_map import ClassMap
 from pillsnap.data.prepare import class_map_path
 from pillsnap.data.subsets import read_subset
@@ -15,23 +19,17 @@ from pillsnap.evaluate.stage_eval import evaluate_classifier
 from tasks.common import cfg_of, library_logs_in_run
 
 
+def _reports(config: Dict, stage: int) -> Path:
+    return layout.stage_dir(cfg_of(config).exp_dir, stage) / "reports"
+
+
 @task(name="evaluate-stage")
 def evaluate_task(config: Dict, stage: int, checkpoint: str, batch_size: Optional[int] = None) -> Dict:
     cfg = cfg_of(config)
     with library_logs_in_run():
         subset, _ = read_subset(cfg.exp_dir, stage)
         return evaluate_classifier(cfg, Path(checkpoint), subset, ClassMap.load(class_map_path(cfg)),
-                                   cfg.exp_dir / f"stage_{stage}" / "reports", batch_size)
-
-
-@task(name="go-no-go")
-def go_no_go_task(config: Dict, stage: int, results: Dict, baseline: Optional[Dict] = None) -> Dict:
-    return evaluate_go_no_go(cfg_of(config).stage(stage), results, baseline, stage=stage).to_dict()
-
-
-@task(name="advisor-review")
-def advisor_task(config: Dict, stage: int, results: Dict) -> Dict:
-    return OptimizationAdvisor(cfg_of(config)).evaluate_and_recommend(stage, results).to_dict()
+                                   _reports(config, stage), batch_size)
 
 
 @task(name="combination-accuracy")
@@ -41,3 +39,40 @@ def combination_task(config: Dict, stage: int) -> Dict:
     with library_logs_in_run():
         subset, _ = read_subset(cfg.exp_dir, stage)
         return combination_accuracy(cfg, stage, subset, ClassMap.load(class_map_path(cfg)))
+
+
+@task(name="stage-checks")
+def checks_task(config: Dict, stage: int, subset: Dict, train: Dict[str, Optional[Dict]], evaluation: Dict,
+                export: Optional[Dict], api: Optional[Dict]) -> Dict:
+    """Every stage check measured from this run (checks.json); returns {name: {status, measured, definition, …}}."""
+    from pillsnap.evaluate.stage_checks import measure_stage_checks, stage_evidence
+    cfg = cfg_of(config)
+    with library_logs_in_run():
+        rows, _ = read_subset(cfg.exp_dir, stage)
+        doc = measure_stage_checks(cfg, stage_evidence(cfg, stage, rows, subset, train, evaluation, export, api))
+    create_table_artifact([{"check": name, "status": c["status"], "mandatory": c["mandatory"],
+                            "definition": c["definition"]} for name, c in doc.items()],
+                          key=f"stage-{stage}-checks", description=f"Stage {stage}: checks (checks.json)")
+    return doc
+
+
+@task(name="go-no-go")
+def go_no_go_task(config: Dict, stage: int, results: Dict, baseline: Optional[Dict] = None) -> Dict:
+    decision = evaluate_go_no_go(cfg_of(config).stage(stage), results, baseline, stage=stage).to_dict()
+    write_json_atomic(_reports(config, stage) / "go_no_go.json", decision)
+    return decision
+
+
+@task(name="advisor-review")
+def advisor_task(config: Dict, stage: int, results: Dict) -> Dict:
+    advice = OptimizationAdvisor(cfg_of(config)).evaluate_and_recommend(stage, results).to_dict()
+    write_json_atomic(_reports(config, stage) / "advisor.json", advice)
+    return advice
+
+
+@task(name="record-attestations")
+def attest_task(config: Dict, stage: int, answers: Optional[Dict[str, bool]]) -> Dict:
+    """A reviewer's answers for the attested checks (None: nobody was asked) folded into checks.json."""
+    from pillsnap.evaluate.stage_checks import apply_attestations
+    with library_logs_in_run():
+        return apply_attestations(cfg_of(config), stage, answers)

@@ -3,7 +3,9 @@ and the stage report artifacts."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Literal, Optional, Tuple
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, List, Literal, Optional
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -11,8 +13,8 @@ from prefect.context import get_run_context
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from pillsnap.evaluate.stage_report import render_stage_report
-from pillsnap.ledger import Ledger, StageRecord
+from pillsnap.evaluate.stage_report import embedded, linked, render_stage_report
+from pillsnap.ledger import Ledger, StageRecord, overridden_findings
 from pillsnap.notify import notify
 from pillsnap.train import run_prechecks
 from tasks.common import cfg_of, library_logs_in_run
@@ -20,7 +22,17 @@ from tasks.common import cfg_of, library_logs_in_run
 
 class ReviewChoice(RunInput):
     choice: Literal["proceed", "rerun_optimized", "stop"]
+    attested: List[str] = []  # the attested checks this person confirms (evaluation.checks.attested)
+    reviewer: str = ""
     note: str = ""
+
+
+@dataclass(frozen=True)
+class Review:
+    choice: str
+    chosen_by: str  # human | policy
+    reviewer: str = ""
+    attestations: Optional[Dict[str, bool]] = None  # None: nobody was asked
 
 
 @task(name="environment-check")
@@ -39,61 +51,85 @@ def environment_check_task(config: Dict, stage: int) -> Dict:
                              cache_samples=stage_samples(cfg, subset, class_map)).to_dict()
 
 
-def review(config: Dict, stage: int, advice: Dict) -> Tuple[str, str]:
-    """(choice, chosen_by). Runs in the flow itself: a pause must happen at flow level, not inside a task."""
+def _review_text(stage: int, go_no_go: Dict, advice: Dict, attested: List[str]) -> str:
+    lines = [f"Stage {stage}: Go/No-Go **{go_no_go['decision']}**"
+             + (f" ({', '.join(go_no_go['reasons'])})" if go_no_go["reasons"] else ""),
+             f"advisor **{advice['recommendation']}** — {advice['message']}", ""]
+    lines += [f"- `{o['id']}`: {o['label']}" for o in advice["options"]]
+    if go_no_go["decision"] != "GO" or advice["recommendation"] == "WARN_STOP":
+        lines += ["", "Choosing `proceed` approves the stage as YOUR override; the ledger records it."]
+    if attested:
+        lines += ["", "Confirm in `attested` what you have checked yourself (this pipeline cannot see it): "
+                  + ", ".join(f"`{n}`" for n in attested)]
+    return "\n".join(lines)
+
+
+def review(config: Dict, stage: int, go_no_go: Dict, advice: Dict) -> Review:
+    """Runs in the flow itself: a pause must happen at flow level, not inside a task."""
     cfg = cfg_of(config)
     logger = get_run_logger()
+    attested = list(cfg.evaluation.checks.attested)
     if cfg.orchestration.interactive_review:
-        description = (f"Stage {stage}: advisor says **{advice['recommendation']}** — {advice['message']}\n\n"
-                       + "\n".join(f"- `{o['id']}`: {o['label']}" for o in advice["options"]))
         try:
             answer = pause_flow_run(
-                wait_for_input=ReviewChoice.with_initial_data(description=description,
-                                                              choice=advice["recommended_option"]),
+                wait_for_input=ReviewChoice.with_initial_data(
+                    description=_review_text(stage, go_no_go, advice, attested), choice=advice["recommended_option"]),
                 timeout=cfg.orchestration.review_timeout_s, poll_interval=2, key=f"stage-{stage}-review")
-            return answer.choice, "human"
+            unknown = sorted(set(answer.attested) - set(attested))
+            if unknown:
+                logger.warning("review: %s are not attested checks (evaluation.checks.attested); ignored", unknown)
+            return Review(answer.choice, "human", answer.reviewer or answer.note,
+                          {name: name in answer.attested for name in attested})
         except Exception as e:  # a timed-out pause falls back to the unattended policy
             logger.warning("review pause ended without an answer (%s); applying the unattended policy", e)
-    choice = cfg.orchestration.unattended_policy.get(advice["recommendation"], "stop")
-    return choice, "policy"
+    return Review(cfg.orchestration.unattended_policy.get(advice["recommendation"], "stop"), "policy")
 
 
 @task(name="record-decision")
-def record_decision_task(config: Dict, stage: int, go_no_go: Dict, advice: Dict, choice: str, chosen_by: str,
-                         metrics: Dict, checkpoints: Dict[str, str]) -> Dict:
+def record_decision_task(config: Dict, stage: int, go_no_go: Dict, advice: Dict, decided: Review, metrics: Dict,
+                         checkpoints: Dict[str, str], checks: Dict[str, str]) -> Dict:
     ctx = get_run_context()
     flow_run_id = str(ctx.task_run.flow_run_id) if getattr(ctx, "task_run", None) else ""
+    human_proceed = decided.chosen_by == "human" and decided.choice == "proceed"
     rec = StageRecord(stage=stage, decision=go_no_go["decision"], reasons=go_no_go["reasons"],
-                      recommendation=advice["recommendation"], choice=choice, chosen_by=chosen_by,
-                      metrics=metrics, checkpoints=checkpoints, flow_run_id=flow_run_id,
-                      overrides=advice.get("overrides", []) if choice == "rerun_optimized" else [])
+                      recommendation=advice["recommendation"], choice=decided.choice, chosen_by=decided.chosen_by,
+                      reviewer=decided.reviewer, overridden=overridden_findings(go_no_go, advice) if human_proceed
+                      else [], checks=checks, metrics=metrics, checkpoints=checkpoints, flow_run_id=flow_run_id,
+                      overrides=advice.get("overrides", []) if decided.choice == "rerun_optimized" else [])
     cfg = cfg_of(config)
     Ledger.of(cfg.exp_dir).record(rec)
+    if rec.override:
+        get_run_logger().warning("stage %d approved by %s's override of: %s", stage, rec.reviewer or "a reviewer",
+                                 "; ".join(rec.overridden))
     notify(cfg.orchestration.webhook_url, "stage_decision", {"stage": stage, "decision": rec.decision,
-                                                               "choice": choice, "metrics": metrics})
-    return {"decision": rec.decision, "choice": choice, "chosen_by": chosen_by, "approved": rec.approved}
+                                                               "choice": rec.choice, "override": rec.override,
+                                                               "metrics": metrics})
+    return {"decision": rec.decision, "choice": rec.choice, "chosen_by": rec.chosen_by, "approved": rec.approved,
+            "override": rec.override, "overridden": rec.overridden}
 
 
 @task(name="stage-report")
 def report_task(config: Dict, stage: int, subset: Dict, train: Dict, evaluation: Dict, go_no_go: Dict,
-                advice: Dict, detection: Optional[Dict] = None) -> str:
+                advice: Dict, detection: Optional[Dict], checks: Dict, decision: Dict) -> str:
     cfg = cfg_of(config)
-    stage_dir = cfg.exp_dir / f"stage_{stage}"
+    reports = cfg.exp_dir / f"stage_{stage}" / "reports"
     paths = {"tensorboard logdir": train.get("tensorboard", ""), "best checkpoint": train["best_checkpoint"],
-             "last checkpoint": train["last_checkpoint"], "metrics": str(stage_dir / "reports" / "metrics.json"),
-             "plots": str(stage_dir / "reports"), "ledger": str(cfg.exp_dir / "ledger.json"),
-             "resolved config": str(cfg.exp_dir / "config.resolved.yaml")}
+             "last checkpoint": train["last_checkpoint"], "metrics": str(reports / "metrics.json"),
+             "checks": str(reports / "checks.json"), "go/no-go": str(reports / "go_no_go.json"),
+             "advisor": str(reports / "advisor.json"), "plots": str(reports),
+             "ledger": str(cfg.exp_dir / "ledger.json"), "resolved config": str(cfg.exp_dir / "config.resolved.yaml")}
     config_summary = {"classification.backbone": cfg.classification.backbone,
                       "classification.image_size": cfg.classification.image_size,
                       "train.classification": f"epochs={cfg.train.classification.epochs} "
                       f"batch={cfg.train.classification.batch_size} lr={cfg.train.classification.lr}",
-                      "policy": train.get("policy", "")}
-    markdown = render_stage_report(stage, subset, train, evaluation, go_no_go, advice, paths, config_summary,
-                                   detection)
-    out = stage_dir / "reports" / "stage_report.md"
+                      "train.strategy": cfg.train.strategy, "policy": train.get("policy", "")}
+    render = partial(render_stage_report, stage, subset, train, evaluation, go_no_go, advice, paths, config_summary,
+                     detection, checks, decision)
+    out = reports / "stage_report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown)
-    create_markdown_artifact(markdown, key=f"stage-{stage}-report", description=f"Stage {stage} report")
+    out.write_text(render(picture=linked(reports)))
+    create_markdown_artifact(render(picture=embedded()), key=f"stage-{stage}-report",
+                             description=f"Stage {stage} report")
     create_table_artifact([{k: str(c[k]) for k in ("name", "measured", "comparison", "target", "status")}
                            for c in go_no_go["checks"]], key=f"stage-{stage}-targets",
                           description=f"Stage {stage}: metrics vs targets")

@@ -5,8 +5,10 @@ row of uniforms, so an augmented sample is a pure function of (index, seed): res
 pixels whatever the batch it lands in. Mixup / CutMix pair samples inside a batch (timm's Mixup, seeded by the
 batch's first sample), so those two also depend on the batch's composition.
 
-Per sample, the batch computes ONE affine (90-degree turns and flips, free rotation and scale about the pill's
-centre, translation, the policy's geometric ops; clamped so the pill's box stays in the frame) and ONE colour
+Per sample, the batch computes ONE affine (with probability crop_view first the zoom onto the pill's padded box
+that a detector crop of a combination photo shows - the box's padded rectangle stretched to the frame, exactly as
+inference resizes a crop; then 90-degree turns and flips, free rotation and scale about the pill's centre,
+translation, the policy's geometric ops; clamped so the pill's box stays in the frame) and ONE colour
 matrix (brightness, contrast, saturation, hue and per-channel gain composed into v' = A v + t). Execution:
   GPU  (a CUDA batch): affine_grid + grid_sample, one batched matmul for colour, clamp, normalise.
   CPU  (the loader's workers): OpenCV per image on uint8 - warpAffine, a saturating 3x4 colour transform, a float
@@ -30,10 +32,11 @@ from pillsnap.config import AugmentConfig
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's grayscale
 BINS = 31
-_DRAWS = 28  # uniforms per sample; each augmentation reads its own columns (below)
+_DRAWS = 29  # uniforms per sample; each augmentation reads its own columns (below)
 (U_HFLIP, U_VFLIP, U_ROT90, U_ANGLE, U_SCALE, U_TX, U_TY, U_BRIGHT, U_CONTRAST, U_SAT, U_HUE, U_GAIN_R, U_GAIN_G,
  U_GAIN_B, U_ERASE, U_ERASE_AREA, U_ERASE_ASPECT, U_ERASE_X, U_ERASE_Y) = range(19)
 U_POLICY = 19  # 3 columns per policy op (which op, magnitude bin, sign), up to 3 ops
+U_CROP = 28
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 COLOUR = ("Brightness", "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 POLICY_OPS = ("Identity", *GEOMETRIC, *COLOUR)
@@ -79,9 +82,11 @@ class BatchAugment:
     """
 
     def __init__(self, cfg: AugmentConfig, image_size: int, num_classes: int, label_smoothing: float = 0.0,
-                 executor: str = "auto"):
-        """executor: auto (torch for CUDA batches, OpenCV for CPU batches), or torch / cv2 for either."""
+                 executor: str = "auto", crop_padding: float = 0.15):
+        """executor: auto (torch for CUDA batches, OpenCV for CPU batches), or torch / cv2 for either.
+        crop_padding: classification.crop_padding, the margin of the crop views (as inference pads its crops)."""
         self.cfg, self.size, self.num_classes, self.executor = cfg, image_size, num_classes, executor
+        self.crop_padding = crop_padding
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             from timm.data import Mixup
@@ -118,10 +123,27 @@ class BatchAugment:
         return x, labels
 
     # ------------------------------------------------------------------ geometry
+    def _crop_views(self, u: torch.Tensor, boxes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, 3) zooms that stretch the padded pill box to the frame (identity for the samples that keep the
+        whole photo or have no box), and the pill boxes after them."""
+        zoom = torch.eye(3, dtype=torch.float64).repeat(len(u), 1, 1)
+        chosen = (u[:, U_CROP] < self.cfg.crop_view) & (boxes[:, 2:] > 0).all(1)
+        if not chosen.any():
+            return zoom, boxes
+        grow = 1 + 2 * self.crop_padding
+        half = (boxes[chosen, 2:] * grow).clamp(max=1.0)  # the padded box's half extent in [-1, 1] units
+        centre = 2 * boxes[chosen, :2] - 1
+        zoom[chosen, 0, 0], zoom[chosen, 1, 1] = 1 / half[:, 0], 1 / half[:, 1]
+        zoom[chosen, :2, 2] = -centre / half
+        boxes = boxes.clone()
+        boxes[chosen] = torch.cat([torch.full_like(half, 0.5), boxes[chosen, 2:] / half], 1)
+        return zoom, boxes
+
     def _geometry(self, u: torch.Tensor, boxes: torch.Tensor, ops, bins, signs) -> torch.Tensor:
         """(N, 3, 3) forward affines in grid_sample's [-1, 1] coordinates (align_corners=False)."""
         c = self.cfg
         n = len(u)
+        zoom, boxes = self._crop_views(u, boxes)
         lossless = torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)
         if c.hflip:
             lossless[:, 0, 0] = torch.where(u[:, U_HFLIP] < 0.5, -1.0, 1.0)
@@ -161,7 +183,7 @@ class BatchAugment:
             offsets = offsets * shrink[:, None, None]
             target = centre + shift
             shift = target.clamp(-1 - offsets.amin(1), 1 - offsets.amax(1)) - centre
-        return _translate(centre + shift) @ linear @ _translate(-centre) @ lossless
+        return _translate(centre + shift) @ linear @ _translate(-centre) @ lossless @ zoom
 
     # ------------------------------------------------------------------ colour
     def _colour(self, u: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

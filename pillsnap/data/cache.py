@@ -117,8 +117,11 @@ class PixelStore:
         """Row of each sample; -1 where the sample is not in the store."""
         return np.array([self._row_of.get(sample_key(s), -1) for s in samples], dtype=np.int64)
 
+    def has(self, row: int) -> bool:
+        return row >= 0 and bool(self.valid[row])
+
     def get(self, row: int) -> Optional[np.ndarray]:
-        if row < 0 or not self.valid[row]:
+        if not self.has(row):
             return None
         if self._array is None:
             self._array = np.memmap(self.data_path, dtype=np.uint8, mode="r",

@@ -85,6 +85,11 @@ class ClassificationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data.samples)
 
+    def cache_coverage(self) -> Dict[str, int]:
+        """How many samples the pixel store serves (the rest are unreadable, or decoded per read without a store)."""
+        cached = 0 if self.store is None else int(sum(self.store.has(int(r)) for r in self.rows))
+        return {"samples": len(self), "cached": cached, "store": int(self.store is not None)}
+
     def pixels(self, i: int) -> Optional[np.ndarray]:
         if self.store is not None:
             return self.store.get(int(self.rows[i]))

@@ -81,8 +81,8 @@ def image_k_codes(df: pd.DataFrame) -> pd.Series:
 
 def manifest_hash(df: pd.DataFrame) -> str:
     """Content hash of the rows (order-independent), used as a cache key for everything built from them."""
-    ordered = df[COLUMNS].sort_values("image_id").to_csv(index=False).encode()
-    return hashlib.sha256(ordered).hexdigest()[:16]
+    rows = pd.util.hash_pandas_object(df[COLUMNS].astype(_DTYPES), index=False).to_numpy()
+    return hashlib.sha256(np.sort(rows).tobytes() + str(len(df)).encode()).hexdigest()[:16]
 
 
 def assign_splits(df: pd.DataFrame, val_fraction: float, seed: int) -> pd.DataFrame:

@@ -95,13 +95,15 @@ def run_validation(cfg: PillSnapConfig, show_progress: bool = True) -> Dict:
 def run_subset(cfg: PillSnapConfig, stage: int) -> Dict:
     manifest = read_manifest(manifest_path(cfg))
     quarantine = load_quarantine(data_dir(cfg) / "quarantine.json")
-    subset, summary = build_stage_subset(manifest, stage, cfg.stage(stage), cfg.data.seed, quarantine)
+    subset, summary = build_stage_subset(manifest, stage, cfg.stage(stage), cfg.data.seed, quarantine,
+                                         cfg.data.val_fraction)
     out = write_subset(subset, summary, cfg.exp_dir)
     for note in summary.notes:
         log.warning("stage %d subset: %s", stage, note)
-    log.info("stage %d subset: %d classes, train %d single + %d combination, val %d single + %d combination",
-             stage, summary.classes, summary.train_single, summary.train_combination, summary.val_single,
-             summary.val_combination)
+    log.info("stage %d subset: %d classes, train %d single + %d combination, val %d single (%d per class, gate "
+             "%d) + %d combination (%d with every pill in the stage's classes)", stage, summary.classes,
+             summary.train_single, summary.train_combination, summary.val_single, summary.val_per_class,
+             summary.min_eval_samples, summary.val_combination, summary.combinations_in_scope)
     result = asdict(summary)
     result.pop("k_codes")
     return {**result, "dir": str(out)}

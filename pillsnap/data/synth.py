@@ -218,12 +218,23 @@ def _combination_jobs(root: Path, split: str, cfg: SynthConfig, n_combos: int, i
                cfg.pill_scale)
 
 
+def class_sizes(cfg: SynthConfig) -> List[int]:
+    """Training photos per class: all equal, or seeded counts between images_per_class_min and images_per_class."""
+    if not cfg.images_per_class_min:
+        return [cfg.images_per_class] * cfg.num_classes
+    if not 0 < cfg.images_per_class_min <= cfg.images_per_class:
+        raise ValueError(f"synth.images_per_class_min={cfg.images_per_class_min} must be in "
+                         f"[1, images_per_class={cfg.images_per_class}]")
+    rng = np.random.default_rng([cfg.seed, 91])
+    return rng.integers(cfg.images_per_class_min, cfg.images_per_class + 1, cfg.num_classes).tolist()
+
+
 def synthesize(cfg: SynthConfig, out_dir: Path | None = None, show_progress: bool = True) -> Dict[str, int]:
     """Write the whole synthetic dataset; deterministic for `cfg.seed`. Returns image counts."""
     root = Path(out_dir or cfg.out_dir)
     n_test = cfg.test_images_per_class
-    jobs_single = [(root, "train", k, cfg.images_per_class, 0, cfg.width, cfg.height, cfg.seed, cfg.pill_scale)
-                   for k in range(cfg.num_classes)]
+    jobs_single = [(root, "train", k, n, 0, cfg.width, cfg.height, cfg.seed, cfg.pill_scale)
+                   for k, n in enumerate(class_sizes(cfg))]
     if n_test:
         jobs_single += [(root, "val", k, n_test, cfg.images_per_class, cfg.width, cfg.height, cfg.seed,
                          cfg.pill_scale) for k in range(cfg.num_classes)]

@@ -8,17 +8,18 @@
   build.json                           the marker: content hash and counts, written last
 
 The folder is built next to the final one and swapped in, so a crash never leaves a half-built dataset that
-looks complete. The hash covers the selected rows (paths and boxes), the single-image switch and the format.
+looks complete. The hash covers the selected rows (paths, kinds and boxes) and the format.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pandas as pd
 import yaml
@@ -45,6 +46,8 @@ class YoloDataset:
     skipped_images: int  # images left without any usable box
     link_mode: str  # hardlink | symlink | copy
     include_single_images: bool
+    composition: Dict[str, Dict[str, int]] = field(default_factory=dict)  # split -> kind -> photos
+    cap: Optional[int] = None  # data.stages.N.detector_images
     rebuilt: bool = False
 
     def ultralytics_data(self) -> Dict:
@@ -57,15 +60,26 @@ def yolo_dir(exp_dir: Path, stage: int) -> Path:
     return stage_dir(exp_dir, stage) / "yolo"
 
 
-def detection_rows(subset: pd.DataFrame, include_single_images: bool = False) -> pd.DataFrame:
-    """Combination images, plus single-pill images that have a box when asked; train and val only."""
-    kinds = {"combination", "single"} if include_single_images else {"combination"}
+def detection_rows(subset: pd.DataFrame, include_single_images: bool = True, cap: Optional[int] = None,
+                   val_fraction: float = 0.15) -> pd.DataFrame:
+    """The detector's photos: combination photos first, then (when asked) single photos, each with a box.
+
+    `cap` limits the training photos (validation keeps the same share: cap x val_fraction / (1 - val_fraction));
+    within a kind the order is a fixed hash of the photo id, so a cap takes the same photos every time.
+    """
+    kinds = ["combination", "single"] if include_single_images else ["combination"]
     rows = subset[subset["kind"].isin(kinds) & subset["split"].isin(SPLITS)]
-    return rows[rows["boxes"].fillna("").str.len() > 2].sort_values("image_id")  # "[]" has no box
+    rows = rows[rows["boxes"].fillna("").str.len() > 2]  # "[]" has no box
+    rank = pd.util.hash_pandas_object(rows["image_id"], index=False).to_numpy()
+    rows = rows.assign(_kind=(rows["kind"] == "single").to_numpy(), _rank=rank).sort_values(["_kind", "_rank"])
+    if cap is not None:
+        limits = {"train": cap, "val": math.ceil(cap * val_fraction / (1 - val_fraction))}
+        rows = pd.concat([part.head(limits[split]) for split, part in rows.groupby("split")])
+    return rows.drop(columns=["_kind", "_rank"]).sort_values("image_id")
 
 
-def content_hash(rows: pd.DataFrame, include_single_images: bool) -> str:
-    return f"v{FORMAT_VERSION}-{'s' if include_single_images else 'c'}-{manifest_hash(rows)}"
+def content_hash(rows: pd.DataFrame) -> str:
+    return f"v{FORMAT_VERSION}-{manifest_hash(rows)}"
 
 
 def label_lines(boxes: List[Dict], width: int, height: int) -> Tuple[List[str], int]:
@@ -82,16 +96,16 @@ def label_lines(boxes: List[Dict], width: int, height: int) -> Tuple[List[str], 
     return lines, skipped
 
 
-def build_yolo_dataset(subset: pd.DataFrame, exp_dir: Path, stage: int,
-                       include_single_images: bool = False) -> YoloDataset:
-    """Write (or reuse) the YOLO dataset of one stage subset."""
-    rows = detection_rows(subset, include_single_images)
+def build_yolo_dataset(subset: pd.DataFrame, exp_dir: Path, stage: int, include_single_images: bool = True,
+                       cap: Optional[int] = None, val_fraction: float = 0.15) -> YoloDataset:
+    """Write (or reuse) the YOLO dataset of one stage subset (see detection_rows for what it holds)."""
+    rows = detection_rows(subset, include_single_images, cap, val_fraction)
     for split in SPLITS:
         if not (rows["split"] == split).any():
-            raise ValueError(f"stage {stage} subset has no {split} images with boxes for the detector "
-                             f"(detection.include_single_images={include_single_images}); the detector needs both "
-                             "train and val combination images")
-    key = content_hash(rows, include_single_images)
+            raise ValueError(f"stage {stage}: no {split} photo with a box for the detector (combination photos, "
+                             f"and single photos with detection.include_single_images={include_single_images}); "
+                             "a photo's box comes from its label (AIHub JSON bbox, or the CSV's bbox column)")
+    key = content_hash(rows)
     final = yolo_dir(exp_dir, stage)
     existing = read_marker(final)
     if existing is not None and existing.content_hash == key:
@@ -101,9 +115,24 @@ def build_yolo_dataset(subset: pd.DataFrame, exp_dir: Path, stage: int,
         log.info("detector data: %s was built for %s, rebuilding for %s", final, existing.content_hash, key)
     building = final.with_name(f"{final.name}.building-{os.getpid()}")
     shutil.rmtree(building, ignore_errors=True)
-    result = _write(rows, building, final, key, include_single_images)
+    result = _write(rows, building, final, key, include_single_images, cap)
     _swap_in(building, final)
     return result
+
+
+def stage_detector_dataset(cfg, subset: pd.DataFrame, stage: int) -> Tuple[YoloDataset, pd.DataFrame]:
+    """The stage's YOLO dataset as the config asks (singles included, the stage's detector_images cap) and the
+    validation rows it holds."""
+    include, cap = cfg.detection.include_single_images, cfg.stage(stage).detector_images
+    data = build_yolo_dataset(subset, cfg.exp_dir, stage, include, cap, cfg.data.val_fraction)
+    rows = detection_rows(subset, include, cap, cfg.data.val_fraction)
+    return data, rows[rows["split"] == "val"]
+
+
+def detector_facts(data: YoloDataset) -> Dict:
+    """What the detector trained and was validated on, for its result and the stage report."""
+    return {"yolo_dataset": data.root, "data_yaml": data.data_yaml, "images": data.images, "boxes": data.boxes,
+            "composition": data.composition, "cap": data.cap, "include_single_images": data.include_single_images}
 
 
 def read_marker(root: Path) -> YoloDataset | None:
@@ -117,13 +146,16 @@ def read_marker(root: Path) -> YoloDataset | None:
         return None
 
 
-def _write(rows: pd.DataFrame, building: Path, final: Path, key: str, include_single: bool) -> YoloDataset:
+def _write(rows: pd.DataFrame, building: Path, final: Path, key: str, include_single: bool,
+           cap: Optional[int]) -> YoloDataset:
     images, boxes = {s: 0 for s in SPLITS}, {s: 0 for s in SPLITS}
+    composition = {s: {"combination": 0, "single": 0} for s in SPLITS}
     skipped_boxes = skipped_images = 0
     lists: Dict[str, List[str]] = {s: [] for s in SPLITS}
     modes = set()
-    for image_id, path, split, raw, width, height in zip(rows["image_id"], rows["image_path"], rows["split"],
-                                                        rows["boxes"], rows["width"], rows["height"]):
+    for image_id, path, split, raw, width, height, kind in zip(rows["image_id"], rows["image_path"], rows["split"],
+                                                              rows["boxes"], rows["width"], rows["height"],
+                                                              rows["kind"]):
         lines, skipped = label_lines(json.loads(raw), int(width), int(height))
         skipped_boxes += skipped
         if not lines:
@@ -137,18 +169,22 @@ def _write(rows: pd.DataFrame, building: Path, final: Path, key: str, include_si
         lists[split].append(str(final / "images" / split / name))  # the path it will have once swapped in
         images[split] += 1
         boxes[split] += len(lines)
+        composition[split][kind] += 1
     for split in SPLITS:
         (building / f"{split}.txt").write_text("\n".join(lists[split]) + "\n")
     data = {"path": str(final), "train": "train.txt", "val": "val.txt", "nc": 1, "names": {0: "pill"}}
     (building / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     link_mode = "copy" if "copy" in modes else "symlink" if "symlink" in modes else "hardlink"
     result = YoloDataset(str(final), str(final / "data.yaml"), str(final / "train.txt"), str(final / "val.txt"),
-                         key, images, boxes, skipped_boxes, skipped_images, link_mode, include_single, rebuilt=True)
+                         key, images, boxes, skipped_boxes, skipped_images, link_mode, include_single, composition,
+                         cap, rebuilt=True)
     marker = asdict(result)
     marker.pop("rebuilt")
     (building / MARKER).write_text(json.dumps(marker, indent=1))
-    log.info("detector data: %d train / %d val images (%d / %d boxes, %s) -> %s", images["train"], images["val"],
-             boxes["train"], boxes["val"], link_mode, final)
+    log.info("detector data: train %d photos (%d combination + %d single), val %d (%d + %d); %d / %d boxes (%s, "
+             "cap %s) -> %s", images["train"], composition["train"]["combination"], composition["train"]["single"],
+             images["val"], composition["val"]["combination"], composition["val"]["single"], boxes["train"],
+             boxes["val"], link_mode, cap, final)
     if skipped_boxes or skipped_images:
         log.warning("detector data: skipped %d degenerate boxes and %d images left without a box",
                     skipped_boxes, skipped_images)

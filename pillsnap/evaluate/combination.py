@@ -4,9 +4,12 @@ Per combination image: detections (serving thresholds) -> one padded crop per de
 classifier's training crops (classification.crop_padding) -> the classifier on the batch of all crops -> greedy
 matching of detections (best confidence first) to ground-truth boxes at IoU >= 0.5.
 
-Reported: per-pill accuracy (correct pills / all pills; a missed pill is wrong), detection recall and precision,
-accuracy on the detected pills (separates classifier from detector errors) and the whole-image rate where the
-reported pill list is exactly right (every pill found and named correctly, nothing extra). The earlier
+Reported: detection recall and precision over ALL pills (the detector has one class, "pill"); per-pill accuracy
+(correct pills / pills in the stage's label space; a missed pill is wrong), accuracy on the detected pills
+(separates classifier from detector errors) and the whole-image rate where the reported pill list is exactly
+right (every pill found and named correctly, nothing extra; over photos whose pills are all in the label space).
+A pill whose K-code is outside the classifier's label space (a combination from classes a later stage adds) is
+counted as out of scope, never as a classification error. The earlier
 implementation classified only the first detection; here the number of classified crops is checked against the
 number of detections for every image and a mismatch is an error.
 """
@@ -44,6 +47,9 @@ class CombinationResult:
     matched: int
     correct: int
     images_all_right: int
+    pills_in_scope: int
+    pills_out_of_scope: int
+    images_in_scope: int
     per_pill_accuracy: float
     detection_recall: float
     detection_precision: float
@@ -92,10 +98,17 @@ def classify_every_crop(image_bgr: np.ndarray, dets: np.ndarray, classify: Class
     return logits.argmax(1)
 
 
+Seen = Callable[[ComboSample, np.ndarray, List[str], np.ndarray], None]  # (sample, dets, predicted K-codes, right)
+
+
 def evaluate_combinations(samples: Sequence[ComboSample], detect: Detect, classify: Classify, k_codes: Sequence[str],
-                          padding: float, crop_size: int, batch_images: int = 8) -> CombinationResult:
-    """`k_codes[i]` is the K-code of classifier output i (the stage's label space)."""
-    totals = dict(images=0, pills=0, detections=0, crops=0, matched=0, correct=0, all_right=0)
+                          padding: float, crop_size: int, batch_images: int = 8,
+                          on_image: Optional[Seen] = None) -> CombinationResult:
+    """`k_codes[i]` is the K-code of classifier output i (the stage's label space); `on_image` sees every image's
+    detections (sorted by confidence), their predicted K-codes and which of them are right (for drawings)."""
+    totals = dict(images=0, pills=0, detections=0, crops=0, matched=0, correct=0, all_right=0, in_scope=0,
+                  images_in_scope=0, matched_in_scope=0)
+    known = set(k_codes)
     for start in range(0, len(samples), batch_images):
         chunk = samples[start:start + batch_images]
         images = [load_bgr(s.image_path) for s in chunk]
@@ -104,13 +117,20 @@ def evaluate_combinations(samples: Sequence[ComboSample], detect: Detect, classi
             predicted = classify_every_crop(image, dets, classify, padding, crop_size)
             match = greedy_match(dets, sample.boxes)
             right = [m >= 0 and k_codes[p] == sample.k_codes[m] for p, m in zip(predicted, match)]
+            in_scope = sum(k in known for k in sample.k_codes)
             totals["images"] += 1
             totals["pills"] += len(sample.boxes)
+            totals["in_scope"] += in_scope
             totals["detections"] += len(dets)
             totals["crops"] += len(predicted)
             totals["matched"] += int((match >= 0).sum())
+            totals["matched_in_scope"] += sum(m >= 0 and sample.k_codes[m] in known for m in match)
             totals["correct"] += int(sum(right))
-            totals["all_right"] += int(sum(right) == len(sample.boxes) == len(dets))
+            if on_image is not None:
+                on_image(sample, dets, [k_codes[p] for p in predicted], np.array(right, bool))
+            if in_scope == len(sample.k_codes):
+                totals["images_in_scope"] += 1
+                totals["all_right"] += int(sum(right) == len(sample.boxes) == len(dets))
     return _summarise(totals)
 
 
@@ -123,11 +143,12 @@ def _summarise(t: Dict[str, int]) -> CombinationResult:
         raise CropCountError(f"classified {t['crops']} crops for {t['detections']} detections")
     return CombinationResult(
         images=t["images"], pills=t["pills"], detections=t["detections"], crops_classified=t["crops"],
-        matched=t["matched"], correct=t["correct"], images_all_right=t["all_right"],
-        per_pill_accuracy=_ratio(t["correct"], t["pills"]), detection_recall=_ratio(t["matched"], t["pills"]),
+        matched=t["matched"], correct=t["correct"], images_all_right=t["all_right"], pills_in_scope=t["in_scope"],
+        pills_out_of_scope=t["pills"] - t["in_scope"], images_in_scope=t["images_in_scope"],
+        per_pill_accuracy=_ratio(t["correct"], t["in_scope"]), detection_recall=_ratio(t["matched"], t["pills"]),
         detection_precision=_ratio(t["matched"], t["detections"]),
-        accuracy_on_detected=_ratio(t["correct"], t["matched"]),
-        all_pills_right_rate=_ratio(t["all_right"], t["images"]))
+        accuracy_on_detected=_ratio(t["correct"], t["matched_in_scope"]),
+        all_pills_right_rate=_ratio(t["all_right"], t["images_in_scope"]))
 
 
 def torch_classifier(model, device: Optional[str] = None) -> Classify:

@@ -3,7 +3,7 @@
 The tables live in the config (`evaluation.stages[n]`), so this module holds only the rules.
 
 Results layout: a dict, nested by group, e.g.
-    {"mandatory_checks": {"pipeline_complete": True, ...},
+    {"mandatory_checks": {"pipeline_complete": "pass", ...},   (statuses from pillsnap.evaluate.checks)
      "detection": {"mAP_0.5": 0.41, "mAP_0.5_0.95": 0.22, "precision": 0.5, "recall": 0.4, "inference_time_ms": 31},
      "classification": {"accuracy": 0.7, "macro_f1": 0.6, "top5": 0.9, "per_class_f1_min": 0.2, ...},
      "system": {"gpu_memory_gb": 11.2, "data_loading_s": 0.8, "data_time_s": 0.02, "compute_time_s": 0.11},
@@ -28,7 +28,11 @@ from pillsnap.config import ConfigError, EvaluationConfig, RecommendationThresho
 
 GE, LE = ">=", "<="
 MET, NOT_MET, NOT_MEASURED = "met", "not_met", "not_measured"
-PASSED, FAILED = "passed", "failed"
+PASSED, FAILED, UNATTESTED = "passed", "failed", "unattested"
+# A check's status (pillsnap.evaluate.checks) -> its verdict here. "unattested" (an attested check nobody confirmed,
+# in an unattended run) neither passes nor blocks: the advice names it.
+CHECK_STATUS = {"pass": PASSED, "attested": PASSED, "fail": FAILED, "not_measured": NOT_MEASURED,
+                "unattested": UNATTESTED}
 RECOMMEND_PROCEED, SUGGEST_OPTIMIZE, WARN_STOP = "RECOMMEND_PROCEED", "SUGGEST_OPTIMIZE", "WARN_STOP"
 
 _ABSENT = object()
@@ -47,7 +51,7 @@ class TargetResult:
 @dataclass(frozen=True)
 class MandatoryResult:
     name: str
-    status: str  # passed | failed | not_measured
+    status: str  # passed | failed | not_measured | unattested
 
 
 @dataclass(frozen=True)
@@ -60,11 +64,15 @@ class CriteriaReport:
 
     @property
     def mandatory_passed(self) -> bool:
-        return all(m.status == PASSED for m in self.mandatory)
+        return not self.failed_mandatory
 
     @property
     def failed_mandatory(self) -> List[str]:
-        return [m.name for m in self.mandatory if m.status != PASSED]
+        return [m.name for m in self.mandatory if m.status in (FAILED, NOT_MEASURED)]
+
+    @property
+    def unattested(self) -> List[str]:
+        return [m.name for m in self.mandatory if m.status == UNATTESTED]
 
     @property
     def all_targets_met(self) -> bool:
@@ -83,6 +91,7 @@ class CriteriaReport:
             "stage": self.stage,
             "performance_score": self.performance_score,
             "mandatory_passed": self.mandatory_passed,
+            "unattested": self.unattested,
             "all_targets_met": self.all_targets_met,
             "not_measured": self.not_measured,
             "mandatory": [asdict(m) for m in self.mandatory],
@@ -146,9 +155,9 @@ def _judge_mandatory(name: str, checks: Mapping[str, Any]) -> MandatoryResult:
     value = checks.get(name)
     if value is None:
         return MandatoryResult(name, NOT_MEASURED)
-    if type(value).__name__ not in ("bool", "bool_"):
-        raise ValueError(f"results['mandatory_checks'][{name!r}]={value!r} must be true or false")
-    return MandatoryResult(name, PASSED if value else FAILED)
+    if value not in CHECK_STATUS:
+        raise ValueError(f"results['mandatory_checks'][{name!r}]={value!r} must be one of {sorted(CHECK_STATUS)}")
+    return MandatoryResult(name, CHECK_STATUS[value])
 
 
 def performance_score(targets: Sequence[TargetResult]) -> Optional[float]:
@@ -178,8 +187,17 @@ def _validate_targets(prefix: str, criteria: StageCriteria) -> None:
 
 def validate_evaluation_config(evaluation: EvaluationConfig) -> None:
     """Every stage table and the thresholds; raises ConfigError naming the bad key."""
+    from pillsnap.evaluate.checks import DEFINITIONS
+
     for stage in evaluation.stages:
         stage_criteria(evaluation, stage)
+        unknown = [n for n in evaluation.stages[stage].mandatory_checks if n not in DEFINITIONS]
+        if unknown:
+            raise ConfigError(f"evaluation.stages.{stage}.mandatory_checks: no check named {unknown}; the checks "
+                              f"are {sorted(DEFINITIONS)}")
+    unknown = [n for n in evaluation.checks.attested if n not in DEFINITIONS]
+    if unknown:
+        raise ConfigError(f"evaluation.checks.attested: no check named {unknown}")
     t = evaluation.recommendation
     if not 0.0 <= t.optimize_min_score <= t.proceed_min_score <= 1.0:
         raise ConfigError(
@@ -193,7 +211,7 @@ def evaluate_criteria(evaluation: EvaluationConfig, stage: int, results: Mapping
     criteria = stage_criteria(evaluation, stage)
     checks = results.get("mandatory_checks") or {}
     if not isinstance(checks, Mapping):
-        raise ValueError(f"results['mandatory_checks'] must be a dict of name -> bool, got {type(checks).__name__}")
+        raise ValueError(f"results['mandatory_checks'] must be a dict of name -> status, got {type(checks).__name__}")
     targets = [_judge_target(t, results) for t in criteria.targets]
     return CriteriaReport(
         stage=stage,

@@ -63,12 +63,13 @@ def check_final_test_allowed(cfg: PillSnapConfig, force: bool = False) -> FinalT
     if rec is None:
         raise FinalTestRefused(f"{ledger.path}: no Stage {FINAL_STAGE} decision; the final test runs only after "
                                f"Stage {FINAL_STAGE} is GO and approved")
-    if rec.decision != "GO":
-        raise FinalTestRefused(f"{ledger.path}: Stage {FINAL_STAGE} is {rec.decision} ({'; '.join(rec.reasons)}), "
-                               f"not GO")
     if not rec.approved:
-        raise FinalTestRefused(f"{ledger.path}: Stage {FINAL_STAGE} is GO but not approved (advisor choice "
-                               f"{rec.choice!r}, needs 'proceed')")
+        raise FinalTestRefused(f"{ledger.path}: Stage {FINAL_STAGE} is not approved: {rec.decision} "
+                               f"({'; '.join(rec.reasons) or 'no blocking reason'}), choice {rec.choice!r} by "
+                               f"{rec.chosen_by or 'nobody'}; it needs GO and 'proceed', or a person's 'proceed'")
+    if rec.override:
+        log.warning("final test after a person's override of Stage %d (%s by %s): %s", FINAL_STAGE, rec.decision,
+                    rec.reviewer or "a reviewer", "; ".join(rec.overridden))
     classifier = Path(rec.checkpoints.get("classifier") or layout.classifier_checkpoint(cfg.exp_dir, FINAL_STAGE))
     if not classifier.is_file():
         raise FinalTestRefused(f"Stage {FINAL_STAGE} classifier checkpoint missing: {classifier}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import colorsys
 import hashlib
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -86,7 +86,8 @@ def save_confusion_report(
     out_dir = Path(out_dir)
     pairs = most_confused_pairs(y_true, y_pred, class_names, top_n)
     summary: Dict[str, Any] = {"top_n": top_n, "pairs": pairs, "json": str(out_dir / f"confusion_{name}.json"), "png": None}
-    classes = classes_in_pairs(pairs)
+    # No confusions at all: still draw the (diagonal) matrix of the first classes, so the report always has it.
+    classes = classes_in_pairs(pairs) or sorted({int(c) for c in y_true})[:MAX_HEATMAP_CLASSES]
     if classes:
         summary["png"] = str(plot_confusion_subset(y_true, y_pred, classes, out_dir / f"confusion_{name}.png", class_names))
     summary["heatmap_classes"] = len(classes)
@@ -171,7 +172,8 @@ def draw_detections(
     image: ImageLike, boxes: Sequence[Mapping[str, Any]], out_path: PathLike,
     ground_truth: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
-    """Predicted boxes ({"xyxy", "label", "score"}) drawn with labels; ground truth, if given, in thin white."""
+    """Predicted boxes ({"xyxy", "label", "score", optional "color"}) drawn with labels; ground truth, if given, in
+    thin white."""
     canvas = load_rgb(image)
     draw = ImageDraw.Draw(canvas)
     width = max(2, round(max(canvas.size) / 300))
@@ -180,7 +182,7 @@ def draw_detections(
         draw.rectangle(_box(gt, i)[0], outline=(255, 255, 255), width=1)
     for i, box in enumerate(boxes):
         xyxy, text = _box(box, i)
-        color = _color(str(box.get("label", "pill")))
+        color = tuple(box["color"]) if box.get("color") else _color(str(box.get("label", "pill")))
         draw.rectangle(xyxy, outline=color, width=width)
         left, top, right, bottom = draw.textbbox((xyxy[0], xyxy[1]), text, font=font)
         lift = bottom - top + 2 if xyxy[1] - (bottom - top) - 2 >= 0 else 0  # label above the box when it fits
@@ -190,18 +192,6 @@ def draw_detections(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_path, format="PNG")
     return out_path
-
-
-def draw_detection_samples(
-    samples: Iterable[Tuple[ImageLike, Sequence[Mapping[str, Any]]]], out_dir: PathLike, max_images: int = 16,
-) -> List[Path]:
-    """detections_000.png, … for the first max_images (image, boxes) samples."""
-    out = []
-    for i, (image, boxes) in enumerate(samples):
-        if i >= max_images:
-            break
-        out.append(draw_detections(image, boxes, Path(out_dir) / f"detections_{i:03d}.png"))
-    return out
 
 
 def save_thumbnail(image: ImageLike, out_path: PathLike, max_side: int = 160) -> Path:

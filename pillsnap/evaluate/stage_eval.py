@@ -21,6 +21,7 @@ from pillsnap.core.jsonio import write_json_atomic
 from pillsnap.data.class_map import ClassMap
 from pillsnap.data.prepare import pixel_store  # the training data's store: the same pixels, decoded once
 from pillsnap.data.datasets import ClassificationDataset, Collate, classification_samples, finish_batch, make_loader
+from pillsnap.evaluate.batch_consistency import batch_consistency
 from pillsnap.evaluate.plots import save_confusion_report, save_roc_pr_report
 from pillsnap.infer.engines import TorchClassifierEngine
 from pillsnap.infer.latency import classifier_model_latency, pipeline_latency
@@ -62,11 +63,17 @@ def evaluate_classifier(cfg: PillSnapConfig, checkpoint: Path, subset: pd.DataFr
     metrics = classification_metrics(y_true, logits, labels.k_codes)
     probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
     reports_dir = Path(reports_dir)
-    save_confusion_report(y_true, logits.argmax(1), reports_dir, labels.k_codes, name="classification")
+    confusion = save_confusion_report(y_true, logits.argmax(1), reports_dir, labels.k_codes, name="classification")
+    pictures = {"confusion matrix": confusion["png"]}
     if len(labels) > 1:
-        save_roc_pr_report(y_true, probs, reports_dir, labels.k_codes, name="classification")
+        curves = save_roc_pr_report(y_true, probs, reports_dir, labels.k_codes, name="classification")
+        pictures.update({"ROC": curves.get("roc_png"), "precision-recall": curves.get("pr_png")})
+    photos: List[str] = [p for p, box in data.samples if box is None]
+    checks = cfg.evaluation.checks
+    multi_batch = batch_consistency(TorchClassifierEngine(model, device), photos[:checks.multi_batch_photos],
+                                    cfg.classification.image_size, checks.multi_batch_size) if photos else None
     serving = select_device(cfg.inference.device, "inference.device")
-    photos: List[str] = [p for p, box in data.samples if box is None][:LATENCY_SAMPLES]
+    photos = photos[:LATENCY_SAMPLES]
     engine = TorchClassifierEngine(model, serving)
     latency = pipeline_latency(cfg, engine, labels, photos)
     metrics.update({
@@ -75,7 +82,9 @@ def evaluate_classifier(cfg: PillSnapConfig, checkpoint: Path, subset: pd.DataFr
         "latency_device": device_name(serving), "latency_device_type": serving.type,
         "evaluation_device": device_name(device),
         "class_coverage": metrics["classes_evaluated"] / max(1, len(labels)),
-        "num_classes": len(labels), "checkpoint": str(checkpoint),
+        "num_classes": len(labels), "checkpoint": str(checkpoint), "multi_batch": multi_batch,
+        "logits_finite": bool(np.isfinite(logits).all()),
+        "pictures": {k: v for k, v in pictures.items() if v},
     })
     write_json_atomic(reports_dir / "classification_eval.json", metrics)
     log.info("evaluation on %s: accuracy=%.4f macro_f1=%.4f top5=%.4f n=%d; batch-1 end-to-end p95 %.1f ms on %s",
@@ -84,38 +93,74 @@ def evaluate_classifier(cfg: PillSnapConfig, checkpoint: Path, subset: pd.DataFr
     return metrics
 
 
-def assemble_stage_results(evaluation: Dict, train: Dict, validation: Dict, detection: Dict | None = None,
-                           export: Dict | None = None) -> Dict:
+def assemble_stage_results(evaluation: Dict, train: Dict[str, Dict], validation: Dict, subset: Dict,
+                           checks: Dict[str, str], detection: Dict | None = None, api: Dict | None = None) -> Dict:
     """The one results dict that Go/No-Go (flat keys) and the criteria/advisor (nested keys) read.
 
-    Nothing is filled in that was not measured: absent detector or export results stay absent.
+    `checks` is {name: status} from pillsnap.evaluate.checks. Nothing is filled in that was not measured: absent
+    detector, API or GPU figures stay absent (None), and the gates report them as not measured.
     """
     counts = validation.get("counts", {})
     corrupt = sum(v for k, v in validation.get("findings", {}).items() if k in ("unreadable_image", "size_mismatch"))
+    classifier = train["classifier"]
+    api = api or {}
+    multi_batch = evaluation.get("multi_batch") or {}
     results = {
         "accuracy": evaluation.get("accuracy"),
         "n_eval_samples": evaluation.get("n"),
         "class_coverage": evaluation.get("class_coverage"),
         "latency_p95_ms": evaluation.get("latency_p95_ms"),
-        "no_crashes": True,  # this function runs only after training finished without an unrecovered failure
-        "memory_stable": not train.get("oom_events"),
-        "loss": (train.get("val_metrics") or {}).get("val_loss"),  # the best epoch's validation loss
-        "repeated_oom": len(train.get("oom_events") or []),
+        "no_crashes": _flag(checks.get("no_crashes")),
+        "memory_stable": _flag(checks.get("memory_stable")),
+        "loss": (classifier.get("val_metrics") or {}).get("val_loss"),  # the best epoch's validation loss
+        "repeated_oom": sum(len(t.get("oom_events") or []) for t in train.values() if t),
         "data_corruption_rate": corrupt / max(1, counts.get("images", 0)),
         "classification": {k: evaluation.get(k) for k in
-                            ("accuracy", "macro_f1", "top5", "per_class_f1_min", "inference_time_ms")},
+                           ("accuracy", "macro_f1", "top5", "per_class_f1_min", "per_class_min_top1",
+                            "inference_time_ms")},
         "worst_classes": evaluation.get("worst_classes", []),
-        "optimization": {"throughput_img_s": train.get("mean_throughput"), "batch_size_achieved": train.get("batch_size")},
-        "advanced": {"class_imbalance_ratio": validation.get("imbalance_ratio")},
-        "mandatory_checks": {
-            "pipeline_complete": True,
-            "classification_model_loading": evaluation.get("checkpoint") is not None,
-            "detection_model_loading": bool(detection),
-            "onnx_conversion_success": bool(export and export.get("ok")),
-            "tensorboard_logging": bool(train.get("tensorboard")),
-            "class_balance_verification": validation.get("imbalance_ratio") is not None,
-        },
+        "system": _system(train),
+        "optimization": {"throughput_img_s": classifier.get("mean_throughput"),
+                         "batch_size_achieved": classifier.get("batch_size")},
+        "scalability": {"multi_batch_size": multi_batch.get("batch_size") if checks.get("multi_batch_processing")
+                        == "pass" else None, "api_response_time_ms": api.get("p95_ms"),
+                        "memory_stable_hours": _stable_hours(train, checks)},
+        "production": {"inference_latency_ms": evaluation.get("latency_p50_ms"),
+                       "throughput_img_s": api.get("throughput_img_s"), "api_uptime_pct": _uptime(api),
+                       "device": api.get("device")},
+        "advanced": {"class_imbalance_ratio": subset.get("imbalance_ratio")},
+        "mandatory_checks": dict(checks),
     }
     if detection:
         results["detection"] = detection
     return results
+
+
+def _flag(status: Optional[str]) -> Optional[bool]:
+    return None if status in (None, "not_measured", "unattested") else status == "pass"
+
+
+def _uptime(api: Dict) -> Optional[float]:
+    sent = api.get("requests")
+    return 100.0 * (sent - api.get("errors", 0)) / sent if sent else None
+
+
+def _stable_hours(train: Dict[str, Dict], checks: Dict[str, str]) -> Optional[float]:
+    """Hours of training with memory within bounds (0 when the leak test failed; None when not measured)."""
+    status = checks.get("memory_leak_test")
+    if status not in ("pass", "fail"):
+        return None
+    rows = [r for t in train.values() if t for r in t.get("epochs") or []]
+    seconds = sum(r.get("steps", 0) * ((r.get("data_time_s") or 0.0) + (r.get("compute_time_s") or 0.0)) for r in rows)
+    return seconds / 3600 if status == "pass" else 0.0
+
+
+def _system(train: Dict[str, Dict]) -> Dict[str, Optional[float]]:
+    """GPU peak (GiB) and the classifier's mean data / compute time per step (data_loading_s: the time a step
+    waits for its batch), from the per-epoch records."""
+    rows = [r for t in train.values() if t for r in t.get("epochs") or []]
+    peaks = [r["gpu_peak_mb"] for r in rows if r.get("gpu_peak_mb") is not None]
+    mine = [r for r in (train["classifier"].get("epochs") or []) if r.get("data_time_s") is not None]
+    mean = lambda key: float(np.mean([r[key] for r in mine])) if mine else None  # noqa: E731
+    return {"gpu_memory_gb": max(peaks) / 1024 if peaks else None, "data_loading_s": mean("data_time_s"),
+            "data_time_s": mean("data_time_s"), "compute_time_s": mean("compute_time_s")}

@@ -1,8 +1,17 @@
 """The stage report as markdown (the v3 lessons' training-report template: overview, configuration,
-results, lessons, next actions). Pure: takes the stage's small result dicts, returns text."""
+results, checks, pictures, lessons, next actions). Pure: takes the stage's small result dicts, returns text.
+
+Pictures go through `picture(title, path)`: a relative link in the report file, an embedded thumbnail in the
+Prefect artifact (the UI cannot open files on the training machine).
+"""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import base64
+import io
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+Picture = Callable[[str, str], str]
 
 
 def _num(v, digits: int = 4) -> str:
@@ -33,17 +42,76 @@ def _lessons(train: Dict, evaluation: Dict, subset: Dict) -> List[str]:
     return out or ["No incidents."]
 
 
+def checks_table(checks: Dict[str, Dict]) -> str:
+    rows = ["| check | status | mandatory | definition |", "|---|---|---|---|"]
+    rows += [f"| `{name}` | {c['status']}{' — ' + c['detail'] if c.get('detail') else ''} | "
+             f"{'yes' if c['mandatory'] else ''} | {c['definition']} |" for name, c in checks.items()]
+    return "\n".join(rows)
+
+
+def linked(report_dir: Path) -> Picture:
+    return lambda title, path: f"![{title}]({Path(path).resolve().relative_to(report_dir.resolve())})"
+
+
+def embedded(max_side: int = 480) -> Picture:
+    """A PNG thumbnail as a data URI."""
+    from PIL import Image
+
+    def picture(title: str, path: str) -> str:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((max_side, max_side))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG", optimize=True)
+        return f"![{title}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    return picture
+
+
+def _pictures(evaluation: Dict, detection: Optional[Dict], picture: Picture) -> List[str]:
+    shown = [(title, path) for title, path in (evaluation.get("pictures") or {}).items()]
+    drawings = ((detection or {}).get("combination") or {}).get("drawings") or []
+    shown += [(f"detections {i + 1} (green: named right, red: wrong, white: truth)", p) for i, p in enumerate(drawings)]
+    return [picture(title, path) for title, path in shown if Path(path).is_file()] or ["No pictures were made."]
+
+
+def _decision_line(decision: Dict) -> str:
+    line = f"- choice: **{decision.get('choice')}** by {decision.get('chosen_by')}"
+    if decision.get("override"):
+        line += " — **override** of: " + "; ".join(decision.get("overridden") or [])
+    return line + f" (approved: {decision.get('approved')})"
+
+
+def _detection_lines(detection: Dict) -> List[str]:
+    lines = [f"- detector: mAP@0.5 {_num(detection.get('mAP_0.5'))}, mAP@0.5:0.95 {_num(detection.get('mAP_0.5_0.95'))}"
+             f", precision {_num(detection.get('precision'))}, recall {_num(detection.get('recall'))}"]
+    facts = detection.get("trained_on") or {}
+    if facts:
+        lines.append(f"- detector data: {facts}")
+    combo = detection.get("combination") or {}
+    if combo.get("measured"):
+        lines.append(f"- combination photos ({combo['images']} val photos, {combo['pills']} pills, "
+                     f"{combo['pills_out_of_scope']} outside this stage's classes): detection recall "
+                     f"{_num(combo['detection_recall'])}, precision {_num(combo['detection_precision'])}, "
+                     f"per-pill accuracy {_num(combo['per_pill_accuracy'])} (in-scope pills)")
+    elif combo:
+        lines.append(f"- combination photos: not measured ({combo.get('reason')})")
+    return lines
+
+
 def render_stage_report(stage: int, subset: Dict, train: Dict, evaluation: Dict, go_no_go: Dict, advice: Dict,
-                        paths: Dict[str, str], config_summary: Dict[str, str],
-                        detection: Optional[Dict] = None) -> str:
+                        paths: Dict[str, str], config_summary: Dict[str, str], detection: Optional[Dict] = None,
+                        checks: Optional[Dict[str, Dict]] = None, decision: Optional[Dict] = None,
+                        picture: Optional[Picture] = None) -> str:
     lines = [
         f"# PillSnap Stage {stage} report", "",
         "## Overview",
         f"- decision: **{go_no_go.get('decision')}** ({', '.join(go_no_go.get('reasons') or []) or 'all checks passed'})",
         f"- advisor: **{advice.get('recommendation')}** — {advice.get('message', '')}",
+        *([_decision_line(decision)] if decision else []),
         f"- data actually used: {subset['classes']} classes (asked {subset.get('classes_requested')}); "
         f"train {subset['train_single']} single + {subset['train_combination']} combination images, "
-        f"val {subset['val_single']} single + {subset['val_combination']} combination images",
+        f"val {subset['val_single']} single ({subset.get('val_per_class')} per class at most, gate min_eval_samples "
+        f"{subset.get('min_eval_samples')}) + {subset['val_combination']} combination images",
         "", "## Configuration",
     ]
     lines += [f"- {k}: `{v}`" for k, v in config_summary.items()]
@@ -57,9 +125,13 @@ def render_stage_report(stage: int, subset: Dict, train: Dict, evaluation: Dict,
         f"mean throughput {_num(train.get('mean_throughput'), 1)} img/s ({train.get('policy')})",
     ]
     if detection:
-        lines.append(f"- detector: mAP@0.5 {_num(detection.get('mAP_0.5'))}, "
-                     f"mAP@0.5:0.95 {_num(detection.get('mAP_0.5_0.95'))}")
-    lines += ["", "### Go/No-Go checks", targets_table(go_no_go), "", "## Lessons"]
+        lines += _detection_lines(detection)
+    lines += ["", "### Go/No-Go checks", targets_table(go_no_go)]
+    if checks:
+        lines += ["", "### Stage checks (checks.json)", checks_table(checks)]
+    if picture is not None:
+        lines += ["", "## Pictures", *_pictures(evaluation, detection, picture)]
+    lines += ["", "## Lessons"]
     lines += [f"- {item}" for item in _lessons(train, evaluation, subset)]
     lines += ["", "## Next actions"]
     lines += [f"- option `{o['id']}`: {o['label']}" for o in advice.get("options", [])]

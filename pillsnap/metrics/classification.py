@@ -1,4 +1,4 @@
-"""Classification metrics from logits: accuracy, macro-F1, top-5, per-class F1 (worst classes named)."""
+"""Classification metrics from logits: accuracy, macro-F1, top-5, per-class F1 and top-1 (worst classes named)."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
@@ -18,6 +18,7 @@ def classification_metrics(y_true: np.ndarray, logits: np.ndarray, class_names: 
     topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
     present = np.unique(y_true)  # F1 over classes that have validation samples
     per_class = f1_score(y_true, y_pred, labels=present, average=None, zero_division=0)
+    per_class_top1 = [float((y_pred[y_true == c] == c).mean()) for c in present]
     order = np.argsort(per_class)[:worst]
     name = (lambda c: class_names[c]) if class_names is not None else str
     return {
@@ -26,6 +27,7 @@ def classification_metrics(y_true: np.ndarray, logits: np.ndarray, class_names: 
         "macro_f1": float(per_class.mean()),
         "top5": float((topk == y_true[:, None]).any(1).mean()),
         "per_class_f1_min": float(per_class.min()),
+        "per_class_min_top1": min(per_class_top1),  # the worst class's top-1 accuracy (its recall)
         "worst_classes": [{"class": name(int(present[i])), "f1": float(per_class[i])} for i in order],
         "classes_evaluated": int(len(present)),
     }

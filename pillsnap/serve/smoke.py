@@ -3,8 +3,9 @@
 the API's latency (p50 / p95) and throughput under a bounded load, and stop it.
 
 Its result is what the gates read: production_api_deployment (every step above passed),
-scalability.api_response_time_ms (p95, client-side, single mode) and production.throughput_img_s, each with the
-serving device. The load is bounded in requests and in time, and only ever goes to 127.0.0.1.
+scalability.api_response_time_ms (p95, client-side, single mode), production.throughput_img_s and
+production.api_uptime_pct (answered / sent), each with the serving device; and automated_monitoring (/metrics,
+scraped at the end, counted exactly the answers the clients received). The load is bounded in requests and in time, and only ever goes to 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -121,6 +122,7 @@ def api_smoke_test(cfg: PillSnapConfig, stage: int, photos: Sequence[str], engin
             reference = load_predictor(cfg, stage, engine).predict(photos[0], "single")
             out["answer_matches_pipeline"] = _same_answer(first, reference)
             out.update(_load_test(server, photos, s.smoke_requests, s.smoke_concurrency, s.smoke_timeout_s))
+            out["monitoring"] = _scrape_metrics(server, answered=1 + out["requests"] - out["errors"])
     except Exception as e:  # noqa: BLE001 - the check's verdict, not a crash of the stage
         log.warning("API check failed: %s: %s", type(e).__name__, str(e)[:500])
         return {**out, "reason": f"{type(e).__name__}: {str(e)[:500]}"}
@@ -169,6 +171,25 @@ def _load_test(server: RunningServer, photos: Sequence[str], requests: int, clie
             "p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
             "p95_ms": float(np.percentile(latencies, 95)) if latencies else None,
             "throughput_img_s": len(latencies) / wall if wall > 0 else None}
+
+
+def _scrape_metrics(server: RunningServer, answered: int) -> Dict[str, Any]:
+    """/metrics must count every predict answer the clients got, in its request counter and latency histogram."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", headers=server.headers, timeout=10).text
+    counted = {"requests": 0.0, "latency_observations": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("endpoint") != "/v1/predict":
+                continue
+            if sample.name == "pillsnap_requests_total" and sample.labels.get("status") == "200":
+                counted["requests"] += sample.value
+            elif sample.name == "pillsnap_request_latency_seconds_count":
+                counted["latency_observations"] += sample.value
+    ok = counted["requests"] == answered and counted["latency_observations"] >= answered
+    return {"answered": answered, **{k: int(v) for k, v in counted.items()}, "ok": ok}
 
 
 def smoke_photos(rows, n: int) -> List[str]:

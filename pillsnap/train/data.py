@@ -17,7 +17,7 @@ from pillsnap.data.class_map import ClassMap
 from pillsnap.data.prepare import pixel_store
 from pillsnap.data.datasets import (ClassificationDataset, ClassificationSamples, Collate, EpochSampler,
                                     classification_samples, make_loader)
-from pillsnap.data.yolo_dataset import YoloDataset, build_yolo_dataset, detection_rows
+from pillsnap.data.yolo_dataset import YoloDataset, stage_detector_dataset
 from pillsnap.train.loss import sample_weights
 
 CLOSE_MOSAIC_EPOCHS = 10  # ultralytics' recipe: the last detector epochs see un-mosaicked images
@@ -71,11 +71,15 @@ def classifier_data(cfg: PillSnapConfig, subset: pd.DataFrame, labels: ClassMap,
         store = pixel_store(cfg)
         rows = [store.ensure(d.samples, show_progress=show_progress) for d in (train_samples, val_samples)]
     train_ds = ClassificationDataset(train_samples, size, store, rows[0], pad)
+    if store is not None and not train_ds.cache_coverage()["cached"]:
+        raise ValueError(f"none of the {len(train_samples.samples)} training photos could be read (the first: "
+                         f"{train_samples.samples[0][0]}); see the warnings above")
     val_ds = ClassificationDataset(val_samples, size, store, rows[1], pad)
     weights = sample_weights(train_samples.labels, len(labels)) if cfg.loss.weighted_sampler else None
     sampler = EpochSampler(len(train_ds), cfg.train.seed, weights)
     on_cpu = device.type != "cuda"
-    augment = BatchAugment(cfg.augment, size, len(labels), cfg.loss.label_smoothing) if on_cpu else None
+    augment = BatchAugment(cfg.augment, size, len(labels), cfg.loss.label_smoothing,
+                           crop_padding=cfg.classification.crop_padding) if on_cpu else None
     dl = cfg.dataloader
 
     def build(batch_size: int, workers: int) -> DataLoader:
@@ -85,6 +89,17 @@ def classifier_data(cfg: PillSnapConfig, subset: pd.DataFrame, labels: ClassMap,
                              Collate(normalise_only=on_cpu))
     train = UnitData(train_ds, sampler, build, dl.num_workers, dl.drop_last)
     return ClassifierData(train_samples, val_samples, train, val_loader)
+
+
+def _mosaic_partners_from_the_whole_dataset(transform: Any) -> None:
+    """Ultralytics draws mosaic partners from a buffer of recently loaded images: what it holds depends on the load
+    history (a resume starts empty, each loader worker keeps its own), so a resumed run would see other mosaics
+    than an uninterrupted one. Drawing from the whole dataset keeps an augmented batch a function of its seed."""
+    if hasattr(transform, "buffer_enabled"):
+        transform.buffer_enabled = False
+    for child in [*getattr(transform, "transforms", []), getattr(transform, "pre_transform", None)]:
+        if child is not None:
+            _mosaic_partners_from_the_whole_dataset(child)
 
 
 @dataclass
@@ -98,11 +113,10 @@ def detector_data(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, hyp, ep
     """The stage's YOLO dataset (one class "pill") through ultralytics' augmenting dataset, in our epoch order."""
     from ultralytics.data import build_yolo_dataset as ultralytics_dataset
 
-    include_single = cfg.detection.include_single_images
-    yolo = build_yolo_dataset(subset, cfg.exp_dir, stage, include_single)
-    rows = detection_rows(subset, include_single)
+    yolo, val_rows = stage_detector_dataset(cfg, subset, stage)
     dataset = ultralytics_dataset(hyp, yolo.train_list, cfg.train.detection.batch_size, yolo.ultralytics_data(),
                                   mode="train", stride=32)
+    _mosaic_partners_from_the_whole_dataset(dataset.transforms)
     sampler = EpochSampler(len(dataset), cfg.train.seed, with_seeds=False)
     dl = cfg.dataloader
 
@@ -118,4 +132,4 @@ def detector_data(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, hyp, ep
         return False
 
     train = UnitData(dataset, sampler, build, dl.num_workers, False, close_mosaic)
-    return DetectorData(yolo, train, rows[rows["split"] == "val"])
+    return DetectorData(yolo, train, val_rows)

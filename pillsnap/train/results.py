@@ -24,6 +24,7 @@ class TrainResult:
     stopped_early: bool
     val_metrics: Dict[str, Any]  # the best epoch's validation metrics
     history: List[Dict[str, Any]] = field(default_factory=list)
+    epochs: List[Dict[str, Any]] = field(default_factory=list)  # per epoch: loss, monitor, throughput, memory
     mean_throughput: float = 0.0
     skipped_samples: int = 0
     class_map_hash: str = ""
@@ -45,3 +46,15 @@ class TrainResult:
         if not with_history:
             out.pop("history")
         return to_jsonable(out)  # NaN -> null for JSON; the names are in not_measured
+
+
+def epoch_rows(history: List[Dict[str, Any]], monitor: str) -> List[Dict[str, Any]]:
+    """One small row per epoch for the stage checks: training loss, the monitored metric, the epoch's resources."""
+    rows = []
+    for h in history:
+        loss = h.get("train_loss")
+        if loss is None:  # an ultralytics epoch: its loss is the sum of its terms
+            loss = sum(float(v) for v in (h.get("train") or {}).values())
+        rows.append({"epoch": h["epoch"], "train_loss": float(loss), "monitor": (h.get("val") or {}).get(monitor),
+                     **(h.get("resources") or {})})
+    return rows

@@ -15,7 +15,12 @@ def prefect_harness():
 
 @pytest.fixture()
 def flow_overrides(tiny_aihub, tmp_path):
-    """Overrides that point a flow at the shared tiny data and a fresh experiment dir (classifier only: the
-    Stage 1 end-to-end test switches the detector on)."""
-    return [f"paths.exp_dir={tmp_path / 'exp'}", f"synth.out_dir={tiny_aihub}", f"paths.data_root={tiny_aihub}",
-            "detection.enabled=false"]
+    """Overrides that point a flow at the shared tiny data and a fresh experiment dir (the ci profile: the shipped
+    interleaved training of both models, at toy sizes)."""
+    return [f"paths.exp_dir={tmp_path / 'exp'}", f"synth.out_dir={tiny_aihub}", f"paths.data_root={tiny_aihub}"]
+
+
+@pytest.fixture()
+def classifier_only(flow_overrides):
+    """The orchestration tests' speed-up: the detector off, so a stage trains one model (the sequential path)."""
+    return [*flow_overrides, "detection.enabled=false"]

@@ -1,4 +1,8 @@
-"""Retries resume, cached stages, cache invalidation, human review through a paused flow, advance mode."""
+"""Retries resume (and are not spent on permanent errors), cached stages, cache invalidation, a person's review
+through a paused flow (an override of a NO_GO, attested checks), the unattended policy, advance mode.
+
+Most runs here switch the detector off (the sequential path, one model) to keep the suite fast; the shipped
+interleaved path runs in test_stage_flow.py and test_production_path.py."""
 import json
 import threading
 import time
@@ -28,9 +32,9 @@ def _train_task_seconds(flow_run_name_contains: str = "") -> list:
 
 
 @pytest.fixture()
-def prepared(prefect_harness, flow_overrides):
-    data_flow(profile="ci", overrides=flow_overrides)
-    return flow_overrides
+def prepared(prefect_harness, classifier_only):
+    data_flow(profile="ci", overrides=classifier_only)
+    return classifier_only
 
 
 def test_a_killed_training_task_is_retried_and_resumes(prepared):
@@ -55,7 +59,7 @@ def test_second_run_is_cached_and_a_missing_checkpoint_invalidates_it(prepared):
     assert list((best.parent.parent / "checkpoints.previous").iterdir())
 
 
-def _resume_when_paused(choice: str, found: dict) -> None:
+def _resume_when_paused(run_input: dict, found: dict) -> None:
     deadline = time.time() + 240
     with get_client(sync_client=True) as client:
         while time.time() < deadline:
@@ -63,34 +67,62 @@ def _resume_when_paused(choice: str, found: dict) -> None:
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
             if paused:
                 found["id"] = paused[0].id
-                resume_flow_run(paused[0].id, run_input={"choice": choice, "note": "from the test"})
+                resume_flow_run(paused[0].id, run_input=run_input)
                 return
             time.sleep(1)
 
 
-def test_review_pause_is_answered_from_the_ui_and_lands_in_the_ledger(prepared):
+def test_a_person_overrides_a_no_go_and_attests_the_attested_checks(prepared):
     found = {}
-    answer = threading.Thread(target=_resume_when_paused, args=("rerun_optimized", found), daemon=True)
-    answer.start()
+    answer = {"choice": "proceed", "attested": ["cloudflare_tunnel_setup"], "reviewer": "pharmacist kim"}
+    thread = threading.Thread(target=_resume_when_paused, args=(answer, found), daemon=True)
+    thread.start()
     result = stage_flow(stage=1, profile="ci",
                         overrides=[*prepared, "orchestration.interactive_review=true",
                                    "orchestration.review_timeout_s=240"])
-    answer.join(timeout=5)
+    thread.join(timeout=5)
     assert "id" in found, "the flow never paused for review"
-    assert (result["choice"], result["chosen_by"]) == ("rerun_optimized", "human")
+    assert (result["go_no_go"], result["choice"], result["chosen_by"]) == ("NO_GO", "proceed", "human")
+    assert result["approved"] and result["override"]
     record = Ledger.of(Path(result["exp_dir"])).latest(1)
-    assert record.choice == "rerun_optimized" and record.chosen_by == "human"
-    assert record.overrides == result["overrides"]
+    assert record.approved and record.override and record.reviewer == "pharmacist kim"
+    assert record.overridden[0] == "ACC_BELOW_TARGET" and record.reasons == ["ACC_BELOW_TARGET"]
+    checks = json.loads((Path(result["exp_dir"]) / "stage_1/reports/checks.json").read_text())
+    assert checks["cloudflare_tunnel_setup"]["status"] == "attested" == record.checks["cloudflare_tunnel_setup"]
+    assert Ledger.of(Path(result["exp_dir"])).plan()["stage"] == 2  # progression honours the override
+    report = (Path(result["exp_dir"]) / "stage_1/reports/stage_report.md").read_text()
+    assert "**override** of: ACC_BELOW_TARGET" in report
 
 
-@pytest.mark.parametrize("policy", ["proceed", "stop"])
-def test_unattended_policy_is_applied(prepared, policy):
+def test_an_unattended_policy_never_overrides_a_no_go(prepared):
     levels = ("RECOMMEND_PROCEED", "SUGGEST_OPTIMIZE", "WARN_STOP")
     result = stage_flow(stage=1, profile="ci", overrides=[
-        *prepared, *(f"orchestration.unattended_policy.{lvl}={policy}" for lvl in levels)])
-    assert (result["choice"], result["chosen_by"]) == (policy, "policy")
-    ledger = json.loads((Path(result["exp_dir"]) / "ledger.json").read_text())
-    assert ledger["stages"][-1]["choice"] == policy
+        *prepared, *(f"orchestration.unattended_policy.{lvl}=proceed" for lvl in levels)])
+    assert (result["go_no_go"], result["choice"], result["chosen_by"]) == ("NO_GO", "proceed", "policy")
+    assert not result["approved"] and not result["override"]
+    ledger = Ledger.of(Path(result["exp_dir"]))
+    assert ledger.latest(1).checks["cloudflare_tunnel_setup"] == "unattested"
+    assert ledger.plan()["action"] == "blocked"
+
+
+def test_a_permanent_error_fails_the_training_task_at_once(prepared):
+    from prefect import flow
+
+    from pillsnap.config import load_config, to_dict
+    from tasks.train import TRAIN_RETRIES, train_classifier_task
+
+    config = to_dict(load_config(profile="ci", overrides=prepared))  # no stage subset built: a data error
+
+    @flow
+    def train_without_a_subset():
+        state = train_classifier_task(config, 1, "no-subset", return_state=True)
+        return state.is_failed(), str(state.message), state.state_details.task_run_id
+
+    failed, message, task_run_id = train_without_a_subset()
+    assert failed and "stage_1/subset.json" in message
+    with get_client(sync_client=True) as client:
+        run = client.read_task_run(task_run_id)
+    assert run.run_count == 1 and TRAIN_RETRIES > 0  # a retry could only repeat it
 
 
 def test_advance_mode_runs_the_next_stage_from_the_ledger(prepared):

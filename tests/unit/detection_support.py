@@ -36,6 +36,7 @@ def det_config(exp_dir: Path, *overrides: str) -> PillSnapConfig:
         "classification.backbone=test_efficientnet", "classification.image_size=32",
         "train.classification.batch_size=8", "train.classification.lr=0.003", "dataloader.num_workers=0",
         "dataloader.cache.enabled=false", "logging.progress_bar=false", "optimization.amp=false",
+        "detection.include_single_images=false",  # the step arithmetic below counts the combination photos
         "optimization.torch_compile=none", "optimization.channels_last=false", *overrides])
 
 

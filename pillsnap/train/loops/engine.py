@@ -31,7 +31,7 @@ from pillsnap.data.datasets import SkipCounter
 from pillsnap.progress import progress
 from pillsnap.train.data import UnitData
 from pillsnap.train.loops.streams import Stream, steps_per_epoch
-from pillsnap.train.results import TrainResult
+from pillsnap.train.results import TrainResult, epoch_rows
 from pillsnap.train.services.checkpointer import (Checkpointer, improved, restore_rng_state, rng_state,
                                                   training_fingerprint)
 from pillsnap.train.services.health import TrainingHealth
@@ -257,7 +257,8 @@ class UnitLoop:
         value = metrics.get(u.monitor)
         record = {"epoch": t.epoch + 1, "global_step": u.updates, "train_loss": t.loss_sum / max(1, t.loss_count),
                   "train": {k: v / max(1, t.loss_count) for k, v in t.item_sums.items()}, "val": metrics,
-                  "lr": u.lr, "batch_size": u.batch_size, "grad_accum": u.accum}
+                  "lr": u.lr, "batch_size": u.batch_size, "grad_accum": u.accum,
+                  "resources": m.telemetry.end_epoch()}
         t.history.append(record)
         m.telemetry.validation({k: metrics.get(k) for k in VAL_LOG_KEYS.get(u.name, ())}, u.updates)
         m.telemetry.scalars({f"train/{k}": v for k, v in record["train"].items()}, u.updates)
@@ -331,7 +332,8 @@ class UnitLoop:
             last_checkpoint=str((self.ckpt.dir if m is self.primary else m.best_path.parent) / "last.pt"),
             monitor=u.monitor, best_metric=t.best_metric, best_epoch=t.best_epoch, epochs_completed=t.epoch,
             epochs_planned=u.epochs, global_step=u.updates, resumed_from_step=resumed, stopped_early=t.stopped_early,
-            val_metrics=val, history=t.history, mean_throughput=m.telemetry.mean_throughput,
+            val_metrics=val, history=t.history, epochs=epoch_rows(t.history, u.monitor),
+            mean_throughput=m.telemetry.mean_throughput,
             skipped_samples=SkipCounter.skipped if u.name == "classifier" else 0,
             class_map_hash=u.identity()["class_map_hash"], policy=u.policy.describe(),
             batch_size=u.batch_size, grad_accum=u.accum, oom_events=list(m.guard.events),

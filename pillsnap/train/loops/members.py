@@ -10,6 +10,7 @@ import pandas as pd
 from pillsnap.config import PillSnapConfig
 from pillsnap.core import layout
 from pillsnap.data.class_map import ClassMap
+from pillsnap.data.yolo_dataset import detector_facts
 from pillsnap.train.data import classifier_data, detector_data, stage_label_space
 from pillsnap.train.loops.engine import Member
 from pillsnap.train.services.oom import FaultInjector
@@ -46,8 +47,11 @@ def classifier_member(cfg: PillSnapConfig, subset: pd.DataFrame, class_map: Clas
     unit = ClassifierUnit(cfg, labels, data.train_samples.labels, policy, data.train_samples.image_ids,
                           init_checkpoint, compile_backend)
     unit.val_loader = data.val_loader
-    return Member(cfg, unit, data.train, Path(stage_dir), "classification", _injector(cfg, "classifier", injectors),
-                  ratio)
+    member = Member(cfg, unit, data.train, Path(stage_dir), "classification", _injector(cfg, "classifier", injectors),
+                    ratio)
+    member.facts = {"train_samples": len(data.train_samples.samples), "val_samples": len(data.val_samples.samples),
+                    "pixel_cache": data.train.dataset.cache_coverage()}
+    return member
 
 
 def detector_member(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, stage_dir: Path, policy: Policy,
@@ -57,9 +61,7 @@ def detector_member(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, stage
     data = detector_data(cfg, subset, stage, detector_hyperparameters(cfg), cfg.train.detection.epochs)
     unit = DetectorUnit(cfg, policy, out / "model", data.val_rows, init_checkpoint, compile_backend)
     member = Member(cfg, unit, data.train, out, "detection", _injector(cfg, "detector", injectors), ratio)
-    member.facts = {"yolo_dataset": data.yolo.root, "data_yaml": data.yolo.data_yaml, "images": data.yolo.images,
-                    "boxes": data.yolo.boxes,
-                    "val_images": len(data.val_rows), "include_single_images": data.yolo.include_single_images}
+    member.facts = detector_facts(data.yolo)
     return member
 
 

@@ -28,11 +28,11 @@ import pandas as pd
 
 from pillsnap.config import PillSnapConfig, to_dict
 from pillsnap.core.jsonio import read_json, write_json_atomic
-from pillsnap.data.yolo_dataset import YoloDataset, build_yolo_dataset
+from pillsnap.data.yolo_dataset import YoloDataset, detector_facts, stage_detector_dataset
 from pillsnap.models.detector import backbone_name, detector_payload, write_model_yaml
 from pillsnap.progress import progress
 from pillsnap.train.loops.engine import EpochHook, StepHook
-from pillsnap.train.results import TrainResult
+from pillsnap.train.results import TrainResult, epoch_rows
 from pillsnap.train.services.checkpointer import Checkpointer, improved, training_fingerprint
 from pillsnap.train.services.oom import (FaultInjector, OomPolicy, OomRecovery, OomState, is_fatal_cuda_error,
                                          is_oom_error, release_cached_memory)
@@ -66,7 +66,7 @@ def train_detector_sequential(cfg: PillSnapConfig, subset: pd.DataFrame, stage: 
                               show_progress: bool = True, injector: Optional[FaultInjector] = None) -> TrainResult:
     out = Path(stage_dir) / "detector"
     plans = plans or {}
-    data = build_yolo_dataset(subset, cfg.exp_dir, stage, cfg.detection.include_single_images)
+    data, _ = stage_detector_dataset(cfg, subset, stage)
     model_yaml = write_model_yaml(cfg.detection, out / "model")
     fingerprint = training_fingerprint(to_dict(cfg), {"detector": plans.get("batch")}) + "-" + data.content_hash
     ckpt = Checkpointer(out / "checkpoints", json.dumps(to_dict(cfg)), fingerprint)
@@ -250,13 +250,13 @@ def _result(cfg: PillSnapConfig, state: Dict[str, Any], data: YoloDataset, out: 
         best_epoch=best["epoch"] if best else -1, epochs_completed=len(history),
         epochs_planned=cfg.train.detection.epochs, global_step=int(state.get("global_step", 0)),
         resumed_from_step=state.get("resumed_from_step"), stopped_early=bool(state.get("stopped_early")),
-        val_metrics=best_val, history=history, mean_throughput=float(state.get("mean_throughput", 0.0)),
+        val_metrics=best_val, history=history, epochs=epoch_rows(history, MONITOR),
+        mean_throughput=float(state.get("mean_throughput", 0.0)),
         policy=resolve_policy(cfg.optimization).describe(),
         batch_size=int(oom_state.get("batch_size", cfg.train.detection.batch_size)),
         oom_events=list(state.get("oom_events", [])), tensorboard=str(out / "tb"), run_dir=state.get("run_dir", ""),
         not_measured=sorted(k for k, v in best_val.items() if not math.isfinite(v)) if best else [MONITOR],
-        data={"yolo_dataset": data.root, "data_yaml": data.data_yaml, "images": data.images, "boxes": data.boxes,
-              "include_single_images": data.include_single_images}, class_map_hash=data.content_hash)
+        data=detector_facts(data), class_map_hash=data.content_hash)
 
 
 # ------------------------------------------------------------------------------------------------ callbacks
@@ -360,7 +360,8 @@ class EpochForwarder:
         lr = trainer.optimizer.param_groups[0]["lr"] if trainer.optimizer else float("nan")
         not_measured = [k for k, v in {**val, **train}.items() if not math.isfinite(v)]
         return {"epoch": trainer.epoch + 1, "global_step": self.state["global_step"], "train": train, "val": val,
-                "lr": float(lr), "batch_size": trainer.batch_size, "not_measured": not_measured}
+                "lr": float(lr), "batch_size": trainer.batch_size, "not_measured": not_measured,
+                "resources": self.telemetry.end_epoch()}
 
     def _report(self, record: Dict[str, Any]) -> None:
         e, total = record["epoch"], self.cfg.train.detection.epochs

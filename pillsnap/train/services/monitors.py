@@ -106,8 +106,9 @@ class PlateauMonitor:
             self.best, self.best_epoch, self.epochs_without_improvement = value, epoch, 0
             return None
         self.epochs_without_improvement += 1
-        # Advise at patience, 2x patience, ...: repeating it every epoch would drown the log.
-        if self.epochs_without_improvement % self.patience:
+        # Advise at patience, 2x patience, ...: repeating it every epoch would drown the log. Before any finite
+        # value (a metric not measured yet) there is no plateau to speak of.
+        if self.epochs_without_improvement % self.patience or self.best is None:
             return None
         # Lower, never restart: a cosine-with-restarts LR jump cost 15 points of val accuracy in an earlier
         # implementation of this design.

@@ -5,6 +5,10 @@
 
 TensorBoard: train/loss, train/lr, perf/data_time, perf/compute_time, perf/throughput, perf/cuda_mem every step,
 val/<metric> every validation. The writer degrades to a no-op (one warning) when tensorboard is missing.
+
+Every epoch also closes with a resources record (`end_epoch`): throughput, mean data and compute time per step,
+the data-time share, private host memory (this process and its loader workers) and the GPU allocator's peak. The stage checks
+read it (memory_leak_test, scalability_test_pass, memory_optimization_working).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
+import psutil
 import torch
 
 log = logging.getLogger("pillsnap.train")
@@ -45,6 +50,22 @@ class TBWriter:
             self._writer = None
 
 
+def host_private_mb() -> float:
+    """Private resident memory (RSS less file-backed pages) of this process and its DataLoader workers, in MiB.
+
+    File-backed pages are left out on purpose: the pixel store is memory-mapped, so its pages count in RSS while
+    the kernel may drop them at will; a leak is anonymous memory.
+    """
+    me, total = psutil.Process(), 0
+    for process in (me, *me.children(recursive=True)):
+        try:
+            info = process.memory_info()
+        except psutil.Error:  # a worker that just exited
+            continue
+        total += info.rss - getattr(info, "shared", 0)
+    return total / 2**20
+
+
 def cuda_memory_mb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
 
@@ -54,6 +75,7 @@ class Telemetry:
         self.tb, self.tag, self.epochs = tb, tag, epochs
         self.log_interval, self.device = max(1, log_interval), device
         self.throughputs: list = []
+        self._epoch = {"samples": 0, "steps": 0, "data_time": 0.0, "compute_time": 0.0}
 
     def step(self, step: int, epoch: int, step_in_epoch: int, steps_in_epoch: int, loss: float, lr: float,
              samples: int, data_time: float, compute_time: float) -> None:
@@ -65,6 +87,23 @@ class Telemetry:
             log.info("%s e=%d/%d s=%d/%d loss=%.4f lr=%.2e data=%.3fs comp=%.3fs thr=%.1f/s cuda=%.0fMB", self.tag,
                      epoch, self.epochs, step_in_epoch, steps_in_epoch, loss, lr, data_time, compute_time, thr, cuda)
         self.throughputs.append(thr)
+        e = self._epoch
+        e["samples"], e["steps"] = e["samples"] + samples, e["steps"] + 1
+        e["data_time"], e["compute_time"] = e["data_time"] + data_time, e["compute_time"] + compute_time
+
+    def end_epoch(self) -> Dict[str, Optional[float]]:
+        """This epoch's resources (see the module docstring); starts the next epoch's counts."""
+        e, self._epoch = self._epoch, {"samples": 0, "steps": 0, "data_time": 0.0, "compute_time": 0.0}
+        busy, steps = e["data_time"] + e["compute_time"], max(1, e["steps"])
+        gpu_peak = None
+        if self.device.type == "cuda":
+            gpu_peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return {"steps": e["steps"], "samples": e["samples"],
+                "throughput_img_s": e["samples"] / busy if busy > 0 else None,
+                "data_time_s": e["data_time"] / steps, "compute_time_s": e["compute_time"] / steps,
+                "data_share": e["data_time"] / busy if busy > 0 else None,
+                "host_private_mb": host_private_mb(), "gpu_peak_mb": gpu_peak}
 
     def validation(self, metrics: Mapping[str, Optional[float]], step: int, prefix: str = "val") -> None:
         for key, value in metrics.items():

@@ -44,7 +44,7 @@ class ClassifierUnit(TrainUnit):
         self.monitor, self.mode = tc.early_stopping.monitor, tc.early_stopping.mode
         self.criterion = build_criterion(cfg.loss, train_labels, len(labels), cfg.augment).to(policy.device)
         self.augment = BatchAugment(cfg.augment, cfg.classification.image_size, len(labels),
-                                    cfg.loss.label_smoothing)
+                                    cfg.loss.label_smoothing, crop_padding=cfg.classification.crop_padding)
         self.val_loader = None  # set by the data builder (the loop owns no data)
 
     # ------------------------------------------------------------------ batches

@@ -8,7 +8,7 @@ from pillsnap.config import AugmentConfig, ConfigError, check_augment_config, lo
 from pillsnap.data.augment import POLICY_OPS, BatchAugment, normalise
 
 PLAIN = dict(rot90=False, rotate_degrees=0.0, scale=[1.0, 1.0], translate=0.0, brightness=0.0, contrast=0.0,
-             saturation=0.0, hue=0.0, channel_gain=0.0)
+             saturation=0.0, hue=0.0, channel_gain=0.0, crop_view=0.0)
 
 
 def _batch(n=6, size=48, seed=0):
@@ -55,6 +55,26 @@ def test_plain_settings_are_exactly_the_evaluation_normalisation():
     images, seeds, boxes, labels = _batch()
     out, targets = BatchAugment(cfg, 48, 3)(images, seeds, boxes, labels)
     assert torch.allclose(out, normalise(images), atol=1e-5) and torch.equal(targets, labels)
+
+
+@pytest.mark.parametrize("executor", ["cv2", "torch"])
+def test_a_crop_view_shows_the_pill_as_inference_crops_it(executor):
+    """crop_view=1: the padded pill box stretched to the frame, as crop_pixels cuts a detection's crop."""
+    from PIL import Image
+
+    from pillsnap.infer.preprocess import crop_pixels
+
+    size, box, padding = 96, (0.3, 0.6, 0.25, 0.15), 0.15
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.randint(0, 256, (1, 3, 12, 12), generator=g).float(), size=size,
+                                             mode="bilinear", align_corners=False).to(torch.uint8)
+    cfg = AugmentConfig(**{**PLAIN, "crop_view": 1.0})
+    out, _ = BatchAugment(cfg, size, 3, executor=executor, crop_padding=padding)(
+        smooth, torch.arange(1), torch.tensor([box]), torch.zeros(1, dtype=torch.long))
+    pixel_box = [(box[0] - box[2] / 2) * size, (box[1] - box[3] / 2) * size, box[2] * size, box[3] * size]
+    photo = Image.fromarray(smooth[0].permute(1, 2, 0).numpy())
+    expected = normalise(torch.from_numpy(crop_pixels(photo, pixel_box, size, padding)).permute(2, 0, 1)[None])
+    assert (out - expected).abs().mean() < 0.08  # the same region; only the resampling differs
 
 
 def test_defaults_never_mirror_and_keep_the_pill_in_the_frame():

@@ -20,29 +20,33 @@ def _manifest(n_classes=20, per_class=20):
 
 def test_stages_are_nested_in_classes_and_images():
     m = _manifest()
-    s1, sum1 = build_stage_subset(m, 1, StageSpec(classes=5, images=50), seed=7)
-    s2, sum2 = build_stage_subset(m, 2, StageSpec(classes=10, images=150), seed=7)
-    s4, sum4 = build_stage_subset(m, 4, StageSpec(classes=None, images=None), seed=7)
+    s1, sum1 = build_stage_subset(m, 1, StageSpec(classes=5, images=40, min_eval_samples=10), seed=7)
+    s2, sum2 = build_stage_subset(m, 2, StageSpec(classes=10, images=120, min_eval_samples=20), seed=7)
+    s4, sum4 = build_stage_subset(m, 4, StageSpec(classes=None, images=None, min_eval_samples=0), seed=7)
     assert set(sum1.k_codes) < set(sum2.k_codes) < set(sum4.k_codes) and sum4.classes == 20
     assert set(s1.image_id) <= set(s2.image_id) <= set(s4.image_id)
-    assert sum1.classes == 5 and sum1.train_single + sum1.val_single == 50
+    assert sum1.classes == 5 and sum1.train_single == 40 and sum1.val_single >= 10
 
 
-def test_split_is_stratified_per_class_and_never_leaks():
-    m = _manifest()
-    sub, _ = build_stage_subset(m, 1, StageSpec(classes=8, images=8 * 20), seed=1)
-    singles = sub[sub.kind == "single"]
-    shares = singles.groupby("k_code")["split"].apply(lambda s: (s == "val").mean())
-    assert shares.between(0.15, 0.25).all(), shares
+def test_validation_is_stratified_and_sized_for_the_gate():
+    m = _manifest()  # 16 train + 4 val photos per class
+    sub, summary = build_stage_subset(m, 1, StageSpec(classes=8, images=8 * 8, min_eval_samples=24), seed=1)
+    val = sub[(sub.kind == "single") & (sub.split == "val")]
+    assert summary.val_single == len(val) == 24 and val.groupby("k_code").size().eq(3).all()
+    assert summary.val_per_class == 3 and summary.train_single == 64
     assert (sub.set_index("image_id")["split"] == m.set_index("image_id").loc[sub.image_id, "split"]).all()
+    _, short = build_stage_subset(m, 1, StageSpec(classes=8, images=64, min_eval_samples=100), seed=1)
+    assert short.val_single == 32 and any("fewer than min_eval_samples=100" in n for n in short.notes)
 
 
-def test_combinations_only_when_all_their_pills_are_in_the_stage():
+def test_every_combination_photo_is_kept_for_the_detector():
     m = _manifest()
     sub, summary = build_stage_subset(m, 1, StageSpec(classes=6, images=60), seed=3)
-    chosen = set(summary.k_codes)
     combos = sub[sub.kind == "combination"]
-    assert all(set(codes) <= chosen for codes in image_k_codes(combos))
+    assert len(combos) == (m.kind == "combination").sum()  # whatever their K-codes
+    chosen = set(summary.k_codes)
+    assert summary.combinations_in_scope == sum(set(c) <= chosen for c in image_k_codes(combos))
+    assert summary.combinations_in_scope < len(combos)
     assert summary.train_combination + summary.val_combination == len(combos)
 
 

@@ -6,12 +6,12 @@ import pytest
 import yaml
 
 from pillsnap.data.manifest import boxes_of
-from pillsnap.data.yolo_dataset import build_yolo_dataset, label_lines
+from pillsnap.data.yolo_dataset import detection_rows, build_yolo_dataset, label_lines
 from tests.unit.detection_support import det_data  # noqa: F401  (session fixture)
 
 
 def test_labels_are_one_class_normalised_and_images_linked(det_data, tmp_path):  # noqa: F811
-    ds = build_yolo_dataset(det_data.manifest, tmp_path, 1)
+    ds = build_yolo_dataset(det_data.manifest, tmp_path, 1, include_single_images=False)
     assert ds.images == {"train": 24, "val": 8} and ds.rebuilt
     assert yaml.safe_load(open(ds.data_yaml)) == {"path": ds.root, "train": "train.txt", "val": "val.txt", "nc": 1,
                                                   "names": {0: "pill"}}
@@ -30,16 +30,17 @@ def test_labels_are_one_class_normalised_and_images_linked(det_data, tmp_path): 
 
 
 def test_built_once_per_hash_and_rebuilt_when_the_data_changes(det_data, tmp_path):  # noqa: F811
-    first = build_yolo_dataset(det_data.manifest, tmp_path, 1)
+    first = build_yolo_dataset(det_data.manifest, tmp_path, 1, include_single_images=False)
     stamp = os.stat(first.data_yaml).st_mtime_ns
-    again = build_yolo_dataset(det_data.manifest, tmp_path, 1)
+    again = build_yolo_dataset(det_data.manifest, tmp_path, 1, include_single_images=False)
     assert not again.rebuilt and again.content_hash == first.content_hash
     assert os.stat(first.data_yaml).st_mtime_ns == stamp
     with_singles = build_yolo_dataset(det_data.manifest, tmp_path, 1, include_single_images=True)
     assert with_singles.rebuilt and with_singles.content_hash != first.content_hash
     assert with_singles.images["train"] == 24 + len(det_data.rows("train", "single"))
+    assert with_singles.composition["train"] == {"combination": 24, "single": len(det_data.rows("train", "single"))}
     fewer = det_data.manifest.drop(det_data.rows("train").index[:4])
-    assert build_yolo_dataset(fewer, tmp_path, 1).images["train"] == 20
+    assert build_yolo_dataset(fewer, tmp_path, 1, include_single_images=False).images["train"] == 20
     assert not list(tmp_path.glob("data/stage_1/yolo.*")), "no half-built or old folders left behind"
 
 
@@ -49,7 +50,17 @@ def test_label_lines_clip_to_the_image_and_skip_empty_boxes():
     assert skipped == 1 and lines == ["0 0.100000 0.200000 0.200000 0.400000"]
 
 
-def test_a_subset_without_val_combinations_is_refused(det_data, tmp_path):  # noqa: F811
+def test_a_subset_without_val_photos_with_boxes_is_refused(det_data, tmp_path):  # noqa: F811
     train_only = det_data.manifest[det_data.manifest["split"] == "train"]
-    with pytest.raises(ValueError, match="no val images"):
+    with pytest.raises(ValueError, match="no val photo with a box"):
         build_yolo_dataset(train_only, tmp_path, 1)
+
+
+def test_the_cap_takes_combination_photos_first_and_keeps_the_val_share(det_data, tmp_path):  # noqa: F811
+    capped = build_yolo_dataset(det_data.manifest, tmp_path, 1, include_single_images=True, cap=30,
+                                val_fraction=0.25)
+    assert capped.composition["train"] == {"combination": 24, "single": 6} and capped.cap == 30
+    assert capped.images["val"] == 10 and capped.composition["val"]["combination"] == 8
+    again = detection_rows(det_data.manifest, True, 30, 0.25)
+    assert set(again["image_id"]) == {os.path.basename(p).rsplit(".", 1)[0]
+                                      for lst in (capped.train_list, capped.val_list) for p in open(lst).read().split()}

@@ -33,7 +33,7 @@ def advisor(cfg):
 def results_at(cfg, stage, fraction=1.0, **extra):
     """All mandatory checks passed; every target measured so that the performance score is exactly `fraction`."""
     criteria = cfg.evaluation.stages[stage]
-    results = {"mandatory_checks": {name: True for name in criteria.mandatory_checks}}
+    results = {"mandatory_checks": {name: "pass" for name in criteria.mandatory_checks}}
     for t in criteria.targets:
         group, _, metric = t.metric.partition(".")
         results.setdefault(group, {})[metric] = t.value * fraction if t.op == ">=" else t.value / fraction
@@ -111,7 +111,7 @@ def test_critical_failures_come_with_fixes(cfg, advisor):
 
 def test_failed_or_unmeasured_mandatory_check_stops(cfg, advisor):
     results = results_at(cfg, 3)
-    results["mandatory_checks"]["memory_leak_test"] = False
+    results["mandatory_checks"]["memory_leak_test"] = "fail"
     del results["mandatory_checks"]["stability_test_pass"]
     advice = advisor.evaluate_and_recommend(3, results)
     assert advice.recommendation == WARN_STOP and advice.reason == "mandatory_checks_failed"
@@ -121,7 +121,7 @@ def test_failed_or_unmeasured_mandatory_check_stops(cfg, advisor):
 
 def test_nothing_measured_never_proceeds(cfg, advisor):
     criteria = cfg.evaluation.stages[1]
-    advice = advisor.evaluate_and_recommend(1, {"mandatory_checks": {n: True for n in criteria.mandatory_checks}})
+    advice = advisor.evaluate_and_recommend(1, {"mandatory_checks": {n: "pass" for n in criteria.mandatory_checks}})
     assert advice.recommendation == WARN_STOP and advice.reason == "nothing_measured"
     assert advice.performance_score is None
 

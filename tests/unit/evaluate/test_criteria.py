@@ -29,7 +29,7 @@ def cfg():
 def results_meeting(cfg, stage, fraction=1.0):
     """Every target of the stage measured at `fraction` of the way to its target (1.0 = exactly met)."""
     criteria = cfg.evaluation.stages[stage]
-    results = {"mandatory_checks": {name: True for name in criteria.mandatory_checks}}
+    results = {"mandatory_checks": {name: "pass" for name in criteria.mandatory_checks}}
     for t in criteria.targets:
         group, _, metric = t.metric.partition(".")
         results.setdefault(group, {})[metric] = t.value * fraction if t.op == ">=" else t.value / fraction
@@ -111,7 +111,7 @@ def test_nothing_measured_has_no_score(cfg):
 
 def test_mandatory_checks(cfg):
     results = results_meeting(cfg, 1)
-    results["mandatory_checks"]["onnx_conversion_success"] = False
+    results["mandatory_checks"]["onnx_conversion_success"] = "fail"
     del results["mandatory_checks"]["pipeline_complete"]
     report = evaluate_criteria(cfg.evaluation, 1, results)
     assert report.failed_mandatory == ["pipeline_complete", "onnx_conversion_success"]
@@ -171,3 +171,23 @@ def test_bad_config_names_the_key():
 def test_met_status_at_exact_target(cfg):
     report = evaluate_criteria(cfg.evaluation, 1, results_meeting(cfg, 1))
     assert {t.status for t in report.targets} == {MET}
+
+
+def test_an_unattested_check_neither_passes_nor_blocks_and_a_refusal_fails(cfg):
+    results = results_meeting(cfg, 4)
+    for status, passed, unattested in (("unattested", True, ["cloudflare_tunnel_setup"]), ("attested", True, []),
+                                       ("fail", False, [])):
+        results["mandatory_checks"]["cloudflare_tunnel_setup"] = status
+        report = evaluate_criteria(cfg.evaluation, 4, results)
+        assert (report.mandatory_passed, report.unattested) == (passed, unattested), status
+
+
+def test_check_names_must_exist_in_the_registry():
+    cfg = load_config()
+    cfg.evaluation.stages[2].mandatory_checks.append("gpu_goes_brrr")
+    with pytest.raises(ConfigError, match=r"evaluation.stages.2.mandatory_checks: no check named \['gpu_goes_brrr'\]"):
+        validate_evaluation_config(cfg.evaluation)
+    cfg = load_config()
+    cfg.evaluation.checks.attested = ["tunnel"]
+    with pytest.raises(ConfigError, match=r"evaluation.checks.attested: no check named \['tunnel'\]"):
+        validate_evaluation_config(cfg.evaluation)

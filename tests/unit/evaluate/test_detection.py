@@ -6,6 +6,7 @@ import torchvision
 
 from pillsnap.metrics.detection import detection_metrics, match_detections
 from pillsnap.infer.detection import (detection_samples, evaluate_detector, letterbox, load_bgr, map_detector, nms, onnx_raw_predictor, torch_raw_predictor)
+from pillsnap.data.yolo_dataset import detection_rows
 from pillsnap.models.detector import export_detector_onnx, load_detector_checkpoint
 from tests.unit.detection_support import det_data, sequential_run  # noqa: F401  (session fixtures)
 
@@ -83,12 +84,13 @@ def test_map_agrees_with_ultralytics_val(sequential_run, det_data, monkeypatch):
 
     monkeypatch.setattr(data_utils, "check_font", lambda *a, **k: None)  # its dataset check fetches a font
     model = load_detector_checkpoint(sequential_run.result.best_checkpoint)
-    ours = evaluate_detector(map_detector(model, 160, 8), detection_samples(det_data.rows("val")))
+    val_rows = detection_rows(det_data.manifest).query("split == 'val'")  # the photos the data yaml validates on
+    ours = evaluate_detector(map_detector(model, 160, 8), detection_samples(val_rows))
     validator = DetectionValidator(args=dict(data=sequential_run.result.data["data_yaml"], imgsz=160, batch=8,
                                              conf=0.001, iou=0.7, max_det=300, rect=False, plots=False,
                                              device="cpu", verbose=False, save_json=False))
     theirs = validator(model=load_detector_checkpoint(sequential_run.result.best_checkpoint))
-    assert ours["n_images"] == 8 and ours["n_gt"] == validator.metrics.nt_per_class.sum()
+    assert ours["n_images"] == len(val_rows) and ours["n_gt"] == validator.metrics.nt_per_class.sum()
     assert ours["mAP_0.5"] > 0.1, "the cross-check needs a model that finds pills"
     assert ours["mAP_0.5"] == pytest.approx(theirs["metrics/mAP50(B)"], abs=0.005)
     assert ours["mAP_0.5_0.95"] == pytest.approx(theirs["metrics/mAP50-95(B)"], abs=0.005)

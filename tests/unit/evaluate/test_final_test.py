@@ -79,14 +79,18 @@ def test_refuses_without_an_approved_stage4_and_its_checkpoint(make_config, tmp_
     with pytest.raises(FinalTestRefused, match="no Stage 4 decision"):
         run_final_test(cfg)
     _record(cfg, decision="NO_GO", choice="stop")
-    with pytest.raises(FinalTestRefused, match="Stage 4 is NO_GO"):
+    with pytest.raises(FinalTestRefused, match="Stage 4 is not approved: NO_GO"):
+        run_final_test(cfg)
+    _record(cfg, decision="NO_GO", choice="proceed", chosen_by="policy")  # a policy never overrides a NO_GO
+    with pytest.raises(FinalTestRefused, match="not approved: NO_GO .*'proceed' by policy"):
         run_final_test(cfg)
     _record(cfg, choice="stop")
-    with pytest.raises(FinalTestRefused, match="GO but not approved .*'stop'"):
+    with pytest.raises(FinalTestRefused, match="not approved: GO .*'stop'"):
         run_final_test(cfg)
-    _record(cfg)
-    with pytest.raises(FinalTestRefused, match="classifier checkpoint missing: .*stage_4/checkpoints/best.pt"):
-        run_final_test(cfg)
+    for approved in ({}, {"decision": "NO_GO", "chosen_by": "human", "overridden": ["ACC_BELOW_TARGET"]}):
+        _record(cfg, **approved)  # GO + proceed, or a person's proceed over a NO_GO: past the ledger gate
+        with pytest.raises(FinalTestRefused, match="classifier checkpoint missing: .*stage_4/checkpoints/best.pt"):
+            run_final_test(cfg)
 
 
 @pytest.fixture(scope="module")

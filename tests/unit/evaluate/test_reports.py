@@ -138,11 +138,12 @@ def test_detections_are_drawn_on_the_image(tmp_path):
     assert drawn[40:50, 40:100].any()  # the label sits above the box
 
 
-def test_detection_samples_from_paths(tmp_path):
+def test_detections_from_paths_with_chosen_colours(tmp_path):
     src = tmp_path / "in.png"
     Image.new("RGB", (64, 64)).save(src)
-    outs = plots.draw_detection_samples([(src, [{"xyxy": [1, 1, 20, 20]}])] * 3, tmp_path / "det", max_images=2)
-    assert [p.name for p in outs] == ["detections_000.png", "detections_001.png"]
+    out = plots.draw_detections(src, [{"xyxy": [1, 1, 40, 40], "label": "K-1", "color": (230, 40, 40)}],
+                                tmp_path / "det.png")
+    assert tuple(np.asarray(Image.open(out).convert("RGB"))[30, 1]) == (230, 40, 40)  # the left edge, in red
     with pytest.raises(ValueError, match="xyxy"):
         plots.draw_detections(src, [{"box": [1, 1, 2, 2]}], tmp_path / "bad.png")
     with pytest.raises(FileNotFoundError, match="missing.png"):

@@ -53,6 +53,12 @@ def test_plateau_min_mode_and_min_delta():
     assert monitor.update(2, 0.8) is None
 
 
+def test_plateau_before_any_finite_value_gives_no_advice_and_no_error():
+    monitor = PlateauMonitor(patience=1, mode="max")
+    assert monitor.update(0, float("nan")) is None and monitor.update(1, float("nan")) is None
+    assert monitor.update(2, 0.4) is None and monitor.update(3, 0.3) is not None  # a real plateau still advises
+
+
 def test_non_finite_loss_raises_with_step_and_batch_info():
     assert check_finite_loss(torch.tensor(0.5), step=1) == 0.5
     with pytest.raises(NonFiniteLossError) as info:

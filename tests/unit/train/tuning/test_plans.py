@@ -34,8 +34,9 @@ def test_auto_batch_without_cuda_keeps_the_configured_batch_and_says_why(make_co
                                                                           caplog, model):
     m, cmap = tiny_stage
     key = "classification" if model == "classifier" else "detection"
-    assert "auto_batch_tune=false" in tune_batch(make_config(tmp_path), m, cmap, model)["reasons"][0]  # ci: off
-    cfg = make_config(tmp_path, f"train.{key}.auto_batch_tune=true")
+    off = make_config(tmp_path, f"train.{key}.auto_batch_tune=false")
+    assert "auto_batch_tune=false" in tune_batch(off, m, cmap, model)["reasons"][0]
+    cfg = make_config(tmp_path)  # tuning on, as shipped
     with caplog.at_level(logging.INFO, logger="pillsnap"):
         plan = tune_batch(cfg, m, cmap, model)
     configured = getattr(cfg.train, key).batch_size
@@ -78,4 +79,4 @@ def test_stage_config_returns_changes_and_logs_what_runs(make_config, tmp_path, 
     assert staged.train.classification.batch_size == 16 and cfg.train.classification.batch_size == 8
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("stage 3 runs with"))
     assert "classifier batch 16" in line and "detector batch 4" in line and "2 workers" in line
-    assert "channels_last=True" in line and "strategy sequential" in line
+    assert "channels_last=True" in line and "strategy interleaved" in line

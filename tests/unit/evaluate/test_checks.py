@@ -1,0 +1,150 @@
+"""The stage-check registry: every configured name is measured from evidence, nothing passes by default."""
+import copy
+from pathlib import Path
+
+import pytest
+
+from pillsnap.config import load_config
+from pillsnap.evaluate.checks import (ATTESTED, DEFINITIONS, FAIL, NOT_MEASURED, PASS, REGISTRY, STEP_TAGS,
+                                      UNATTESTED, VAL_TAGS, StageEvidence, definitions_table, read_tensorboard_tags,
+                                      run_checks)
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config()
+
+
+def _epochs(n=3, rss=(500.0, 520.0, 530.0), throughput=(90.0, 100.0, 98.0), share=0.1, gpu=None):
+    return [{"epoch": i + 1, "train_loss": 1.0 / (i + 1), "monitor": 0.5 + 0.1 * i, "steps": 10, "samples": 320,
+             "throughput_img_s": throughput[i], "data_time_s": 0.01, "compute_time_s": 0.09, "data_share": share,
+             "host_private_mb": rss[i], "gpu_peak_mb": None if gpu is None else gpu[i]} for i in range(n)]
+
+
+def _train(model):
+    return {"model": model, "epochs_completed": 3, "epochs_planned": 3, "stopped_early": False, "best_metric": 0.7,
+            "monitor": "macro_f1", "oom_events": [], "resumed_from_step": None, "tensorboard": "tb",
+            "auto_batch": {"probed": False, "batch_size": 8, "reasons": ["no CUDA device: keeping batch 8"]},
+            "data": {"pixel_cache": {"samples": 100, "cached": 100, "store": 1}} if model == "classifier" else {},
+            "epochs": _epochs()}
+
+
+def good_evidence(stage=1):
+    tags = {m: {t: 5 for t in (*STEP_TAGS, *VAL_TAGS[m])} for m in ("classifier", "detector")}
+    return StageEvidence(
+        stage=stage,
+        subset={"imbalance_ratio": 1.5, "per_class_train_min": 10, "per_class_train_max": 15, "classes": 50,
+                "classes_available": 50, "images_requested": 500, "train_available": 700, "train_single": 500},
+        train={"classifier": _train("classifier"), "detector": _train("detector")},
+        evaluation={"checkpoint": "best.pt", "n": 200, "logits_finite": True,
+                    "multi_batch": {"photos": 64, "batch_size": 32, "disagreements": 0, "near_ties": 0,
+                                    "top1_agreement": 1.0, "max_logit_diff": 1e-6}},
+        detector_probe={"loaded": True, "output_finite": True},
+        export={"ok": True, "classifier": {"path": "c.onnx"}, "detector": {"path": "d.onnx"}},
+        api={"deployed": True, "requests": 48, "errors": 0, "p95_ms": 20.0,
+             "monitoring": {"answered": 49, "requests": 49, "latency_observations": 49, "ok": True}},
+        tensorboard=tags)
+
+
+def statuses(cfg, evidence, attestations=None):
+    return {name: r.status for name, r in run_checks(cfg, evidence, attestations).items()}
+
+
+def test_every_configured_check_is_in_the_registry_with_a_definition(cfg):
+    configured = {n for s in cfg.evaluation.stages.values() for n in s.mandatory_checks}
+    assert configured <= set(DEFINITIONS)
+    assert set(cfg.evaluation.checks.attested) <= set(DEFINITIONS) - set(REGISTRY)  # attested: nothing to measure
+    assert all(len(text) > 40 for text in DEFINITIONS.values())
+
+
+def test_good_evidence_passes_everything_measurable_and_attested_checks_wait_for_a_person(cfg):
+    got = statuses(cfg, good_evidence())
+    assert {n for n, s in got.items() if s != PASS} == {"cloudflare_tunnel_setup"}
+    assert got["cloudflare_tunnel_setup"] == UNATTESTED
+    assert statuses(cfg, good_evidence(), {"cloudflare_tunnel_setup": True})["cloudflare_tunnel_setup"] == ATTESTED
+    assert statuses(cfg, good_evidence(), {"cloudflare_tunnel_setup": False})["cloudflare_tunnel_setup"] == FAIL
+
+
+def test_nothing_is_true_by_default(cfg):
+    got = statuses(cfg, StageEvidence(stage=1))
+    assert not [n for n, s in got.items() if s in (PASS, ATTESTED)]
+    assert got["cloudflare_tunnel_setup"] == UNATTESTED and got["memory_leak_test"] == NOT_MEASURED
+
+
+def test_mandatory_flags_follow_the_stage(cfg):
+    results = run_checks(cfg, good_evidence(stage=3))
+    assert {n for n, r in results.items() if r.mandatory} == set(cfg.evaluation.stages[3].mandatory_checks)
+
+
+def _broken(change):
+    ev = copy.deepcopy(good_evidence())
+    change(ev)
+    return ev
+
+
+@pytest.mark.parametrize("name, change, status", [
+    ("classification_model_loading", lambda ev: ev.evaluation.update(logits_finite=False), FAIL),
+    ("detection_model_loading", lambda ev: ev.detector_probe.update(loaded=False, error="bad file"), FAIL),
+    ("detection_model_loading", lambda ev: setattr(ev, "detector_probe", None), NOT_MEASURED),
+    ("onnx_conversion_success", lambda ev: ev.export.pop("detector"), FAIL),
+    ("onnx_conversion_success", lambda ev: ev.export.update(ok=False), FAIL),
+    ("pipeline_complete", lambda ev: ev.train["detector"].update(epochs_completed=1), FAIL),
+    ("pipeline_complete", lambda ev: setattr(ev, "api", None), FAIL),
+    ("auto_batch_tuning_success", lambda ev: ev.train["detector"]["auto_batch"].update(reasons=[]), FAIL),
+    ("tensorboard_logging", lambda ev: ev.tensorboard["detector"].pop("perf/throughput"), FAIL),
+    ("tensorboard_logging", lambda ev: ev.tensorboard["classifier"].update({"val/macro_f1": 0}), FAIL),
+    ("class_balance_verification", lambda ev: ev.subset.update(imbalance_ratio=12.0), FAIL),
+    ("class_balance_verification", lambda ev: ev.subset.pop("imbalance_ratio"), NOT_MEASURED),
+    ("memory_optimization_working", lambda ev: ev.train["classifier"]["data"]["pixel_cache"].update(cached=99), FAIL),
+    ("memory_optimization_working", lambda ev: ev.train["detector"].update(epochs=_epochs(share=0.7)), FAIL),
+    ("memory_leak_test", lambda ev: ev.train["classifier"].update(epochs=_epochs(rss=(500, 900, 1600))), FAIL),
+    ("memory_leak_test", lambda ev: ev.train["detector"].update(epochs=_epochs(gpu=(4000, 4100, 5000))), FAIL),
+    ("memory_leak_test", lambda ev: ev.train["detector"].update(epochs=_epochs(n=1)), NOT_MEASURED),
+    ("stability_test_pass", lambda ev: ev.train["classifier"]["epochs"][1].update(train_loss=float("nan")), FAIL),
+    ("stability_test_pass", lambda ev: ev.train["detector"].update(oom_events=[{}] * 6), FAIL),
+    ("scalability_test_pass", lambda ev: ev.train["classifier"].update(
+        epochs=_epochs(n=3, throughput=(100.0, 60.0, 50.0))), FAIL),
+    ("multi_batch_processing", lambda ev: ev.evaluation["multi_batch"].update(disagreements=1), FAIL),
+    ("multi_batch_processing", lambda ev: ev.evaluation.pop("multi_batch"), NOT_MEASURED),
+    ("full_dataset_processing", lambda ev: ev.subset.update(classes=49), FAIL),
+    ("full_dataset_processing", lambda ev: ev.subset.update(train_single=499), FAIL),
+    ("production_api_deployment", lambda ev: ev.api.update(deployed=False), FAIL),
+    ("automated_monitoring", lambda ev: ev.api["monitoring"].update(ok=False), FAIL),
+    ("automated_monitoring", lambda ev: ev.api.pop("monitoring"), NOT_MEASURED),
+    ("no_crashes", lambda ev: ev.train["classifier"].update(epochs_completed=2), FAIL),
+    ("memory_stable", lambda ev: ev.train["classifier"].update(oom_events=[{}] * 6), FAIL),
+])
+def test_each_check_fails_on_what_it_measures(cfg, name, change, status):
+    assert statuses(cfg, _broken(change))[name] == status
+
+
+def test_a_gpu_less_run_measures_host_memory_only_and_early_stopping_counts_as_finished(cfg):
+    ev = _broken(lambda ev: ev.train["classifier"].update(epochs_completed=2, stopped_early=True))
+    got = run_checks(cfg, ev)
+    assert got["memory_leak_test"].status == PASS and got["memory_leak_test"].measured["classifier"][
+        "gpu_growth_mb"] is None
+    assert got["no_crashes"].status == PASS and got["pipeline_complete"].status == PASS
+
+
+def test_detector_off_is_not_a_pass_for_detector_checks(cfg):
+    ev = _broken(lambda ev: setattr(ev, "detection_expected", False))
+    assert statuses(cfg, ev)["detection_model_loading"] == NOT_MEASURED
+
+
+def test_tensorboard_tags_are_read_from_event_files(tmp_path):
+    from pillsnap.train.services.telemetry import TBWriter
+
+    writer = TBWriter(tmp_path / "tb")
+    for step in range(3):
+        writer.scalar("train/loss", 1.0, step)
+    writer.scalar("val/accuracy", 0.5, 0)
+    writer.close()
+    assert read_tensorboard_tags(tmp_path / "tb") == {"train/loss": 3, "val/accuracy": 1}
+    assert read_tensorboard_tags(tmp_path / "nothing") == {}
+
+
+def test_readme_shows_every_definition():
+    readme = (ROOT / "README.md").read_text()
+    assert definitions_table() in readme, "regenerate the README's checks table: definitions_table()"
