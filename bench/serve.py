@@ -58,7 +58,7 @@ def build_stage(work: Path, backbone: str = "tf_efficientnetv2_s", size: int = 2
 
     cfg = load_config(profile="cpu-demo", overrides=[
         f"paths.exp_dir={work / 'exp'}", f"synth.out_dir={work / 'aihub'}", "synth.num_classes=8",
-        "synth.images_per_class=12", "synth.combinations=4", "synth.test_combinations=0",
+        "synth.images_per_class=12", "synth.images_per_class_min=12", "synth.combinations=4", "synth.test_combinations=0",
         "synth.test_images_per_class=0", "data.stages.1.classes=8", "data.stages.1.images=80",
         "train.strategy=sequential", "train.classification.epochs=1", "train.detection.epochs=1",
         "logging.tensorboard=false", "logging.progress_bar=false",

@@ -319,9 +319,6 @@ def _memory_stable(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
 
 
 # ---------------------------------------------------------------------------------------------- running them
-GO_NO_GO_FLAGS = ("no_crashes", "memory_stable")
-
-
 @dataclass(frozen=True)
 class CheckResult:
     name: str
@@ -356,10 +353,6 @@ def attestation(name: str, answer: Optional[bool]) -> Outcome:
     if answer is None:
         return Outcome(UNATTESTED, None, "nobody confirmed it (unattended run)")
     return Outcome(ATTESTED if answer else FAIL, answer, "confirmed by a person" if answer else "a person said no")
-
-
-def statuses(results: Mapping[str, CheckResult]) -> Dict[str, str]:
-    return {name: r.status for name, r in results.items()}
 
 
 def checks_document(results: Mapping[str, CheckResult]) -> Dict[str, Dict[str, Any]]:

@@ -4,9 +4,11 @@ Worker autotuning needs the real data (pixel store included) but no model, so da
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
@@ -91,6 +93,25 @@ def classifier_data(cfg: PillSnapConfig, subset: pd.DataFrame, labels: ClassMap,
     return ClassifierData(train_samples, val_samples, train, val_loader)
 
 
+class SeededItems(torch.utils.data.Dataset):
+    """Ultralytics' augmentations draw from the global `random` and `numpy.random` generators, whose state depends on
+    the loader's worker, on when its iterator started and on whatever else draws from them. Seeding both from the
+    sampler's (index, seed) pair before each item makes an augmented sample a function of its position, so a resume
+    or an OOM replay sees the same detector batches as an uninterrupted run, with any number of workers."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Tuple[int, int]) -> Any:
+        index, seed = item
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return self.dataset[index]
+
+
 def _mosaic_partners_from_the_whole_dataset(transform: Any) -> None:
     """Ultralytics draws mosaic partners from a buffer of recently loaded images: what it holds depends on the load
     history (a resume starts empty, each loader worker keeps its own), so a resumed run would see other mosaics
@@ -117,11 +138,11 @@ def detector_data(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, hyp, ep
     dataset = ultralytics_dataset(hyp, yolo.train_list, cfg.train.detection.batch_size, yolo.ultralytics_data(),
                                   mode="train", stride=32)
     _mosaic_partners_from_the_whole_dataset(dataset.transforms)
-    sampler = EpochSampler(len(dataset), cfg.train.seed, with_seeds=False)
+    sampler = EpochSampler(len(dataset), cfg.train.seed)
     dl = cfg.dataloader
 
     def build(batch_size: int, workers: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        return DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=dataset.collate_fn, pin_memory=dl.pin_memory and torch.cuda.is_available(),
                           persistent_workers=bool(workers) and dl.persistent_workers)
 

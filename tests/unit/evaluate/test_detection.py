@@ -84,7 +84,7 @@ def test_map_agrees_with_ultralytics_val(sequential_run, det_data, monkeypatch):
 
     monkeypatch.setattr(data_utils, "check_font", lambda *a, **k: None)  # its dataset check fetches a font
     model = load_detector_checkpoint(sequential_run.result.best_checkpoint)
-    val_rows = detection_rows(det_data.manifest).query("split == 'val'")  # the photos the data yaml validates on
+    val_rows = detection_rows(det_data.manifest, include_single_images=False).query("split == 'val'")  # the photos the data yaml validates on
     ours = evaluate_detector(map_detector(model, 160, 8), detection_samples(val_rows))
     validator = DetectionValidator(args=dict(data=sequential_run.result.data["data_yaml"], imgsz=160, batch=8,
                                              conf=0.001, iou=0.7, max_det=300, rect=False, plots=False,
