@@ -165,12 +165,13 @@ def demo_verdicts(cfg, result: Dict) -> List[tuple[str, bool]]:
     mandatory = {n: checks.get(n, "not_measured") for n in cfg.evaluation.stages[1].mandatory_checks}
     combo = (result.get("detection") or {}).get("combination") or {}
     recall, per_pill = combo.get("detection_recall"), combo.get("per_pill_accuracy")
+    shown = lambda v: "not measured" if v is None else f"{v:.3f}"  # noqa: E731
     return [
         (f"Go/No-Go is {result['go_no_go']}", result["go_no_go"] == "GO"),
         (f"mandatory checks: {mandatory}", all(s == "pass" for s in mandatory.values())),
-        (f"combination photos: detection recall {recall} (>= {DEMO_MIN_RECALL})",
+        (f"combination photos: detection recall {shown(recall)} (>= {DEMO_MIN_RECALL})",
          recall is not None and recall >= DEMO_MIN_RECALL),
-        (f"combination photos: per-pill accuracy {per_pill} (>= {DEMO_MIN_PER_PILL})",
+        (f"combination photos: per-pill accuracy {shown(per_pill)} (>= {DEMO_MIN_PER_PILL})",
          per_pill is not None and per_pill >= DEMO_MIN_PER_PILL),
     ]
 

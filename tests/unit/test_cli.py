@@ -35,3 +35,20 @@ def test_synth_import_validate_subset_from_the_command_line(tmp_path, capsys):
     assert summary["classes"] == 3 and summary["train_single"] + summary["val_single"] == 12
     assert (tmp_path / "exp/data/stage_1/subset.csv").is_file()
     assert (tmp_path / "exp/config.resolved.yaml").is_file()
+
+
+def test_the_demo_passes_only_when_both_halves_work():
+    from pillsnap.cli import demo_verdicts
+    from pillsnap.config import load_config
+
+    cfg = load_config(profile="cpu-demo")
+    checks = {n: "pass" for n in cfg.evaluation.stages[1].mandatory_checks}
+    good = {"go_no_go": "GO", "checks": checks,
+            "detection": {"combination": {"detection_recall": 0.986, "per_pill_accuracy": 0.91}}}
+    assert all(ok for _, ok in demo_verdicts(cfg, good))
+    blind = {**good, "detection": {"combination": {"detection_recall": 0.0, "per_pill_accuracy": None}}}
+    verdicts = dict(demo_verdicts(cfg, blind))
+    assert [ok for ok in verdicts.values()] == [True, True, False, False]
+    assert "per-pill accuracy not measured (>= 0.7)" in " ".join(verdicts)
+    unmeasured = {**good, "checks": {**checks, "pipeline_complete": "not_measured"}}
+    assert not dict(demo_verdicts(cfg, unmeasured))[f"mandatory checks: {unmeasured['checks']}"]
