@@ -14,6 +14,13 @@ from typing import Callable, Dict, List, Optional
 Picture = Callable[[str, str], str]
 
 
+def _detector_split(facts: Dict, split: str) -> str:
+    kinds = (facts.get("composition") or {}).get(split) or {}
+    mix = " + ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    return (f"{split} {(facts.get('images') or {}).get(split)} photos ({mix or 'composition not recorded'}), "
+            f"{(facts.get('boxes') or {}).get(split)} boxes")
+
+
 def _num(v, digits: int = 4) -> str:
     if v is None:
         return "not measured"
@@ -86,7 +93,8 @@ def _detection_lines(detection: Dict) -> List[str]:
              f", precision {_num(detection.get('precision'))}, recall {_num(detection.get('recall'))}"]
     facts = detection.get("trained_on") or {}
     if facts:
-        lines.append(f"- detector data: {facts}")
+        lines.append(f"- detector data ({facts.get('data_yaml')}): {_detector_split(facts, 'train')}; "
+                     f"{_detector_split(facts, 'val')}; cap {facts.get('cap')}")
     combo = detection.get("combination") or {}
     if combo.get("measured"):
         lines.append(f"- combination photos ({combo['images']} val photos, {combo['pills']} pills, "

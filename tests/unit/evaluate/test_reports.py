@@ -148,3 +148,14 @@ def test_detections_from_paths_with_chosen_colours(tmp_path):
         plots.draw_detections(src, [{"box": [1, 1, 2, 2]}], tmp_path / "bad.png")
     with pytest.raises(FileNotFoundError, match="missing.png"):
         plots.draw_detections(tmp_path / "missing.png", [], tmp_path / "bad.png")
+
+
+def test_the_report_says_what_the_detector_trained_and_was_validated_on():
+    from pillsnap.evaluate.stage_report import _detection_lines
+
+    facts = {"data_yaml": "exp/data/stage_1/yolo/data.yaml", "images": {"train": 600, "val": 106},
+             "boxes": {"train": 1112, "val": 214}, "cap": 600,
+             "composition": {"train": {"combination": 204, "single": 396}, "val": {"combination": 36, "single": 70}}}
+    lines = _detection_lines({"mAP_0.5": 0.99, "trained_on": facts})
+    assert lines[1] == ("- detector data (exp/data/stage_1/yolo/data.yaml): train 600 photos (204 combination + "
+                        "396 single), 1112 boxes; val 106 photos (36 combination + 70 single), 214 boxes; cap 600")
