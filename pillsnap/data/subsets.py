@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -51,7 +51,6 @@ class SubsetSummary:
     detector_images_requested: Optional[int] = None
     classes_available: int = 0  # classes with training photos in the manifest (after quarantine)
     train_available: int = 0  # training photos of the chosen classes, before the per-class quota
-    extras: dict = field(default_factory=dict)
 
     @property
     def n_train(self) -> int:
@@ -116,7 +115,7 @@ def build_stage_subset(manifest: pd.DataFrame, stage: int, spec: StageSpec, seed
         notes.append(f"asked for {spec.images} training photos, the chosen classes have {len(picked_train)}")
     pool_val = singles[(singles["split"] == "val") & singles["k_code"].isin(chosen)]
     val_pool = pool_val["k_code"].value_counts()
-    share = math.ceil(per_class * val_fraction / (1 - val_fraction)) if per_class else int(val_pool.max() or 0)
+    share = math.ceil(per_class * val_fraction / (1 - val_fraction)) if per_class else (int(val_pool.max()) if len(val_pool) else 0)
     quota = _val_quota(val_pool, spec.min_eval_samples, share)
     picked_val = _first_per_class(pool_val, pd.Series(quota, index=chosen), seed)
     if len(picked_val) < spec.min_eval_samples:

@@ -100,6 +100,11 @@ def build_yolo_dataset(subset: pd.DataFrame, exp_dir: Path, stage: int, include_
                        cap: Optional[int] = None, val_fraction: float = 0.15) -> YoloDataset:
     """Write (or reuse) the YOLO dataset of one stage subset (see detection_rows for what it holds)."""
     rows = detection_rows(subset, include_single_images, cap, val_fraction)
+    return _build(rows, exp_dir, stage, include_single_images, cap)
+
+
+def _build(rows: pd.DataFrame, exp_dir: Path, stage: int, include_single_images: bool,
+           cap: Optional[int]) -> YoloDataset:
     for split in SPLITS:
         if not (rows["split"] == split).any():
             raise ValueError(f"stage {stage}: no {split} photo with a box for the detector (combination photos, "
@@ -124,9 +129,8 @@ def stage_detector_dataset(cfg, subset: pd.DataFrame, stage: int) -> Tuple[YoloD
     """The stage's YOLO dataset as the config asks (singles included, the stage's detector_images cap) and the
     validation rows it holds."""
     include, cap = cfg.detection.include_single_images, cfg.stage(stage).detector_images
-    data = build_yolo_dataset(subset, cfg.exp_dir, stage, include, cap, cfg.data.val_fraction)
     rows = detection_rows(subset, include, cap, cfg.data.val_fraction)
-    return data, rows[rows["split"] == "val"]
+    return _build(rows, cfg.exp_dir, stage, include, cap), rows[rows["split"] == "val"]
 
 
 def detector_facts(data: YoloDataset) -> Dict:

@@ -66,6 +66,10 @@ def host_private_mb() -> float:
     return total / 2**20
 
 
+def _new_epoch() -> Dict[str, float]:
+    return {"samples": 0, "steps": 0, "data_time": 0.0, "compute_time": 0.0}
+
+
 def cuda_memory_mb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
 
@@ -75,7 +79,7 @@ class Telemetry:
         self.tb, self.tag, self.epochs = tb, tag, epochs
         self.log_interval, self.device = max(1, log_interval), device
         self.throughputs: list = []
-        self._epoch = {"samples": 0, "steps": 0, "data_time": 0.0, "compute_time": 0.0}
+        self._epoch = _new_epoch()
 
     def step(self, step: int, epoch: int, step_in_epoch: int, steps_in_epoch: int, loss: float, lr: float,
              samples: int, data_time: float, compute_time: float) -> None:
@@ -93,11 +97,11 @@ class Telemetry:
 
     def end_epoch(self) -> Dict[str, Optional[float]]:
         """This epoch's resources (see the module docstring); starts the next epoch's counts."""
-        e, self._epoch = self._epoch, {"samples": 0, "steps": 0, "data_time": 0.0, "compute_time": 0.0}
+        e, self._epoch = self._epoch, _new_epoch()
         busy, steps = e["data_time"] + e["compute_time"], max(1, e["steps"])
         gpu_peak = None
         if self.device.type == "cuda":
-            gpu_peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            gpu_peak = cuda_memory_mb(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         return {"steps": e["steps"], "samples": e["samples"],
                 "throughput_img_s": e["samples"] / busy if busy > 0 else None,

@@ -147,9 +147,10 @@ def check_pixel_cache(cfg: Any, samples: Sequence[Any]) -> CheckResult:
     """The decode-once pixel store must hold this stage's samples: the rows it lacks x S x S x 3 bytes."""
     if not cfg.dataloader.cache.enabled:
         return CheckResult("pixel_cache", True, "dataloader.cache.enabled=false: images are decoded on the fly")
-    plan = pixel_store(cfg).plan(samples)
+    store = pixel_store(cfg)
+    plan = store.plan(samples)
     verdict = "fits" if plan.fits else "does NOT fit (set dataloader.cache.dir to a larger disk or free space)"
-    return CheckResult("pixel_cache", plan.fits, f"pixel cache at {pixel_store(cfg).dir}: {plan.describe()}: {verdict}")
+    return CheckResult("pixel_cache", plan.fits, f"pixel cache at {store.dir}: {plan.describe()}: {verdict}")
 
 
 def run_prechecks(
