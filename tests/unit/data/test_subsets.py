@@ -70,3 +70,11 @@ def test_test_rows_and_quarantine():
         build_stage_subset(with_test, 1, StageSpec(classes=5, images=50), seed=1)
     sub, _ = build_stage_subset(m, 4, StageSpec(), seed=1, quarantine=[m.image_id.iloc[0]])
     assert m.image_id.iloc[0] not in set(sub.image_id)
+
+
+def test_all_photos_of_classes_without_val_photos_say_so():
+    m = _manifest()
+    m = m[~((m.kind == "single") & (m.split == "val"))]
+    _, summary = build_stage_subset(m, 4, StageSpec(classes=None, images=None, min_eval_samples=10), seed=3)
+    assert summary.val_single == 0 and summary.train_single == 20 * 16
+    assert any("fewer than min_eval_samples=10" in n for n in summary.notes)
