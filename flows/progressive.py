@@ -4,6 +4,9 @@ mode="advance" (the scheduled deployment): read ledger.json and do ONE step: run
 with the advisor's overrides when that was the choice, run the final test once after an approved Stage 4,
 or report what blocks progress. mode="run": run stages start..end in one go, stopping at the first that is
 not approved. The experiment lock keeps two runs from training in one experiment at once.
+
+The result ends with `outcome`: one sentence (where it stopped, the decision and its reasons, what to do next)
+and `gate_stopped`, true when a gate or a decision stopped the progression (the CLI exits 3 then).
 """
 from __future__ import annotations
 
@@ -17,6 +20,41 @@ from flows.final_test import final_test_flow
 from flows.hooks import notify_on_failure
 from flows.stage import stage_flow
 from pillsnap.ledger import Ledger
+
+
+def _next_step(stage: int, choice: str, recommendation: str, stop_reason: str) -> str:
+    if choice == "rerun_optimized":
+        return f"run `pillsnap progress` again: it re-runs Stage {stage} with the advisor's overrides"
+    if "unattested" in stop_reason or "need a named person" in stop_reason:
+        return (f"confirm the attested checks as a named person (`pillsnap attest --stage {stage} --check NAME "
+                f"--reviewer NAME`), then re-run Stage {stage}")
+    return (f"read stage_{stage}/reports/advisor.json (suggestions and failed checks), fix and re-run "
+            f"`pillsnap stage --stage {stage}`, or review it yourself (orchestration.interactive_review=true): a "
+            f"named person's proceed is recorded as an override")
+
+
+def outcome(steps: List[Dict]) -> Dict:
+    """One sentence on how the progression ended, and whether a gate stopped it."""
+    last = steps[-1] if steps else {}
+    if "final_test" in last:
+        final = last["final_test"]
+        return {"gate_stopped": False, "sentence": f"Stages approved through Stage 4; final test run "
+                f"{final.get('sealed_split_evaluations')}: {final.get('recommendation')}."}
+    if "stage" in last and "decision" in last:
+        if last["approved"]:
+            return {"gate_stopped": False, "sentence": f"Stage {last['stage']} approved ({last['decision']}, "
+                    f"{last['choice']} by {last['chosen_by']}); the next run advances to the next step."}
+        reasons = ", ".join(last.get("reasons") or []) or "no Go/No-Go reason"
+        why = last.get("stop_reason") or ""
+        return {"gate_stopped": True, "sentence": (
+            f"Stopped at Stage {last['stage']}: Go/No-Go {last['decision']} ({reasons}), advisor "
+            f"{last.get('recommendation')}, choice {last['choice']} by {last['chosen_by']}"
+            f"{f' ({why})' if why else ''}. Next: "
+            f"{_next_step(last['stage'], last['choice'], last.get('recommendation', ''), why)}.")}
+    if last.get("action") == "blocked":
+        return {"gate_stopped": True, "sentence": f"Blocked at Stage {last['stage']}: {last['why']}. Next: "
+                f"{_next_step(last['stage'], '', '', last['why'])}."}
+    return {"gate_stopped": False, "sentence": f"Nothing to do: {last.get('why', 'the final test has run')}."}
 
 
 def _plan(profile, overrides, config_path, start: int, end: int) -> Dict:
@@ -38,7 +76,8 @@ def progressive_flow(start_stage: int = 1, end_stage: int = 4, mode: str = "adva
         if plan["action"] == "run":
             result = stage_flow(stage=plan["stage"], profile=profile, overrides=[*(overrides or []), *plan["overrides"]],
                                 config_path=config_path)
-            steps.append({"stage": plan["stage"], "decision": result["decision"], "choice": result["choice"]})
+            steps.append({k: result.get(k) for k in ("stage", "decision", "reasons", "recommendation", "choice",
+                                                     "chosen_by", "approved", "stop_reason")})
             if mode == "advance" or not result["approved"]:
                 break
         elif plan["action"] == "final":
@@ -47,4 +86,6 @@ def progressive_flow(start_stage: int = 1, end_stage: int = 4, mode: str = "adva
         else:
             steps.append(plan)
             break
-    return {"mode": mode, "steps": steps}
+    result = {"mode": mode, "steps": steps, "outcome": outcome(steps)}
+    logger.info("progression: %s", result["outcome"]["sentence"])
+    return result

@@ -1,6 +1,8 @@
-"""One stage: settings → validate → subset → environment check (resources, config, the stage's pixel cache)
-→ verify models → tune both models → train → evaluate → export → API check → stage checks → Go/No-Go → advisor
-→ review (a person, or the unattended policy; attestations) → ledger → report."""
+"""One stage: settings → may it run (ledger: approved predecessor, sealed split) → environment check (weights,
+resources, config: before any data work) → validate → subset → pixel-cache check → verify models → tune both
+models → train → evaluate (and on the previous stage's val photos) → export → API check → stage checks (with the
+attestations given ahead of the run) → Go/No-Go → advisor → review (a person, or the unattended policy) →
+attestations → advisor again (its word after the attestations is what the ledger records) → ledger → report."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +21,7 @@ from tasks.common import result_storage
 from tasks.data import current_manifest_hash, subset_task, validate_task
 from tasks.evaluate import advisor_task, attest_task, checks_task, combination_task, evaluate_task, go_no_go_task
 from tasks.export import api_check_task, export_task
-from tasks.review import environment_check_task, record_decision_task, report_task, review
+from tasks.review import environment_check_task, pixel_cache_check_task, record_decision_task, report_task, review
 from tasks.train import train_classifier_task, train_detector_task, train_interleaved_task
 from tasks.tuning import auto_batch_task, autotune_workers_task, stage_settings_task, verify_models_task
 
@@ -34,7 +36,8 @@ def _previous_stage(config: Dict, stage: int) -> tuple[Dict[str, str], Optional[
         return {}, None
     found = {"classifier": layout.classifier_checkpoint(exp_dir, stage - 1),
              "detector": layout.detector_checkpoint(exp_dir, stage - 1)}
-    return {k: str(v) for k, v in found.items() if v.is_file()}, {"accuracy": rec.metrics.get("accuracy")}
+    baseline = {"accuracy": rec.metrics.get("accuracy"), "photos": rec.metrics.get("n"), "stage": stage - 1}
+    return {k: str(v) for k, v in found.items() if v.is_file()}, baseline
 
 
 def _plans(config: Dict, stage: int, models: List[str], storage: Path) -> Dict[str, Dict]:
@@ -72,43 +75,54 @@ def _train(config: Dict, stage: int, subset_hash: str, storage: Path,
     return state.result(), det, state.name
 
 
+def _statuses(checks: Dict) -> Dict[str, str]:
+    return {n: c["status"] for n, c in checks.items()}
+
+
 @flow(name="pillsnap-stage", on_failure=[notify_on_failure])
 def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optional[List[str]] = None,
-               config_path: Optional[str] = None) -> Dict:
+               config_path: Optional[str] = None, without_approved_predecessor: str = "") -> Dict:
+    """`without_approved_predecessor`: who runs this stage although the previous one is not approved, and why
+    (recorded in the ledger; the regression guard is then skipped on the record)."""
     config, settings_changed = stage_settings_task(resolve(config_path, profile, overrides), stage)
+    exp_dir = Path(config["paths"]["exp_dir"])
+    predecessor = Ledger.of(exp_dir).check_stage_may_run(stage, without_approved_predecessor)  # before any work
+    environment_check_task(config, stage)  # weights, resources, config: before any data work
     storage = result_storage(config)
     manifest_hash = current_manifest_hash(config)
     validation = validate_task.with_options(result_storage=storage)(config, manifest_hash)
-    subset_missing = not (subset_dir(Path(config["paths"]["exp_dir"]), stage) / "subset.csv").is_file()
+    subset_missing = not (subset_dir(exp_dir, stage) / "subset.csv").is_file()
     subset = subset_task.with_options(result_storage=storage, refresh_cache=subset_missing)(
         config, stage, manifest_hash)
-    environment_check_task(config, stage)  # after the subset: the pixel cache it sizes is the stage's
+    pixel_cache_check_task(config, stage)  # the cache it sizes is the stage's
     verify_models_task(config, stage)
     init_checkpoints, baseline = _previous_stage(config, stage)
     train, det_train, train_state = _train(config, stage, subset["subset_hash"], storage, init_checkpoints)
     evaluation = evaluate_task(config, stage, train["best_checkpoint"],
-                               (train.get("auto_batch") or {}).get("eval_batch_size"))
+                               (train.get("auto_batch") or {}).get("eval_batch_size"), baseline is not None)
     detection = detection_results(det_train, combination_task(config, stage) if det_train else None)
     export = export_task(config, stage)
     api = api_check_task(config, stage)
     trained = {"classifier": train, "detector": det_train}
-    checks = checks_task(config, stage, subset, trained, evaluation, export, api)
-    results = assemble_stage_results(evaluation, trained, validation, subset,
-                                     {n: c["status"] for n, c in checks.items()}, detection, api)
-    go_no_go = go_no_go_task(config, stage, results, baseline)
+    given = Ledger.of(exp_dir).pending_attestations(stage)
+    checks = checks_task(config, stage, subset, trained, evaluation, export, api, given)
+    results = assemble_stage_results(evaluation, trained, validation, subset, _statuses(checks), detection, api)
+    go_no_go = go_no_go_task(config, stage, results, baseline, predecessor)
     advice = advisor_task(config, stage, results)
-    decided = review(config, stage, go_no_go, advice)
+    decided = review(config, stage, go_no_go, advice, given)
     checks = attest_task(config, stage, decided.attestations)
+    results = assemble_stage_results(evaluation, trained, validation, subset, _statuses(checks), detection, api)
+    advice = advisor_task(config, stage, results)  # after the attestations: the word the ledger records
     checkpoints = {"classifier": train["best_checkpoint"],
                    **({"detector": det_train["best_checkpoint"]} if det_train else {})}
     metrics = {k: evaluation.get(k) for k in ("accuracy", "macro_f1", "top5", "n")}
     decision = record_decision_task(config, stage, go_no_go, advice, decided, metrics, checkpoints,
-                                    {n: c["status"] for n, c in checks.items()})
+                                    _statuses(checks), predecessor)
     report = report_task(config, stage, subset, train, evaluation, go_no_go, advice, detection, checks, decision)
     return {"stage": stage, "report": report, "accuracy": evaluation["accuracy"],
             "macro_f1": evaluation["macro_f1"], "top5": evaluation["top5"], "n_val": evaluation["n"],
             "detection": detection, "export_ok": bool(export.get("ok")), "api": api,
-            "settings_changed": settings_changed, "checks": {n: c["status"] for n, c in checks.items()},
+            "settings_changed": settings_changed, "checks": _statuses(checks),
             "go_no_go": go_no_go["decision"], "reasons": go_no_go["reasons"],
             "recommendation": advice["recommendation"], **decision, "exp_dir": config["paths"]["exp_dir"],
             "train_state": train_state, "global_step": train["global_step"],

@@ -13,6 +13,8 @@ import time
 from typing import Callable, Dict, List, Optional
 
 DEMO_MIN_RECALL, DEMO_MIN_PER_PILL = 0.9, 0.7  # the detector's half, on the combination validation photos
+EXIT_GATE_STOPPED = 3  # `progress`: a gate or a decision stopped the progression (the last line says why)
+EXIT_REFUSED = 4  # a stage or the final test may not run now (the message says why and what to do)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -91,8 +93,38 @@ def cmd_data(args) -> int:
 def cmd_progress(args) -> int:
     _flow_env()
     from flows.progressive import progressive_flow
-    _print(progressive_flow(start_stage=args.start, end_stage=args.end, mode=args.mode, profile=args.profile,
-                            overrides=args.overrides, config_path=args.config))
+    result = progressive_flow(start_stage=args.start, end_stage=args.end, mode=args.mode, profile=args.profile,
+                              overrides=args.overrides, config_path=args.config)
+    _print(result)
+    print(result["outcome"]["sentence"])
+    return EXIT_GATE_STOPPED if result["outcome"]["gate_stopped"] else 0
+
+
+def cmd_attest(args) -> int:
+    """A named person confirms an attested check ahead of a stage's decision (recorded in ledger.json)."""
+    from pillsnap.ledger import Ledger
+    cfg = _load(args)
+    if args.check not in cfg.evaluation.checks.attested:
+        print(f"pillsnap attest: --check {args.check!r} is not an attested check (evaluation.checks.attested: "
+              f"{list(cfg.evaluation.checks.attested)})", file=sys.stderr)
+        return 2
+    try:
+        _print(Ledger.of(cfg.exp_dir).attest(args.stage, args.check, args.reviewer, args.note or ""))
+    except ValueError as e:
+        print(f"pillsnap attest: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_reopen(args) -> int:
+    """A named person reopens Stage 4 for training after a final test (recorded in ledger.json)."""
+    from pillsnap.ledger import Ledger
+    cfg = _load(args)
+    try:
+        _print(Ledger.of(cfg.exp_dir).reopen(args.stage, args.reviewer, args.reason))
+    except ValueError as e:
+        print(f"pillsnap reopen: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -130,7 +162,8 @@ def cmd_serve(args) -> int:
 def cmd_stage(args) -> int:
     _flow_env()
     from flows.stage import stage_flow
-    _print(stage_flow(stage=args.stage, profile=args.profile, overrides=args.overrides, config_path=args.config))
+    _print(stage_flow(stage=args.stage, profile=args.profile, overrides=args.overrides, config_path=args.config,
+                      without_approved_predecessor=args.without_approved_predecessor or ""))
     return 0
 
 
@@ -184,7 +217,9 @@ COMMANDS: Dict[str, tuple[Callable, str]] = {
     "data": (cmd_data, "run the data-preparation flow (synthesize / import / validate)"),
     "stage": (cmd_stage, "run one stage flow (train, evaluate, Go/No-Go, advisor, report)"),
     "progress": (cmd_progress, "progressive flow: advance one stage by the ledger, or run stages in order"),
-    "final-test": (cmd_final_test, "the one-time final test on the sealed test split (after an approved Stage 4)"),
+    "final-test": (cmd_final_test, "the final test on the sealed test split (after Stages 1-4 approved in order)"),
+    "attest": (cmd_attest, "confirm an attested check as a named person, ahead of a stage's decision"),
+    "reopen": (cmd_reopen, "reopen Stage 4 for training after a final test (a named person, with a reason)"),
     "predict": (cmd_predict, "recognise pills in photos: single | combo | auto, torch or ONNX engine"),
     "export": (cmd_export, "export a stage's classifier (and detector) to ONNX with a torch parity check"),
     "serve": (cmd_serve, "serve a trained stage over HTTP (FastAPI on uvicorn): health, ready, predict, metrics"),
@@ -201,8 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         if name == "synth":
             p.add_argument("--out", help="output folder (default: synth.out_dir)")
-        if name in ("subset", "stage"):
+        if name in ("subset", "stage", "attest"):
             p.add_argument("--stage", type=int, default=1, help="stage number 1-4 (default 1)")
+        if name == "stage":
+            p.add_argument("--without-approved-predecessor", metavar="'NAME: REASON'",
+                           help="run although the previous stage is not approved (recorded; the regression "
+                                "guard is skipped on the record)")
+        if name == "attest":
+            p.add_argument("--check", required=True, help="an attested check (evaluation.checks.attested)")
+            p.add_argument("--reviewer", required=True, help="your name: an attestation needs a person")
+            p.add_argument("--note", help="what you checked")
+        if name == "reopen":
+            p.add_argument("--stage", type=int, default=4, help="the sealed stage (4)")
+            p.add_argument("--reviewer", required=True, help="your name")
+            p.add_argument("--reason", required=True, help="why Stage 4 trains again after a final test")
         if name == "progress":
             p.add_argument("--mode", choices=["advance", "run"], default="advance",
                            help="advance: one step decided by ledger.json (for schedules); run: stages in order")
@@ -228,11 +275,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_console()
     if args.command == "demo" and not args.profile:
         args.profile = "cpu-demo"
+    from pillsnap.evaluate.final_test import FinalTestRefused
+    from pillsnap.ledger import StageRefused
     try:
         return COMMANDS[args.command][0](args)
     except ConfigError as e:
         print(f"pillsnap: configuration error: {e}", file=sys.stderr)
         return 2
+    except (StageRefused, FinalTestRefused) as e:
+        print(f"pillsnap {args.command}: refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -295,6 +295,7 @@ class ServeConfig:
     smoke_requests: int = 48  # the stage's API check: photos sent
     smoke_concurrency: int = 4  # … by this many clients at once
     smoke_timeout_s: float = 180.0  # start-up included
+    min_image_side: int = 32  # a photo with a shorter side is refused with 422: no pill can be identified in it
 
 
 @dataclass
@@ -359,6 +360,11 @@ class ChecksConfig:
     max_data_share: float = 0.5  # data time / (data + compute) of a training step, epochs after the first
     multi_batch_size: int = 32
     multi_batch_photos: int = 64
+    # Top-1 flips between batch-N and batch-1 allowed, as a share of the photos: fp32 rounding can flip a photo
+    # whose two best logits tie to the last bits; anything more is an engine whose answer depends on its batch.
+    multi_batch_max_flip_rate: float = 0.02
+    # class_coverage (Go/No-Go): the share of the stage's classes whose validation recall reaches this bound.
+    min_class_recall: float = 0.5
     # What this pipeline cannot measure: a person confirms it in the review pause; unattended it is "unattested".
     attested: List[str] = field(default_factory=lambda: ["cloudflare_tunnel_setup"])
 

@@ -24,12 +24,15 @@ def _reports(config: Dict, stage: int) -> Path:
 
 
 @task(name="evaluate-stage")
-def evaluate_task(config: Dict, stage: int, checkpoint: str, batch_size: Optional[int] = None) -> Dict:
+def evaluate_task(config: Dict, stage: int, checkpoint: str, batch_size: Optional[int] = None,
+                  with_previous_stage: bool = False) -> Dict:
+    """`with_previous_stage`: also on the previous stage's val photos (the regression guard's like-for-like)."""
     cfg = cfg_of(config)
     with library_logs_in_run():
         subset, _ = read_subset(cfg.exp_dir, stage)
+        previous = read_subset(cfg.exp_dir, stage - 1)[0] if with_previous_stage else None
         return evaluate_classifier(cfg, Path(checkpoint), subset, ClassMap.load(class_map_path(cfg)),
-                                   _reports(config, stage), batch_size)
+                                   _reports(config, stage), batch_size, previous)
 
 
 @task(name="combination-accuracy")
@@ -43,13 +46,15 @@ def combination_task(config: Dict, stage: int) -> Dict:
 
 @task(name="stage-checks")
 def checks_task(config: Dict, stage: int, subset: Dict, train: Dict[str, Optional[Dict]], evaluation: Dict,
-                export: Optional[Dict], api: Optional[Dict]) -> Dict:
-    """Every stage check measured from this run (checks.json); returns {name: {status, measured, definition, …}}."""
+                export: Optional[Dict], api: Optional[Dict], attestations: Optional[Dict] = None) -> Dict:
+    """Every stage check measured from this run (checks.json); returns {name: {status, measured, definition, …}}.
+    `attestations`: confirmations recorded ahead of the run with a person's name."""
     from pillsnap.evaluate.stage_checks import measure_stage_checks, stage_evidence
     cfg = cfg_of(config)
     with library_logs_in_run():
         rows, _ = read_subset(cfg.exp_dir, stage)
-        doc = measure_stage_checks(cfg, stage_evidence(cfg, stage, rows, subset, train, evaluation, export, api))
+        doc = measure_stage_checks(cfg, stage_evidence(cfg, stage, rows, subset, train, evaluation, export, api),
+                                   attestations)
     create_table_artifact([{"check": name, "status": c["status"], "mandatory": c["mandatory"],
                             "definition": c["definition"]} for name, c in doc.items()],
                           key=f"stage-{stage}-checks", description=f"Stage {stage}: checks (checks.json)")
@@ -57,8 +62,10 @@ def checks_task(config: Dict, stage: int, subset: Dict, train: Dict[str, Optiona
 
 
 @task(name="go-no-go")
-def go_no_go_task(config: Dict, stage: int, results: Dict, baseline: Optional[Dict] = None) -> Dict:
-    decision = evaluate_go_no_go(cfg_of(config).stage(stage), results, baseline, stage=stage).to_dict()
+def go_no_go_task(config: Dict, stage: int, results: Dict, baseline: Optional[Dict] = None,
+                  skip_reason: str = "") -> Dict:
+    decision = evaluate_go_no_go(cfg_of(config).stage(stage), results, baseline, stage=stage,
+                                 skip_reason=skip_reason or None).to_dict()
     write_json_atomic(_reports(config, stage) / "go_no_go.json", decision)
     return decision
 
@@ -71,8 +78,9 @@ def advisor_task(config: Dict, stage: int, results: Dict) -> Dict:
 
 
 @task(name="record-attestations")
-def attest_task(config: Dict, stage: int, answers: Optional[Dict[str, bool]]) -> Dict:
-    """A reviewer's answers for the attested checks (None: nobody was asked) folded into checks.json."""
+def attest_task(config: Dict, stage: int, answers: Optional[Dict[str, Dict]]) -> Dict:
+    """The named persons' confirmations of the attested checks (ahead of the run and in the review) folded into
+    checks.json."""
     from pillsnap.evaluate.stage_checks import apply_attestations
     with library_logs_in_run():
         return apply_attestations(cfg_of(config), stage, answers)

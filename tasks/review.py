@@ -14,7 +14,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
 from pillsnap.evaluate.stage_report import embedded, linked, render_stage_report
-from pillsnap.ledger import Ledger, StageRecord, overridden_findings
+from pillsnap.ledger import Ledger, decide, now
 from pillsnap.notify import notify
 from pillsnap.train import run_prechecks
 from tasks.common import cfg_of, library_logs_in_run
@@ -32,23 +32,39 @@ class Review:
     choice: str
     chosen_by: str  # human | policy
     reviewer: str = ""
-    attestations: Optional[Dict[str, bool]] = None  # None: nobody was asked
+    attestations: Dict[str, Dict] = None  # check -> {confirmed, reviewer, at, source}; {} when nobody attested
 
 
 @task(name="environment-check")
 def environment_check_task(config: Dict, stage: int) -> Dict:
-    """GPU, RAM, disk, the config, and whether the stage's pixel cache fits (so it runs after the subset)."""
+    """Before any data work: pretrained weights, GPU, RAM, disk and the config."""
+    from pillsnap.data.class_map import ClassMap
+    from pillsnap.data.prepare import class_map_path
+
+    cfg = cfg_of(config)
+    with library_logs_in_run():
+        path = class_map_path(cfg)
+        return run_prechecks(cfg, stage=stage,
+                             class_map_size=len(ClassMap.load(path)) if path.is_file() else None).to_dict()
+
+
+@task(name="pixel-cache-check")
+def pixel_cache_check_task(config: Dict, stage: int) -> Dict:
+    """Whether the stage's pixel cache fits on its disk (needs the stage's subset)."""
     from pillsnap.data.class_map import ClassMap
     from pillsnap.data.prepare import class_map_path
     from pillsnap.data.subsets import read_subset
     from pillsnap.train.data import stage_samples
+    from pillsnap.train.setup.prechecks import PrecheckError, PrecheckReport, check_pixel_cache
 
     cfg = cfg_of(config)
     with library_logs_in_run():
         subset = read_subset(cfg.exp_dir, stage)[0]
-        class_map = ClassMap.load(class_map_path(cfg))
-        return run_prechecks(cfg, stage=stage, class_map_size=len(class_map),
-                             cache_samples=stage_samples(cfg, subset, class_map)).to_dict()
+        result = check_pixel_cache(cfg, stage_samples(cfg, subset, ClassMap.load(class_map_path(cfg))))
+        report = PrecheckReport([result])
+        if not report.ok:
+            raise PrecheckError(report)
+        return report.to_dict()
 
 
 def _review_text(stage: int, go_no_go: Dict, advice: Dict, attested: List[str]) -> str:
@@ -64,8 +80,12 @@ def _review_text(stage: int, go_no_go: Dict, advice: Dict, attested: List[str]) 
     return "\n".join(lines)
 
 
-def review(config: Dict, stage: int, go_no_go: Dict, advice: Dict) -> Review:
-    """Runs in the flow itself: a pause must happen at flow level, not inside a task."""
+def review(config: Dict, stage: int, go_no_go: Dict, advice: Dict, given: Dict[str, Dict]) -> Review:
+    """Runs in the flow itself: a pause must happen at flow level, not inside a task.
+
+    `given`: attestations recorded ahead of the run (`pillsnap attest`). A reviewer's confirmations are added with
+    their name; without a name they do not count. The policy's choice is only a wish: `decide` records what was
+    really decided."""
     cfg = cfg_of(config)
     logger = get_run_logger()
     attested = list(cfg.evaluation.checks.attested)
@@ -78,34 +98,42 @@ def review(config: Dict, stage: int, go_no_go: Dict, advice: Dict) -> Review:
             unknown = sorted(set(answer.attested) - set(attested))
             if unknown:
                 logger.warning("review: %s are not attested checks (evaluation.checks.attested); ignored", unknown)
-            return Review(answer.choice, "human", answer.reviewer or answer.note,
-                          {name: name in answer.attested for name in attested})
+            reviewer = answer.reviewer.strip()
+            confirmed = [n for n in attested if n in answer.attested]
+            if confirmed and not reviewer:
+                logger.warning("review: %s confirmed without a reviewer name: an attestation needs a person's name; "
+                               "not counted", confirmed)
+            mine = {n: {"confirmed": True, "reviewer": reviewer, "at": now(), "source": "review"}
+                    for n in confirmed if reviewer}
+            return Review(answer.choice, "human", reviewer, {**given, **mine})
         except Exception as e:  # a timed-out pause falls back to the unattended policy
             logger.warning("review pause ended without an answer (%s); applying the unattended policy", e)
-    return Review(cfg.orchestration.unattended_policy.get(advice["recommendation"], "stop"), "policy")
+    return Review(cfg.orchestration.unattended_policy.get(advice["recommendation"], "stop"), "policy", "", dict(given))
 
 
 @task(name="record-decision")
 def record_decision_task(config: Dict, stage: int, go_no_go: Dict, advice: Dict, decided: Review, metrics: Dict,
-                         checkpoints: Dict[str, str], checks: Dict[str, str]) -> Dict:
+                         checkpoints: Dict[str, str], checks: Dict[str, str], predecessor: str = "") -> Dict:
+    """`advice` is the advisor's word after the attestations; the ledger records what was really decided."""
     ctx = get_run_context()
     flow_run_id = str(ctx.task_run.flow_run_id) if getattr(ctx, "task_run", None) else ""
-    human_proceed = decided.chosen_by == "human" and decided.choice == "proceed"
-    rec = StageRecord(stage=stage, decision=go_no_go["decision"], reasons=go_no_go["reasons"],
-                      recommendation=advice["recommendation"], choice=decided.choice, chosen_by=decided.chosen_by,
-                      reviewer=decided.reviewer, overridden=overridden_findings(go_no_go, advice) if human_proceed
-                      else [], checks=checks, metrics=metrics, checkpoints=checkpoints, flow_run_id=flow_run_id,
-                      overrides=advice.get("overrides", []) if decided.choice == "rerun_optimized" else [])
+    rec = decide(stage, go_no_go, advice, decided.choice, decided.chosen_by, decided.reviewer, checks=checks,
+                 attestations=decided.attestations or {}, metrics=metrics, checkpoints=checkpoints,
+                 flow_run_id=flow_run_id, predecessor=predecessor)
     cfg = cfg_of(config)
     Ledger.of(cfg.exp_dir).record(rec)
+    logger = get_run_logger()
     if rec.override:
-        get_run_logger().warning("stage %d approved by %s's override of: %s", stage, rec.reviewer or "a reviewer",
-                                 "; ".join(rec.overridden))
+        logger.warning("stage %d approved by %s's override of: %s", stage, rec.reviewer or "a reviewer",
+                       "; ".join(rec.overridden))
+    elif rec.stop_reason:
+        logger.warning("stage %d stopped (%s by %s): %s", stage, rec.choice, rec.chosen_by, rec.stop_reason)
     notify(cfg.orchestration.webhook_url, "stage_decision", {"stage": stage, "decision": rec.decision,
                                                                "choice": rec.choice, "override": rec.override,
                                                                "metrics": metrics})
     return {"decision": rec.decision, "choice": rec.choice, "chosen_by": rec.chosen_by, "approved": rec.approved,
-            "override": rec.override, "overridden": rec.overridden}
+            "override": rec.override, "overridden": rec.overridden, "stop_reason": rec.stop_reason,
+            "reviewer": rec.reviewer, "reasons": rec.reasons, "recommendation": rec.recommendation}
 
 
 @task(name="stage-report")

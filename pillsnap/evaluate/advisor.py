@@ -173,8 +173,11 @@ class OptimizationAdvisor:
         if critical:
             return self._critical_failure(stage, results, report, critical, worst)
         if not report.mandatory_passed:
+            waiting = (f"; {', '.join(report.unattested)} need a named person's confirmation (the review, or "
+                       f"`pillsnap attest --stage {stage} --check NAME --reviewer NAME`)" if report.unattested else "")
             return self._advice(stage, WARN_STOP, "mandatory_checks_failed", report, results, worst,
-                                f"Stage {stage}: mandatory checks not passed: {', '.join(report.failed_mandatory)}")
+                                f"Stage {stage}: mandatory checks not passed: {', '.join(report.failed_mandatory)}"
+                                + waiting)
         level = recommendation_for_score(report.performance_score, self.cfg.evaluation.recommendation)
         reason, message = self._reason_for(stage, level, report)
         return self._advice(stage, level, reason, report, results, worst, message)
@@ -188,13 +191,16 @@ class OptimizationAdvisor:
         score = report.performance_score
         if score is None:
             return "nothing_measured", f"Stage {stage}: no performance target was measured"
+        measured = (f"score {score:.3f}; {report.targets_measured} of {len(report.targets)} targets measured, "
+                    "an unmeasured one counts 0")
         if level == RECOMMEND_PROCEED and report.all_targets_met:
             return "all_targets_met", f"Stage {stage}: all targets met"
         if level == RECOMMEND_PROCEED:
-            return "sufficient_performance", f"Stage {stage}: sufficient performance (score {score:.3f})"
+            return "sufficient_performance", f"Stage {stage}: sufficient performance ({measured})"
         if level == SUGGEST_OPTIMIZE:
-            return "performance_below_target", f"Stage {stage}: performance below target; optimization recommended"
-        return "performance_too_low", f"Stage {stage}: performance is very low (score {score:.3f})"
+            return "performance_below_target", (f"Stage {stage}: performance below target; optimization "
+                                                f"recommended ({measured})")
+        return "performance_too_low", f"Stage {stage}: performance is very low ({measured})"
 
     def _advice(self, stage: int, level: str, reason: str, report: CriteriaReport, results: Mapping[str, Any],
                 worst: List[Dict[str, Any]], message: str) -> Advice:

@@ -3,11 +3,14 @@
 Every name a stage lists in `evaluation.stages.N.mandatory_checks`, and the two flags Go/No-Go reads (no_crashes,
 memory_stable), is measured here from what the stage produced (`StageEvidence`). Nothing is true by default:
 
-  pass          measured, within its bound
-  fail          measured, outside its bound (or a person said no to an attested check)
-  not_measured  the run produced nothing to measure it from; it fails like `fail`
-  attested      declared in `evaluation.checks.attested` (this pipeline cannot see it) and a person confirmed it
-  unattested    an attested check nobody confirmed (an unattended run): reported, not counted as passed
+  pass            measured, within its bound
+  fail            measured, outside its bound (or a person said no to an attested check)
+  not_measured    the run produced nothing to measure it from; it fails like `fail`
+  not_applicable  the configuration rules it out (detector checks with detection.enabled=false); the report says
+                  so; it neither passes nor blocks, and the shipped configuration never produces it
+  attested        declared in `evaluation.checks.attested` (this pipeline cannot see it) and a named person
+                  confirmed it (in the review, or ahead of the run with `pillsnap attest`)
+  unattested      an attested check nobody named confirmed: it blocks approval like `fail`
 
 The result is written to stage_<n>/reports/checks.json as {name: {status, measured, definition, mandatory}}.
 The README's table of definitions is generated from DEFINITIONS (a test keeps it in sync).
@@ -23,9 +26,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from pillsnap.config import ChecksConfig, PillSnapConfig
 
 PASS, FAIL, NOT_MEASURED, ATTESTED, UNATTESTED = "pass", "fail", "not_measured", "attested", "unattested"
+NOT_APPLICABLE = "not_applicable"
+STATUSES = (PASS, FAIL, NOT_MEASURED, NOT_APPLICABLE, ATTESTED, UNATTESTED)
 PASSING = (PASS, ATTESTED)
-STEP_TAGS = ("train/loss", "train/lr", "perf/data_time", "perf/compute_time", "perf/throughput", "perf/cuda_mem")
+BLOCKING = (FAIL, NOT_MEASURED, UNATTESTED)  # everything that is neither passing nor ruled out by the config
+STEP_TAGS = ("train/loss", "train/lr", "perf/data_time", "perf/compute_time", "perf/throughput")
+MEMORY_TAGS = ("perf/cuda_mem", "perf/host_mem")  # the training device's memory: the GPU's, or the host's on a CPU
 VAL_TAGS = {"classifier": ("val/loss", "val/accuracy", "val/macro_f1"), "detector": ("val/mAP_0.5",)}
+CONSTANT_AFTER = 3  # a step tag with this many values, all equal, is a placeholder, not a measurement
 
 
 @dataclass
@@ -38,8 +46,9 @@ class StageEvidence:
     detector_probe: Optional[Dict[str, Any]] = None  # detector_answers()
     export: Optional[Dict[str, Any]] = None  # the export report
     api: Optional[Dict[str, Any]] = None  # api_smoke_test()
-    tensorboard: Dict[str, Dict[str, int]] = field(default_factory=dict)  # model -> {tag: number of values}
+    tensorboard: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)  # model -> {tag: stats}
     detection_expected: bool = True  # detection.enabled
+    manifest: Optional[Dict[str, Any]] = None  # the release's own counts: read from manifest.csv, not the subset
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,9 @@ def _missing(what: str) -> Outcome:
     return Outcome(NOT_MEASURED, None, f"not measured: {what}")
 
 
+NO_DETECTOR = Outcome(NOT_APPLICABLE, None, "detection.enabled is false: no detector is trained or served")
+
+
 def _models(ev: StageEvidence) -> List[str]:
     return ["classifier", "detector"] if ev.detection_expected else ["classifier"]
 
@@ -100,7 +112,7 @@ def _classifier_loads(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
        "validation photo.")
 def _detector_loads(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
     if not ev.detection_expected:
-        return _missing("detection.enabled is false: no detector was trained")
+        return NO_DETECTOR
     if ev.detector_probe is None:
         return _missing("the detector was not probed")
     return _verdict(bool(ev.detector_probe.get("loaded") and ev.detector_probe.get("output_finite")),
@@ -112,9 +124,8 @@ def _detector_loads(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
 def _onnx(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
     if ev.export is None:
         return _missing("the export did not run")
-    exported = [m for m in ("classifier", "detector") if ev.export.get(m)]
-    wanted = set(_models(ev))
-    ok = bool(ev.export.get("ok")) and wanted <= set(exported)
+    exported = [m for m in _models(ev) if (ev.export.get(m) or {}).get("exported")]
+    ok = bool(ev.export.get("ok")) and set(_models(ev)) <= set(exported)
     return _verdict(ok, {"exported": exported, "failures": ev.export.get("failures") or ev.export.get("error")})
 
 
@@ -123,8 +134,8 @@ def _onnx(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
 def _pipeline_complete(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
     steps = {f"train {m}": bool(ev.train.get(m)) and _finished(ev.train[m]) for m in _models(ev)}
     steps["evaluation"] = bool(ev.evaluation.get("n"))
-    steps["export"] = ev.export is not None
-    steps["api check"] = ev.api is not None and "deployed" in ev.api
+    steps["export"] = _onnx(ev, cfg).status == PASS
+    steps["api check"] = _api(ev, cfg).status == PASS
     steps["classifier loads"] = _classifier_loads(ev, cfg).status == PASS
     if ev.detection_expected:
         steps["detector loads"] = _detector_loads(ev, cfg).status == PASS
@@ -133,26 +144,45 @@ def _pipeline_complete(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
 
 
 # ---------------------------------------------------------------------------------------------- Stage 2
-@check("auto_batch_tuning_success", "Each model's batch plan came from probes on the device and found a batch "
-       ">= 1, or states why the configured batch was kept (no CUDA to probe, tuning switched off).")
+@check("auto_batch_tuning_success", "Each model's batch plan came from real training steps probed on its device "
+       "(the GPU allocator's peak on CUDA, the process's resident memory on a CPU) and the batch it trained at fits "
+       "within train.auto_batch_vram_headroom of that memory; a batch kept without probing is not measured.")
 def _auto_batch(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
     plans = {m: (ev.train.get(m) or {}).get("auto_batch") for m in _models(ev)}
     if any(p is None for p in plans.values()):
         return _missing(f"no batch plan for {[m for m, p in plans.items() if p is None]}")
-    measured = {m: {"probed": p.get("probed"), "batch_size": p.get("batch_size"), "reasons": p.get("reasons")}
-                for m, p in plans.items()}
-    ok = all(p.get("batch_size", 0) >= 1 and (p.get("probed") or p.get("reasons")) for p in plans.values())
-    return _verdict(ok, measured)
+    measured = {m: {"probed": p.get("probed"), "device": p.get("device"), "batch_size": p.get("batch_size"),
+                    "memory_fraction": p.get("memory_fraction"), "probes": len(p.get("probes") or []),
+                    "reasons": p.get("reasons")} for m, p in plans.items()}
+    unprobed = [m for m, p in plans.items() if not (p.get("probed") and p.get("probes"))]
+    if unprobed:
+        return Outcome(NOT_MEASURED, measured, f"not measured: no probe ran for {unprobed} "
+                       f"({'; '.join(r for m in unprobed for r in plans[m].get('reasons') or [])})")
+    headroom = cfg.train.auto_batch_vram_headroom
+    ok = all(p.get("batch_size", 0) >= 1 and p.get("memory_fraction") is not None and p["memory_fraction"] <= headroom
+             for p in plans.values())
+    return _verdict(ok, {**measured, "headroom": headroom})
 
 
 @check("tensorboard_logging", "Each model's TensorBoard event files hold every Annex 7 tag (train/loss, train/lr, "
-       "perf/data_time, perf/compute_time, perf/throughput, perf/cuda_mem, and its validation tags), each with values.")
+       "perf/data_time, perf/compute_time, perf/throughput, the training device's memory: perf/cuda_mem on CUDA, "
+       "perf/host_mem on a CPU, and its validation tags) with values; a step tag whose values are all equal, or a "
+       "memory tag of zeros, is a placeholder and fails.")
 def _tensorboard(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
-    missing = {m: [t for t in (*STEP_TAGS, *VAL_TAGS[m]) if not ev.tensorboard.get(m, {}).get(t)]
-               for m in _models(ev)}
-    missing = {m: tags for m, tags in missing.items() if tags}
+    problems: Dict[str, List[str]] = {}
+    for m in _models(ev):
+        tags = ev.tensorboard.get(m, {})
+        found = [f"missing {t}" for t in (*STEP_TAGS, *VAL_TAGS[m]) if not (tags.get(t) or {}).get("values")]
+        memory = [t for t in MEMORY_TAGS if (tags.get(t) or {}).get("values")]
+        found += [] if memory else [f"missing a memory tag ({' or '.join(MEMORY_TAGS)})"]
+        found += [f"{t} is all zeros" for t in memory if tags[t]["min"] == tags[t]["max"] == 0]
+        found += [f"{t} is constant ({tags[t]['min']:g}) over {tags[t]['values']} values"
+                  for t in (*STEP_TAGS, *memory) if t != "train/lr" and (tags.get(t) or {}).get("values", 0)
+                  >= CONSTANT_AFTER and tags[t]["min"] == tags[t]["max"]]
+        if found:
+            problems[m] = found
     measured = {m: len(ev.tensorboard.get(m, {})) for m in _models(ev)}
-    return _verdict(not missing, {"tags": measured, "missing": missing})
+    return _verdict(not problems, {"tags": measured, "problems": problems})
 
 
 @check("class_balance_verification", "The stage's training photos per class were counted and the ratio most / "
@@ -239,14 +269,15 @@ def _median_halves(values: Sequence[float]) -> tuple[float, float]:
     return statistics.median(values[:half]), statistics.median(values[half:])
 
 
-@check("scalability_test_pass", "Each model's training throughput (img/s) in the later half of its epochs is at "
-       "least 1 - evaluation.checks.max_throughput_drop of the earlier half's (medians; needs 2 epochs).")
+@check("scalability_test_pass", "Each model's training throughput (img/s) in the later half of its warm epochs "
+       "(every epoch after the first, which fills caches, starts workers and compiles) is at least 1 - "
+       "evaluation.checks.max_throughput_drop of the earlier half's (medians; needs 3 epochs).")
 def _scalability(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
     limit, measured = cfg.evaluation.checks.max_throughput_drop, {}
     for m in _models(ev):
-        values = [r["throughput_img_s"] for r in _epochs(ev, m) if r.get("throughput_img_s")]
+        values = [r["throughput_img_s"] for r in _epochs(ev, m)[1:] if r.get("throughput_img_s")]
         if len(values) < 2:
-            return _missing(f"the {m} has {len(values)} epoch(s) of throughput; 2 are needed")
+            return _missing(f"the {m} has {len(values)} warm epoch(s) of throughput; 2 after the first are needed")
         early, late = _median_halves(values)
         measured[m] = {"early_img_s": round(early, 2), "late_img_s": round(late, 2),
                        "drop": round(max(0.0, 1 - late / early), 4)}
@@ -254,26 +285,30 @@ def _scalability(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
 
 
 @check("multi_batch_processing", "Validation photos classified in batches of evaluation.checks.multi_batch_size "
-       "get the same top-1 as one at a time (serving preprocessing; near ties counted apart).")
+       "get the same top-1 as one at a time (serving preprocessing): top-1 flips over all photos <= "
+       "evaluation.checks.multi_batch_max_flip_rate x photos, a tolerance for fp32 rounding fixed in advance.")
 def _multi_batch(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
     mb = ev.evaluation.get("multi_batch")
-    if not mb or mb.get("top1_agreement") is None:
+    if not mb or not mb.get("photos") or mb.get("flips") is None:
         return _missing("no batch-consistency measurement")
-    return _verdict(mb["disagreements"] == 0 and mb["batch_size"] > 1, mb)
+    allowed = math.floor(cfg.evaluation.checks.multi_batch_max_flip_rate * mb["photos"])
+    return _verdict(mb["flips"] <= allowed and mb["batch_size"] > 1, {**mb, "flips_allowed": allowed})
 
 
 # ---------------------------------------------------------------------------------------------- Stage 4
-@check("full_dataset_processing", "The stage used every class of the manifest that has training photos, and the "
-       "training photos asked for (or every one those classes have).")
+@check("full_dataset_processing", "The stage trained on every class that has training photos in the release's "
+       "manifest (counted from manifest.csv, quarantined photos excluded, not from the subset's own summary), and "
+       "on the training photos asked for (or every one those classes have).")
 def _full_dataset(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
-    s = ev.subset
-    if not s.get("classes_available"):
-        return _missing("the subset summary has no manifest class count")
+    s, m = ev.subset, ev.manifest
+    if not m or not m.get("train_classes") or "train_k_codes" not in s:
+        return _missing("the manifest's or the subset's training classes were not counted")
+    missing = sorted(set(m["train_classes"]) - set(s["train_k_codes"]))
     asked = s.get("images_requested")
-    wanted = s["train_available"] if asked is None else min(asked, s["train_available"])
-    measured = {"classes": s["classes"], "classes_available": s["classes_available"],
-                "train_photos": s["train_single"], "train_photos_wanted": wanted}
-    return _verdict(s["classes"] == s["classes_available"] and s["train_single"] >= wanted, measured)
+    wanted = m["train_photos"] if asked is None else min(asked, m["train_photos"])
+    measured = {"classes": len(s["train_k_codes"]), "manifest_classes": len(m["train_classes"]),
+                "classes_left_out": missing[:20], "train_photos": s["train_single"], "train_photos_wanted": wanted}
+    return _verdict(not missing and s["train_single"] >= wanted, measured)
 
 
 @check("production_api_deployment", "`pillsnap serve` started on the stage's exports, answered /ready, and answered "
@@ -288,14 +323,16 @@ def _api(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
 @check("automated_monitoring", "The API's /metrics counted every predict answer the smoke clients received, in its "
        "request counter and its latency histogram.")
 def _monitoring(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
+    if ev.api is not None and not ev.api.get("deployed"):
+        return _verdict(False, {"deployed": False, "reason": ev.api.get("reason")}, "the API never served")
     scraped = (ev.api or {}).get("monitoring")
     if not scraped:
         return _missing("/metrics was not scraped (the API check did not get that far)")
     return _verdict(bool(scraped.get("ok")), scraped)
 
 
-attested_check("cloudflare_tunnel_setup", "A person confirms in the review pause that the Cloudflare tunnel to the "
-               "API is set up (attested: this pipeline cannot see it).")
+attested_check("cloudflare_tunnel_setup", "A named person confirms that the Cloudflare tunnel to the API is set up, "
+               "in the review pause or ahead of the run with `pillsnap attest` (attested: this pipeline cannot see it).")
 
 
 # ---------------------------------------------------------------------------------------------- Go/No-Go flags
@@ -330,8 +367,9 @@ class CheckResult:
 
 
 def run_checks(cfg: PillSnapConfig, evidence: StageEvidence,
-               attestations: Optional[Mapping[str, bool]] = None) -> Dict[str, CheckResult]:
-    """Measure every check; `attestations` holds a person's answers for the attested ones (absent = unattested)."""
+               attestations: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, CheckResult]:
+    """Measure every check; `attestations` holds the named persons' answers for the attested ones (see
+    `attestation`; absent = unattested)."""
     mandatory = set(cfg.evaluation.stages[evidence.stage].mandatory_checks) if evidence.stage in \
         cfg.evaluation.stages else set()
     attested = set(cfg.evaluation.checks.attested)
@@ -349,28 +387,40 @@ def run_checks(cfg: PillSnapConfig, evidence: StageEvidence,
     return out
 
 
-def attestation(name: str, answer: Optional[bool]) -> Outcome:
+def attestation(name: str, answer: Optional[Mapping[str, Any]]) -> Outcome:
+    """`answer`: {"confirmed": bool, "reviewer": name, "at": ISO time, "source": "review" | "ledger"}. A
+    confirmation counts only with a person's name; the outcome's `measured` names who and when."""
     if answer is None:
-        return Outcome(UNATTESTED, None, "nobody confirmed it (unattended run)")
-    return Outcome(ATTESTED if answer else FAIL, answer, "confirmed by a person" if answer else "a person said no")
+        return Outcome(UNATTESTED, None, "nobody confirmed it: attest it in the review or with `pillsnap attest`")
+    who = str(answer.get("reviewer") or "").strip()
+    if not who:
+        return Outcome(UNATTESTED, dict(answer), "a confirmation without a person's name does not count")
+    if not answer.get("confirmed"):
+        return Outcome(FAIL, dict(answer), f"{who} said it is not in place")
+    return Outcome(ATTESTED, dict(answer), f"confirmed by {who} ({answer.get('source', 'review')}, "
+                   f"{answer.get('at', 'time not recorded')})")
 
 
 def checks_document(results: Mapping[str, CheckResult]) -> Dict[str, Dict[str, Any]]:
     return {name: {k: v for k, v in asdict(r).items() if k != "name"} for name, r in results.items()}
 
 
-def read_tensorboard_tags(logdir: Path) -> Dict[str, int]:
-    """{tag: number of scalar values} over every event file under `logdir` ({} when there is none)."""
+def read_tensorboard_tags(logdir: Path) -> Dict[str, Dict[str, float]]:
+    """{tag: {values, min, max}} over every event file under `logdir` ({} when there is none)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    counts: Dict[str, int] = {}
+    stats: Dict[str, Dict[str, float]] = {}
     logdir = Path(logdir)
     for run in sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")}) if logdir.is_dir() else []:
         acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
-            counts[tag] = counts.get(tag, 0) + len(acc.Scalars(tag))
-    return counts
+            values = [e.value for e in acc.Scalars(tag)]
+            if not values:
+                continue
+            s = stats.setdefault(tag, {"values": 0, "min": math.inf, "max": -math.inf})
+            s.update(values=s["values"] + len(values), min=min(s["min"], min(values)), max=max(s["max"], max(values)))
+    return stats
 
 
 def definitions_table() -> str:

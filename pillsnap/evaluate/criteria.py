@@ -11,12 +11,12 @@ Results layout: a dict, nested by group, e.g.
 A target's `metric` is a dotted path into it ("detection.mAP_0.5"); a flat key spelled the same way works too.
 The "classification" group is what `pillsnap.metrics.classification.classification_metrics` returns.
 
-Performance score (one number per stage, 0..1): the mean, over the targets that were measured, of
+Performance score (one number per stage, 0..1): the mean, over ALL the stage's targets, of
     min(measured / target, 1)   for ">=" targets (higher is better)
     min(target / measured, 1)   for "<=" targets (lower is better)
-so 1.0 means every measured target is met, and a metric at half its target contributes 0.5.
-A NaN measurement contributes 0. Targets with no measurement are reported as "not_measured" and left out
-of the mean; when nothing was measured the score is None (callers must not read that as a pass).
+    0                           for a target that was not measured (or is NaN)
+so 1.0 means every target was measured and met; a target nobody measured never raises the score. The report
+states how many targets were measured; when none was, the score is None (callers must not read that as a pass).
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ from pillsnap.config import ConfigError, EvaluationConfig, RecommendationThresho
 
 GE, LE = ">=", "<="
 MET, NOT_MET, NOT_MEASURED = "met", "not_met", "not_measured"
-PASSED, FAILED, UNATTESTED = "passed", "failed", "unattested"
-# A check's status (pillsnap.evaluate.checks) -> its verdict here. "unattested" (an attested check nobody confirmed,
-# in an unattended run) neither passes nor blocks: the advice names it.
+PASSED, FAILED, UNATTESTED, NOT_APPLICABLE = "passed", "failed", "unattested", "not_applicable"
+# A check's status (pillsnap.evaluate.checks) -> its verdict here. "unattested" (an attested check no named person
+# confirmed) blocks like a failure; "not_applicable" (ruled out by the configuration) neither passes nor blocks.
 CHECK_STATUS = {"pass": PASSED, "attested": PASSED, "fail": FAILED, "not_measured": NOT_MEASURED,
-                "unattested": UNATTESTED}
+                "unattested": UNATTESTED, "not_applicable": NOT_APPLICABLE}
 RECOMMEND_PROCEED, SUGGEST_OPTIMIZE, WARN_STOP = "RECOMMEND_PROCEED", "SUGGEST_OPTIMIZE", "WARN_STOP"
 
 _ABSENT = object()
@@ -51,7 +51,7 @@ class TargetResult:
 @dataclass(frozen=True)
 class MandatoryResult:
     name: str
-    status: str  # passed | failed | not_measured | unattested
+    status: str  # passed | failed | not_measured | unattested | not_applicable
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,19 @@ class CriteriaReport:
 
     @property
     def failed_mandatory(self) -> List[str]:
-        return [m.name for m in self.mandatory if m.status in (FAILED, NOT_MEASURED)]
+        return [m.name for m in self.mandatory if m.status in (FAILED, NOT_MEASURED, UNATTESTED)]
 
     @property
     def unattested(self) -> List[str]:
         return [m.name for m in self.mandatory if m.status == UNATTESTED]
+
+    @property
+    def not_applicable(self) -> List[str]:
+        return [m.name for m in self.mandatory if m.status == NOT_APPLICABLE]
+
+    @property
+    def targets_measured(self) -> int:
+        return sum(t.status != NOT_MEASURED for t in self.targets)
 
     @property
     def all_targets_met(self) -> bool:
@@ -92,6 +100,9 @@ class CriteriaReport:
             "performance_score": self.performance_score,
             "mandatory_passed": self.mandatory_passed,
             "unattested": self.unattested,
+            "not_applicable": self.not_applicable,
+            "targets_measured": self.targets_measured,
+            "targets_total": len(self.targets),
             "all_targets_met": self.all_targets_met,
             "not_measured": self.not_measured,
             "mandatory": [asdict(m) for m in self.mandatory],
@@ -161,8 +172,10 @@ def _judge_mandatory(name: str, checks: Mapping[str, Any]) -> MandatoryResult:
 
 
 def performance_score(targets: Sequence[TargetResult]) -> Optional[float]:
-    scores = [t.score for t in targets if t.score is not None]
-    return sum(scores) / len(scores) if scores else None
+    """Mean over every target, an unmeasured one counting 0; None when no target was measured at all."""
+    if not any(t.score is not None for t in targets):
+        return None
+    return sum(t.score or 0.0 for t in targets) / len(targets)
 
 
 def stage_criteria(evaluation: EvaluationConfig, stage: int) -> StageCriteria:

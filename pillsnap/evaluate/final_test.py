@@ -1,14 +1,18 @@
-"""D-6 final test: the ONE evaluation of the sealed test split, after Stage 4 is GO and approved.
+"""D-6 final test: the evaluation of the sealed test split, after Stages 1-4 were approved in order.
 
 Order matters, and is the point of this module: every precondition is checked from the ledger and the file
-system FIRST (`check_final_test_allowed`); only then is the test split imported (AIHub `val/`, or the CSV rows
-with split=test) and its loaders built. Nothing else in the library reads the test split.
+system FIRST (`check_final_test_allowed`): Stages 1-4 approved one after the other, Stage 4's mandatory checks
+`pass` or `attested`, and no earlier final test of this Stage 4 (unless forced). Only then is the test split
+imported (AIHub `val/`, or the CSV rows with split=test). Nothing else in the library reads the test split.
+
+The verdict carries its history: the results copy every stage's decision (who chose, what was overridden, who
+attested what); after any override the verdict is READY_WITH_OVERRIDE naming who and what, never plain
+READY_FOR_PRODUCTION. Every run is kept: final_test_results_<n>.json (n = how many times the sealed split has
+been evaluated), final_test_results.json (the newest), and a numbered entry in the ledger.
 
 Measured once: single-image classification (accuracy, macro-F1, top-5), detection mAP@0.5 on combination images
 (when a detector exists; the shared NMS/mAP code), combination per-pill accuracy (every detection classified,
 `pillsnap.evaluate.combination`). Then val vs test (overfitting gap), the business goals, a recommendation.
-Written to <exp_dir>/final/reports/final_test_results.json and recorded in the ledger; a second run is refused
-unless forced.
 """
 from __future__ import annotations
 
@@ -25,10 +29,11 @@ from pillsnap.config import PillSnapConfig
 from pillsnap.core.devices import evaluation_device
 from pillsnap.core.jsonio import write_json_atomic
 from pillsnap.core import layout
-from pillsnap.ledger import Ledger, StageRecord
+from pillsnap.ledger import FINAL_STAGE, STAGES, Ledger, StageRecord
 
 log = logging.getLogger(__name__)
-FINAL_STAGE = 4
+PASSING_CHECKS = ("pass", "attested")
+READY, READY_WITH_OVERRIDE, NEEDS_IMPROVEMENT = "READY_FOR_PRODUCTION", "READY_WITH_OVERRIDE", "NEEDS_IMPROVEMENT"
 # Business goals (D-6 "목표 달성 확인"): single-pill 92 % (macro-F1, and accuracy), combination mAP@0.5 0.85.
 BUSINESS_GOALS: Tuple[Tuple[str, str, str, float], ...] = (
     ("single_accuracy", "classification", "accuracy", 0.92),
@@ -50,23 +55,30 @@ class FinalTestPlan:
     classifier: Path
     detector: Optional[Path]
     record: StageRecord
+    history: List[StageRecord]  # the records of Stages 1-4 the verdict rests on
+    number: int  # this is the n-th evaluation of the sealed split
 
 
-def results_path(cfg: PillSnapConfig) -> Path:
-    return cfg.exp_dir / "final" / "reports" / "final_test_results.json"
+def results_path(cfg: PillSnapConfig, number: Optional[int] = None) -> Path:
+    """The newest results, or run `number`'s."""
+    name = "final_test_results.json" if number is None else f"final_test_results_{number:03d}.json"
+    return cfg.exp_dir / "final" / "reports" / name
 
 
 def check_final_test_allowed(cfg: PillSnapConfig, force: bool = False) -> FinalTestPlan:
     """Every precondition, from the ledger and file system only: no test file is touched here."""
     ledger = Ledger.of(cfg.exp_dir)
+    problems = ledger.approved_in_order()
+    if problems:
+        raise FinalTestRefused(f"{ledger.path}: the final test runs after Stages 1-{FINAL_STAGE} were approved in "
+                               f"order: {'; '.join(problems)}")
     rec = ledger.latest(FINAL_STAGE)
-    if rec is None:
-        raise FinalTestRefused(f"{ledger.path}: no Stage {FINAL_STAGE} decision; the final test runs only after "
-                               f"Stage {FINAL_STAGE} is GO and approved")
-    if not rec.approved:
-        raise FinalTestRefused(f"{ledger.path}: Stage {FINAL_STAGE} is not approved: {rec.decision} "
-                               f"({'; '.join(rec.reasons) or 'no blocking reason'}), choice {rec.choice!r} by "
-                               f"{rec.chosen_by or 'nobody'}; it needs GO and 'proceed', or a person's 'proceed'")
+    mandatory = cfg.evaluation.stages[FINAL_STAGE].mandatory_checks if FINAL_STAGE in cfg.evaluation.stages else []
+    unmet = {n: rec.checks.get(n, "not recorded") for n in mandatory if rec.checks.get(n) not in PASSING_CHECKS}
+    if unmet:
+        raise FinalTestRefused(f"{ledger.path}: Stage {FINAL_STAGE}'s mandatory checks must be pass or attested "
+                               f"before the sealed split is opened: {unmet} (attest with `pillsnap attest`, or "
+                               f"re-run Stage {FINAL_STAGE})")
     if rec.override:
         log.warning("final test after a person's override of Stage %d (%s by %s): %s", FINAL_STAGE, rec.decision,
                     rec.reviewer or "a reviewer", "; ".join(rec.overridden))
@@ -74,10 +86,14 @@ def check_final_test_allowed(cfg: PillSnapConfig, force: bool = False) -> FinalT
     if not classifier.is_file():
         raise FinalTestRefused(f"Stage {FINAL_STAGE} classifier checkpoint missing: {classifier}")
     detector = Path(rec.checkpoints.get("detector") or layout.detector_checkpoint(cfg.exp_dir, FINAL_STAGE))
-    if ledger.final_test and not force:
-        raise FinalTestRefused(f"{ledger.path}: the final test already ran ({ledger.final_test.get('evaluated_at')}, "
-                               f"{ledger.final_test.get('results')}); test data is evaluated once (force to repeat)")
-    return FinalTestPlan(classifier, detector if cfg.detection.enabled and detector.is_file() else None, rec)
+    last = ledger.final_test
+    if last and rec.seq < last.get("seq", 0) and not force:
+        raise FinalTestRefused(f"{ledger.path}: the final test already ran on this Stage {FINAL_STAGE} (run "
+                               f"{last['number']}, {last.get('evaluated_at')}, {last.get('results')}); test data is "
+                               f"evaluated once per Stage {FINAL_STAGE} (force to repeat: it is counted)")
+    history = [ledger.latest(s) for s in STAGES]
+    return FinalTestPlan(classifier, detector if cfg.detection.enabled and detector.is_file() else None, rec,
+                         history, len(ledger.final_tests) + 1)
 
 
 def load_test_split(cfg: PillSnapConfig) -> pd.DataFrame:
@@ -118,15 +134,29 @@ def run_final_test(cfg: PillSnapConfig, force: bool = False) -> Dict:
     }
     results["val_vs_test"] = _val_vs_test(plan.record, results["test_results"])
     results["business_goals"] = _business_goals(results["test_results"])
-    ready = results["business_goals"]["overall_target_met"]
-    results.update(recommendation="READY_FOR_PRODUCTION" if ready else "NEEDS_IMPROVEMENT",
-                   ready_for_production=ready, improvements=_improvements(results))
-    path = write_json_atomic(results_path(cfg), results)
+    results.update(_verdict(plan, results["business_goals"]["overall_target_met"]), forced=force,
+                   improvements=_improvements(results))
+    path = write_json_atomic(results_path(cfg, plan.number), results)
+    write_json_atomic(results_path(cfg), results)
     Ledger.of(cfg.exp_dir).record_final_test({"results": str(path), "evaluated_at": results["evaluated_at"],
-                                              "recommendation": results["recommendation"],
-                                              "overall_target_met": ready})
-    log.info("final test: %s -> %s", results["recommendation"], path)
+                                              "recommendation": results["recommendation"], "forced": force,
+                                              "overall_target_met": results["business_goals"]["overall_target_met"]})
+    log.info("final test %d: %s -> %s", plan.number, results["recommendation"], path)
     return results
+
+
+def _verdict(plan: FinalTestPlan, goals_met: bool) -> Dict:
+    """The recommendation with the history it rests on: every override named, the sealed split's count."""
+    overrides = [f"Stage {r.stage}: {r.reviewer or 'a reviewer'} approved over {'; '.join(r.overridden)}"
+                 for r in plan.history if r.override]
+    if not goals_met:
+        recommendation = NEEDS_IMPROVEMENT
+    else:
+        recommendation = READY_WITH_OVERRIDE if overrides else READY
+    return {"recommendation": recommendation, "ready_for_production": recommendation == READY,
+            "overrides": overrides, "stage_4_decision": plan.record.summary(),
+            "stage_decisions": [r.summary() for r in plan.history],
+            "sealed_split_evaluations": plan.number}
 
 
 def _predictor(cfg: PillSnapConfig, plan: FinalTestPlan):

@@ -2,7 +2,11 @@
 
 Results are a flat dict of measurements (keys below). A measurement that is absent (or None) fails its
 check with status "not_measured": a stage never goes on because nobody measured the thing that would stop it.
-The regression check is the only one that may be skipped, and only when no baseline is given (Stage 1).
+
+The regression guard compares like with like: this stage's model on the previous stage's validation photos
+(`previous_stage_accuracy`) against the previous model's accuracy on those same photos (the baseline). It is
+skipped only at Stage 1, or when a person ran the stage without an approved predecessor (`skip_reason`, recorded
+in the ledger); with a stage above 1 and no baseline it is not measured, which blocks.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ LATENCY_P95_MS = "latency_p95_ms"
 N_EVAL_SAMPLES = "n_eval_samples"
 CLASS_COVERAGE = "class_coverage"
 ACCURACY = "accuracy"
+PREVIOUS_STAGE_ACCURACY = "previous_stage_accuracy"
 NO_CRASHES = "no_crashes"
 MEMORY_STABLE = "memory_stable"
 
@@ -117,16 +122,28 @@ def _flag_check(name: str, code: str, measured: Optional[bool]) -> CheckResult:
     return CheckResult(name, code, PASS if measured else FAIL, measured, "==", True)
 
 
-def _regression_check(spec: StageSpec, accuracy: Optional[float], baseline: Optional[Mapping[str, Any]]) -> CheckResult:
+def _regression_check(spec: StageSpec, results: Mapping[str, Any], baseline: Optional[Mapping[str, Any]],
+                      stage: Optional[int], skip_reason: Optional[str]) -> CheckResult:
     name = "accuracy_regression"
+    measured = _read_number(results, PREVIOUS_STAGE_ACCURACY)
+    if stage == 1:
+        return CheckResult(name, REGRESSION_TOO_LARGE, SKIPPED, None, ">=", None, "Stage 1 has no previous stage")
     if baseline is None:
-        return CheckResult(name, REGRESSION_TOO_LARGE, SKIPPED, accuracy, ">=", None, "no baseline given")
+        if skip_reason:
+            return CheckResult(name, REGRESSION_TOO_LARGE, SKIPPED, measured, ">=", None, skip_reason)
+        return CheckResult(name, REGRESSION_TOO_LARGE, NOT_MEASURED, measured, ">=", None,
+                           "no approved previous stage to compare with")
     base_acc = _read_number(baseline, ACCURACY, source="baseline")
     if base_acc is None:
-        return CheckResult(name, REGRESSION_TOO_LARGE, NOT_MEASURED, accuracy, ">=", None, "baseline has no accuracy")
+        return CheckResult(name, REGRESSION_TOO_LARGE, NOT_MEASURED, measured, ">=", None, "baseline has no accuracy")
     floor = base_acc - spec.max_acc_drop
-    detail = f"baseline accuracy {base_acc:.4f} - max_acc_drop {spec.max_acc_drop}"
-    return _compare(name, REGRESSION_TOO_LARGE, accuracy, ">=", floor, detail)
+    prev = baseline.get("stage", "previous")
+    detail = (f"this model on Stage {prev}'s validation photos vs the Stage {prev} model's {base_acc:.4f} there "
+              f"- max_acc_drop {spec.max_acc_drop}")
+    if measured is None:
+        return CheckResult(name, REGRESSION_TOO_LARGE, NOT_MEASURED, None, ">=", floor,
+                           f"this model was not evaluated on Stage {prev}'s validation photos")
+    return _compare(name, REGRESSION_TOO_LARGE, measured, ">=", floor, detail)
 
 
 def evaluate_go_no_go(
@@ -134,11 +151,13 @@ def evaluate_go_no_go(
     results: Mapping[str, Any],
     baseline: Optional[Mapping[str, Any]] = None,
     stage: Optional[int] = None,
+    skip_reason: Optional[str] = None,
 ) -> GoNoGoDecision:
     """Judge one stage's results against its `cfg.data.stages[n]` targets (D-12).
 
-    `results` keys: latency_p95_ms, n_eval_samples, class_coverage (0..1), accuracy (0..1),
-    no_crashes (bool), memory_stable (bool). `baseline` is the previous accepted results (needs accuracy).
+    `results` keys: latency_p95_ms, n_eval_samples, class_coverage (0..1), accuracy (0..1), previous_stage_accuracy
+    (this model on the previous stage's val photos), no_crashes (bool), memory_stable (bool). `baseline`: the
+    previous approved stage's {accuracy, stage}. `skip_reason`: why the regression guard is skipped (recorded).
     """
     if not isinstance(results, Mapping):
         raise TypeError(f"results must be a dict of measurements, got {type(results).__name__}")
@@ -148,7 +167,7 @@ def evaluate_go_no_go(
         _compare("latency_p95_ms", LATENCY_P95_TOO_HIGH, _read_number(results, LATENCY_P95_MS), "<=", spec.max_latency_ms),
         _compare("n_eval_samples", NOT_ENOUGH_SAMPLES, _read_number(results, N_EVAL_SAMPLES), ">=", spec.min_eval_samples),
         _compare("class_coverage", COVERAGE_TOO_LOW, _read_number(results, CLASS_COVERAGE), ">=", spec.min_coverage),
-        _regression_check(spec, accuracy, baseline),
+        _regression_check(spec, results, baseline, stage, skip_reason),
         _compare(
             "accuracy", ACC_BELOW_TARGET, accuracy, ">=", acc_floor,
             f"min_accuracy {spec.min_accuracy} - epsilon_acc {spec.epsilon_acc} (hysteresis)",

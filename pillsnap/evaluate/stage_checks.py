@@ -28,19 +28,40 @@ def _probe_photo(subset: pd.DataFrame) -> Optional[str]:
     return str(val["image_path"].iloc[0]) if len(val) else None
 
 
+def manifest_counts(cfg: PillSnapConfig) -> Optional[Dict[str, Any]]:
+    """The release's own training classes and photos (manifest.csv less the quarantine), for full_dataset_processing:
+    counted here, independently of the subset builder."""
+    from pillsnap.data.manifest import read_manifest
+    from pillsnap.data.prepare import data_dir, manifest_path
+    from pillsnap.data.validate import load_quarantine
+
+    path = manifest_path(cfg)
+    if not path.is_file():
+        return None
+    df = read_manifest(path)
+    df = df[~df["image_id"].isin(set(load_quarantine(data_dir(cfg) / "quarantine.json")))]
+    train = df[(df["split"] == "train") & (df["kind"] == "single")]
+    return {"train_classes": sorted(train["k_code"].unique().tolist()), "train_photos": int(len(train))}
+
+
 def stage_evidence(cfg: PillSnapConfig, stage: int, subset_rows: pd.DataFrame, subset: Dict[str, Any],
                    train: Dict[str, Optional[Dict]], evaluation: Dict, export: Optional[Dict],
                    api: Optional[Dict]) -> StageEvidence:
     trained = {m: r for m, r in train.items() if r}
     tensorboard = {m: read_tensorboard_tags(Path(r["tensorboard"])) for m, r in trained.items() if r.get("tensorboard")}
     probe = detector_answers(cfg, stage, _probe_photo(subset_rows)) if cfg.detection.enabled else None
-    return StageEvidence(stage=stage, subset=subset, train=trained, evaluation=evaluation, detector_probe=probe,
-                         export=export, api=api, tensorboard=tensorboard, detection_expected=cfg.detection.enabled)
+    used = subset_rows[(subset_rows["split"] == "train") & (subset_rows["kind"] == "single")]["k_code"]
+    return StageEvidence(stage=stage, subset={**subset, "train_k_codes": sorted(used.unique().tolist())},
+                         train=trained, evaluation=evaluation, detector_probe=probe, export=export, api=api,
+                         tensorboard=tensorboard, detection_expected=cfg.detection.enabled,
+                         manifest=manifest_counts(cfg))
 
 
-def measure_stage_checks(cfg: PillSnapConfig, evidence: StageEvidence) -> Dict[str, Dict[str, Any]]:
-    """Every check, written to checks.json; attested checks start unattested (the review may confirm them)."""
-    doc = checks_document(run_checks(cfg, evidence))
+def measure_stage_checks(cfg: PillSnapConfig, evidence: StageEvidence,
+                         attestations: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Dict[str, Any]]:
+    """Every check, written to checks.json; attested checks are attested only by `attestations` given with a
+    person's name (ahead of the run); the review may add more (apply_attestations)."""
+    doc = checks_document(run_checks(cfg, evidence, attestations))
     write_json_atomic(checks_path(cfg, evidence.stage), doc)
     failing = {n: c["status"] for n, c in doc.items() if c["status"] not in PASSING}
     log.info("stage %d checks: %d of %d pass%s", evidence.stage, len(doc) - len(failing), len(doc),
@@ -48,15 +69,17 @@ def measure_stage_checks(cfg: PillSnapConfig, evidence: StageEvidence) -> Dict[s
     return doc
 
 
-def apply_attestations(cfg: PillSnapConfig, stage: int, answers: Optional[Mapping[str, bool]]) -> Dict[str, Any]:
-    """A reviewer's answers for the attested checks, written into checks.json; returns the updated document."""
+def apply_attestations(cfg: PillSnapConfig, stage: int,
+                       answers: Optional[Mapping[str, Mapping[str, Any]]]) -> Dict[str, Any]:
+    """The named persons' answers for the attested checks, written into checks.json; returns the updated document."""
     path = checks_path(cfg, stage)
     doc = read_json(path)
     for name in cfg.evaluation.checks.attested:
-        outcome = attestation(name, None if answers is None else bool(answers.get(name)))
+        outcome = attestation(name, (answers or {}).get(name))
         doc[name].update(status=outcome.status, measured=outcome.measured, detail=outcome.detail)
     write_json_atomic(path, doc)
     unattested = [n for n, c in doc.items() if c["status"] == UNATTESTED]
     if unattested:
-        log.warning("stage %d: %s unattested (nobody confirmed them in a review)", stage, ", ".join(unattested))
+        log.warning("stage %d: %s unattested: no named person confirmed them (review, or `pillsnap attest`)",
+                    stage, ", ".join(unattested))
     return doc

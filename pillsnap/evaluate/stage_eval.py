@@ -25,7 +25,7 @@ from pillsnap.evaluate.batch_consistency import batch_consistency
 from pillsnap.evaluate.plots import save_confusion_report, save_roc_pr_report
 from pillsnap.infer.engines import TorchClassifierEngine
 from pillsnap.infer.latency import classifier_model_latency, pipeline_latency
-from pillsnap.metrics.classification import classification_metrics
+from pillsnap.metrics.classification import class_coverage, classification_metrics
 from pillsnap.models.classifier import load_classifier
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,14 @@ def _val_logits(cfg: PillSnapConfig, model: torch.nn.Module, labels: ClassMap, r
 
 
 def evaluate_classifier(cfg: PillSnapConfig, checkpoint: Path, subset: pd.DataFrame, class_map: ClassMap,
-                        reports_dir: Path, batch_size: Optional[int] = None) -> Dict:
+                        reports_dir: Path, batch_size: Optional[int] = None,
+                        previous_subset: Optional[pd.DataFrame] = None) -> Dict:
+    """`previous_subset`: the previous stage's subset, for the regression guard (this model on its val photos)."""
     device = select_device(cfg.evaluation.device, "evaluation.device")
     model, labels = load_classifier(cfg, checkpoint, class_map, device)
     val = subset[subset["split"] == "val"]
-    data, y_true, logits = _val_logits(cfg, model, labels, val, device,
-                                       batch_size or cfg.train.classification.batch_size)
+    batch_size = batch_size or cfg.train.classification.batch_size
+    data, y_true, logits = _val_logits(cfg, model, labels, val, device, batch_size)
     metrics = classification_metrics(y_true, logits, labels.k_codes)
     probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
     reports_dir = Path(reports_dir)
@@ -81,9 +83,11 @@ def evaluate_classifier(cfg: PillSnapConfig, checkpoint: Path, subset: pd.DataFr
         "latency_p50_ms": latency.get("p50"), "latency_p95_ms": latency.get("p95"),
         "latency_device": device_name(serving), "latency_device_type": serving.type,
         "evaluation_device": device_name(device),
-        "class_coverage": metrics["classes_evaluated"] / max(1, len(labels)),
+        **class_coverage(y_true, logits.argmax(1), len(labels), cfg.evaluation.checks.min_class_recall),
         "num_classes": len(labels), "checkpoint": str(checkpoint), "multi_batch": multi_batch,
         "logits_finite": bool(np.isfinite(logits).all()),
+        "previous_stage_val": None if previous_subset is None else
+        _on_previous_val(cfg, model, labels, previous_subset, device, batch_size),
         "pictures": {k: v for k, v in pictures.items() if v},
     })
     write_json_atomic(reports_dir / "classification_eval.json", metrics)
@@ -91,6 +95,17 @@ def evaluate_classifier(cfg: PillSnapConfig, checkpoint: Path, subset: pd.DataFr
              metrics["evaluation_device"], metrics["accuracy"], metrics["macro_f1"], metrics["top5"], metrics["n"],
              latency.get("p95", float("nan")), metrics["latency_device"])
     return metrics
+
+
+def _on_previous_val(cfg: PillSnapConfig, model: torch.nn.Module, labels: ClassMap, previous: pd.DataFrame,
+                     device: torch.device, batch_size: int) -> Dict:
+    """D-12's regression guard compares like with like: this stage's model on the previous stage's validation
+    photos (the photos the previous model's accuracy was measured on)."""
+    val = previous[(previous["split"] == "val") & previous["k_code"].isin(set(labels.k_codes))]
+    if val.empty:
+        return {"photos": 0, "accuracy": None}
+    _, y_true, logits = _val_logits(cfg, model, labels, val, device, batch_size)
+    return {"photos": int(len(y_true)), "accuracy": float((logits.argmax(1) == y_true).mean())}
 
 
 def assemble_stage_results(evaluation: Dict, train: Dict[str, Dict], validation: Dict, subset: Dict,
@@ -105,8 +120,11 @@ def assemble_stage_results(evaluation: Dict, train: Dict[str, Dict], validation:
     classifier = train["classifier"]
     api = api or {}
     multi_batch = evaluation.get("multi_batch") or {}
+    pipeline = ((detection or {}).get("combination") or {}).get("pipeline_latency") or {}
+    probed = (classifier.get("auto_batch") or {}).get("probed")
     results = {
         "accuracy": evaluation.get("accuracy"),
+        "previous_stage_accuracy": (evaluation.get("previous_stage_val") or {}).get("accuracy"),
         "n_eval_samples": evaluation.get("n"),
         "class_coverage": evaluation.get("class_coverage"),
         "latency_p95_ms": evaluation.get("latency_p95_ms"),
@@ -121,12 +139,13 @@ def assemble_stage_results(evaluation: Dict, train: Dict[str, Dict], validation:
         "worst_classes": evaluation.get("worst_classes", []),
         "system": _system(train),
         "optimization": {"throughput_img_s": classifier.get("mean_throughput"),
-                         "batch_size_achieved": classifier.get("batch_size")},
+                         "batch_size_achieved": classifier.get("batch_size") if probed else None},
         "scalability": {"multi_batch_size": multi_batch.get("batch_size") if checks.get("multi_batch_processing")
                         == "pass" else None, "api_response_time_ms": api.get("p95_ms"),
                         "memory_stable_hours": _stable_hours(train, checks)},
-        "production": {"inference_latency_ms": evaluation.get("latency_p50_ms"),
-                       "throughput_img_s": api.get("throughput_img_s"), "api_uptime_pct": _uptime(api),
+        # The whole pipeline: auto mode with the detector (p95); without a detector single mode is the pipeline.
+        "production": {"inference_latency_ms": pipeline.get("p95") if detection else evaluation.get("latency_p95_ms"),
+                       "throughput_img_s": api.get("throughput_img_s"), "api_success_pct": _success_pct(api),
                        "device": api.get("device")},
         "advanced": {"class_imbalance_ratio": subset.get("imbalance_ratio")},
         "mandatory_checks": dict(checks),
@@ -140,7 +159,8 @@ def _flag(status: Optional[str]) -> Optional[bool]:
     return None if status in (None, "not_measured", "unattested") else status == "pass"
 
 
-def _uptime(api: Dict) -> Optional[float]:
+def _success_pct(api: Dict) -> Optional[float]:
+    """The share of the API check's requests answered: what 48 requests can show (not uptime over hours)."""
     sent = api.get("requests")
     return 100.0 * (sent - api.get("errors", 0)) / sent if sent else None
 

@@ -1,6 +1,8 @@
 """Latency as the gates read it: batch 1 on the serving device, after a warm-up, as p50 / p95 in ms.
 
 - pipeline_latency: end to end through the serving Predictor in single mode (decode, preprocess, model, top-k);
+- auto_pipeline_latency: the whole two-stage pipeline in auto mode (the detector and every crop where a photo
+  needs it), over a mix of combination and single photos: what an app waits for;
 - classifier_model_latency / detector_model_latency: the model's forward pass alone at its input size.
 """
 from __future__ import annotations
@@ -46,6 +48,19 @@ def pipeline_latency(cfg: PillSnapConfig, engine: ClassifierEngine, labels: Clas
                           default_mode="single")
     order = iter(list(photos) * (1 + (WARMUP + SAMPLES) // len(photos)))
     return _timed(lambda: predictor.predict(next(order), "single"))
+
+
+def auto_pipeline_latency(cfg: PillSnapConfig, engine: ClassifierEngine, labels: ClassMap,
+                          detector_loader: Callable[[], object], photos: Sequence[str]) -> Dict[str, float]:
+    """End-to-end auto-mode latency of the serving pipeline (detector loaded as serving loads it)."""
+    from pillsnap.infer.predict import Predictor
+
+    if not photos:
+        return {}
+    predictor = Predictor(engine, labels, cfg.classification.image_size, cfg.classification.crop_padding,
+                          cfg.inference.single_confidence_threshold, detector_loader, default_mode="auto")
+    order = iter(list(photos) * (1 + (WARMUP + SAMPLES) // len(photos)))
+    return {**_timed(lambda: predictor.predict(next(order), "auto")), "photos": len(photos), "mode": "auto"}
 
 
 def classifier_model_latency(engine: ClassifierEngine, image_size: int) -> Dict[str, float]:

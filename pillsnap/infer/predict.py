@@ -17,6 +17,8 @@ it. Hard cases (D-3: single with confidence < 0.30, or auto that fell back to co
 """
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import time
 from pathlib import Path
@@ -51,9 +53,10 @@ class Predictor:
     def __init__(self, classifier: ClassifierEngine, labels: ClassMap, image_size: int,
                  crop_padding: float, single_threshold: float, detector_loader: Optional[Callable[[], Detector]] = None,
                  lazy_detector: bool = True, default_mode: str = "auto", hard_cases: Optional[Path] = None,
-                 batch_size: int = 32):
-        """labels: the classifier's label space (K-codes in output order, with their class info)."""
-        self.classifier, self.labels = classifier, labels
+                 batch_size: int = 32, identity: Optional[Dict[str, object]] = None):
+        """labels: the classifier's label space (K-codes in output order, with their class info). `identity`
+        (model_identity) is put into every answer, so an app can log which model identified a pill."""
+        self.classifier, self.labels, self.identity = classifier, labels, identity
         self.k_codes = labels.k_codes
         self.image_size, self.crop_padding, self.threshold = image_size, crop_padding, single_threshold
         self.default_mode, self.hard_cases, self.batch_size = default_mode, hard_cases, batch_size
@@ -123,6 +126,8 @@ class Predictor:
         if result["mode_used"] == "single":
             result["pills"] = [self._pill(single, whole_box)]
         result["latency_ms"] = (time.perf_counter() - started) * 1000
+        if self.identity is not None:
+            result["model"] = self.identity
         self._log_hard_case(result)
         return result
 
@@ -191,6 +196,19 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def model_identity(stage: int, engine: str, labels: ClassMap, files: Dict[str, Path]) -> Dict[str, object]:
+    """Which model answers: the stage, the engine, each model file with its content hash, the class map's hash."""
+    def sha256(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()[:16]
+
+    return {"stage": stage, "engine": engine, "class_map_hash": labels.hash,
+            "files": {name: {"path": str(p), "sha256": sha256(p)} for name, p in files.items()}}
+
+
 def load_predictor(cfg: PillSnapConfig, stage: Optional[int] = None, engine: Optional[str] = None,
                    hard_cases: Optional[Path] = None) -> Predictor:
     """The Predictor of a trained stage (default: the highest stage with a classifier best.pt)."""
@@ -207,6 +225,11 @@ def load_predictor(cfg: PillSnapConfig, stage: Optional[int] = None, engine: Opt
     if loader is None:
         log.info("stage %d: no %s detector; combo mode unavailable, auto mode uses the image heuristic",
                  stage, engine)
+    files = {"classifier": layout.classifier_checkpoint(cfg.exp_dir, stage) if engine == "torch" else
+             layout.export_dir(cfg.exp_dir, stage) / layout.CLASSIFIER_ONNX}
+    if det_path is not None:
+        files["detector"] = det_path
     return Predictor(classifier, labels, cfg.classification.image_size,
                      cfg.classification.crop_padding, cfg.inference.single_confidence_threshold, loader,
-                     cfg.inference.lazy_load_detector, cfg.inference.mode, hard_cases)
+                     cfg.inference.lazy_load_detector, cfg.inference.mode, hard_cases,
+                     identity=model_identity(stage, engine, labels, files))

@@ -17,6 +17,17 @@ from pillsnap.data.augment import normalise
 from pillsnap.data.cache import padded_box
 
 
+def register_image_formats() -> None:
+    """HEIC/HEIF (phone photos) for every PIL reader: pi-heif's decoder, registered once, up front. (ultralytics
+    patches Image.open to install it on the first unknown file, which fails offline with a ModuleNotFoundError.)"""
+    from pi_heif import register_heif_opener
+
+    register_heif_opener()
+
+
+register_image_formats()
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """The photo as RGB, fully decoded (the file is closed when this returns)."""
     try:

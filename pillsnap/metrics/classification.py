@@ -32,3 +32,15 @@ def classification_metrics(y_true: np.ndarray, logits: np.ndarray, class_names: 
         "classes_evaluated": int(len(present)),
     }
 
+
+
+def class_coverage(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, min_recall: float) -> Dict:
+    """The share of all `num_classes` classes whose recall reaches `min_recall`; a class without a validation
+    sample has no measured recall and is not covered."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    hits = np.bincount(y_true[y_pred == y_true], minlength=num_classes)[:num_classes]
+    support = np.bincount(y_true, minlength=num_classes)[:num_classes]
+    recall = np.divide(hits, support, out=np.zeros(num_classes), where=support > 0)
+    covered = int(((support > 0) & (recall >= min_recall)).sum())
+    return {"class_coverage": covered / max(1, num_classes), "classes_covered": covered,
+            "classes_without_val": int((support == 0).sum()), "coverage_min_recall": min_recall}

@@ -38,6 +38,24 @@ def _hub_file(backbone: str) -> Tuple[Optional[str], Optional[str]]:
     return repo, None
 
 
+def classifier_weights_source(cfg: ClassificationConfig, reachable: Optional[Reachable] = None) -> str:
+    """Where classification.pretrained's weights will come from, checked without building or downloading:
+    raises (naming the key and the ways out) when they cannot be had."""
+    if not cfg.pretrained:
+        return "none (classification.pretrained=false)"
+    if cfg.pretrained_path:
+        if not Path(cfg.pretrained_path).is_file():
+            raise FileNotFoundError(f"classification.pretrained_path: no such file {cfg.pretrained_path}")
+        return f"local file {cfg.pretrained_path}"
+    repo, cached = _hub_file(cfg.backbone)
+    if repo is None:
+        raise ValueError(f"classification.backbone={cfg.backbone!r} has no pretrained weights in timm; set "
+                         "classification.pretrained_path or classification.pretrained=false")
+    if cached is None and not probe(reachable)(HF_HOST):
+        raise unavailable("classification", f"timm weights for {cfg.backbone} (hub {repo})", HF_HOST)
+    return f"cache {cached}" if cached else f"download from the hub ({repo})"
+
+
 def build_classifier(cfg: ClassificationConfig, num_classes: int, reachable: Optional[Reachable] = None,
                      pretrained: Optional[bool] = None) -> nn.Module:
     """The timm model with `num_classes` outputs; `pretrained=False` forces a fresh model (loading a checkpoint)."""

@@ -159,6 +159,26 @@ def _pretrained_state(path: Path) -> Dict[str, torch.Tensor]:
     return source.float().state_dict()
 
 
+def detector_weights_source(cfg: DetectionConfig, reachable: Optional[Reachable] = None) -> str:
+    """Where detection.pretrained's weights will come from, checked without downloading (raises like
+    pretrained_weights when they cannot be had)."""
+    if not cfg.enabled or not cfg.pretrained:
+        return "none (detection.enabled or detection.pretrained is false)"
+    if cfg.pretrained_path:
+        if not Path(cfg.pretrained_path).is_file():
+            raise FileNotFoundError(f"detection.pretrained_path: no such file {cfg.pretrained_path}")
+        return f"local file {cfg.pretrained_path}"
+    from ultralytics.utils import SETTINGS
+
+    name = f"yolo11{cfg.scale}.pt"
+    cached = Path(SETTINGS["weights_dir"]) / name
+    if cached.is_file():
+        return f"cache {cached}"
+    if not probe(reachable)(GITHUB_HOST):
+        raise unavailable("detection", f"ultralytics {name}", GITHUB_HOST)
+    return f"download of {name}"
+
+
 def pretrained_weights(cfg: DetectionConfig, reachable: Optional[Reachable] = None) -> Optional[Path]:
     """The COCO weights file for detection.pretrained (yolo11{scale}.pt), downloaded when missing and online."""
     if not cfg.pretrained:

@@ -161,7 +161,7 @@ def create_app(load: Loader, cfg: ServeConfig, api_keys: Set[str]) -> FastAPI:
         data = await image.read()
         try:
             # decoding is CPU work too: it runs in the worker thread with the prediction, off the event loop
-            result = await run(endpoint, lambda: predict_one(predictor, decode_upload(data, cfg.max_image_pixels),
+            result = await run(endpoint, lambda: predict_one(predictor, decode_upload(data, cfg.max_image_pixels, cfg.min_image_side),
                                                               mode, image.filename or ""))
         except UploadRejected as e:
             metrics.observe(endpoint, used, e.status, time.perf_counter() - started)
@@ -186,7 +186,7 @@ def create_app(load: Loader, cfg: ServeConfig, api_keys: Set[str]) -> FastAPI:
         for index, upload in enumerate(images):
             data = await upload.read()
             try:
-                answer = await run(endpoint, lambda: predict_one(predictor, decode_upload(data, cfg.max_image_pixels),
+                answer = await run(endpoint, lambda: predict_one(predictor, decode_upload(data, cfg.max_image_pixels, cfg.min_image_side),
                                                                  mode, upload.filename or ""))
             except UploadRejected as e:
                 metrics.error(endpoint, f"bad_photo_{e.status}")

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Set, Tuple
 
 from pillsnap.config import PillSnapConfig
-from pillsnap.core import layout
 from pillsnap.core.devices import device_name, serving_device
 from pillsnap.serve.batching import BatchingEngine
 
@@ -32,15 +31,10 @@ def stage_loader(cfg: PillSnapConfig, stage: Optional[int], engine: Optional[str
         predictor = load_predictor(cfg, stage, engine)
         if cfg.serve.micro_batch:
             predictor.classifier = BatchingEngine(predictor.classifier, cfg.serve.micro_batch_max)
-        used = stage if stage is not None else layout.latest_trained_stage(cfg.exp_dir)
-        name = predictor.classifier.name
-        files = {"classifier": str(layout.classifier_checkpoint(cfg.exp_dir, used)) if name == "torch" else
-                 str(layout.export_dir(cfg.exp_dir, used) / layout.CLASSIFIER_ONNX)}
-        if predictor.has_detector:
-            files["detector"] = str(layout.detector_checkpoint(cfg.exp_dir, used)) if name == "torch" else \
-                str(layout.export_dir(cfg.exp_dir, used) / layout.DETECTOR_ONNX)
-        facts = {"stage": used, "engine": name, "device": device_name(serving_device(cfg)),
-                 "num_classes": len(predictor.labels), "class_map_hash": predictor.labels.hash, "model_files": files,
+        identity = predictor.identity  # the same in /ready and in every answer
+        facts = {"stage": identity["stage"], "engine": identity["engine"], "device": device_name(serving_device(cfg)),
+                 "num_classes": len(predictor.labels), "class_map_hash": identity["class_map_hash"],
+                 "model_files": {n: f["path"] for n, f in identity["files"].items()}, "model": identity,
                  "detector": predictor.has_detector, "default_mode": predictor.default_mode,
                  "micro_batch": cfg.serve.micro_batch}
         return predictor, facts

@@ -4,7 +4,7 @@ the API's latency (p50 / p95) and throughput under a bounded load, and stop it.
 
 Its result is what the gates read: production_api_deployment (every step above passed),
 scalability.api_response_time_ms (p95, client-side, single mode), production.throughput_img_s and
-production.api_uptime_pct (answered / sent), each with the serving device; and automated_monitoring (/metrics,
+production.api_success_pct (answered / sent), each with the serving device; and automated_monitoring (/metrics,
 scraped at the end, counted exactly the answers the clients received). The load is bounded in requests and in time, and only ever goes to 127.0.0.1.
 """
 from __future__ import annotations

@@ -52,3 +52,58 @@ def test_the_demo_passes_only_when_both_halves_work():
     assert "per-pill accuracy not measured (>= 0.7)" in " ".join(verdicts)
     unmeasured = {**good, "checks": {**checks, "pipeline_complete": "not_measured"}}
     assert not dict(demo_verdicts(cfg, unmeasured))[f"mandatory checks: {unmeasured['checks']}"]
+
+
+def test_attest_records_a_named_person_and_refuses_what_is_not_attested(tmp_path, capsys):
+    from pillsnap.ledger import Ledger
+
+    exp = f"paths.exp_dir={tmp_path / 'exp'}"
+    assert main(["attest", "--stage", "4", "--check", "pipeline_complete", "--reviewer", "kim", exp]) == 2
+    assert "not an attested check" in capsys.readouterr().err
+    assert main(["attest", "--stage", "4", "--check", "cloudflare_tunnel_setup", "--reviewer", "pharmacist kim",
+                 "--note", "tunnel to api checked", exp]) == 0
+    pending = Ledger.of(tmp_path / "exp").pending_attestations(4)
+    assert pending["cloudflare_tunnel_setup"]["reviewer"] == "pharmacist kim"
+
+
+def test_reopen_needs_a_final_test_and_says_why_not(tmp_path, capsys):
+    assert main(["reopen", "--reviewer", "kim", "--reason", "more data", f"paths.exp_dir={tmp_path / 'exp'}"]) == 2
+    assert "no final test has run" in capsys.readouterr().err
+
+
+def _stopped_step(**extra):
+    return {"stage": 2, "decision": "NO_GO", "reasons": ["ACC_BELOW_TARGET"], "recommendation": "WARN_STOP",
+            "choice": "stop", "chosen_by": "policy", "approved": False,
+            "stop_reason": "an unattended policy never approves a stage Go/No-Go refused", **extra}
+
+
+def test_progress_ends_with_one_sentence_and_a_distinct_exit_code_when_a_gate_stopped_it(monkeypatch, capsys):
+    import flows.progressive
+    from flows.progressive import outcome
+    from pillsnap.cli import EXIT_GATE_STOPPED
+
+    sentence = outcome([{"stage": 1, "decision": "GO", "approved": True, "choice": "proceed"}, _stopped_step()])
+    assert sentence["gate_stopped"] and sentence["sentence"].startswith("Stopped at Stage 2: Go/No-Go NO_GO "
+                                                                        "(ACC_BELOW_TARGET), advisor WARN_STOP")
+    assert "Next: read stage_2/reports/advisor.json" in sentence["sentence"]
+    result = {"mode": "run", "steps": [_stopped_step()], "outcome": sentence}
+    monkeypatch.setattr(flows.progressive, "progressive_flow", lambda **kw: result)
+    assert main(["progress", "--mode", "run", "--profile", "ci"]) == EXIT_GATE_STOPPED
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == sentence["sentence"]
+    done = {**result, "outcome": outcome([{"final_test": {"recommendation": "NEEDS_IMPROVEMENT",
+                                                          "sealed_split_evaluations": 1}}])}
+    monkeypatch.setattr(flows.progressive, "progressive_flow", lambda **kw: done)
+    assert main(["progress", "--mode", "run", "--profile", "ci"]) == 0
+
+
+def test_a_refused_stage_exits_with_its_own_code_and_the_reason(tmp_path, monkeypatch, capsys):
+    import flows.stage
+    from pillsnap.cli import EXIT_REFUSED
+    from pillsnap.ledger import Ledger
+
+    def refuse(**kw):
+        Ledger.of(tmp_path).check_stage_may_run(kw["stage"], kw["without_approved_predecessor"])
+
+    monkeypatch.setattr(flows.stage, "stage_flow", refuse)
+    assert main(["stage", "--stage", "2", "--profile", "ci"]) == EXIT_REFUSED
+    assert "Stage 1 has no decision" in capsys.readouterr().err

@@ -3,7 +3,9 @@
     [train] e=3/30 s=40/312 loss=1.2345 lr=8.12e-04 data=0.012s comp=0.210s thr=290.4/s cuda=10240MB
     [train/det] e=…                                   (the detector's line; its tags go to stage_<n>/detector/tb)
 
-TensorBoard: train/loss, train/lr, perf/data_time, perf/compute_time, perf/throughput, perf/cuda_mem every step,
+TensorBoard: train/loss, train/lr, perf/data_time, perf/compute_time, perf/throughput every step, and the training
+device's memory: perf/cuda_mem (the allocator's peak) on CUDA, perf/host_mem (this process's resident memory) on a
+CPU, where the line says host=…MB (a CPU has no CUDA memory: writing 0 would be a placeholder, not a measurement);
 val/<metric> every validation. The writer degrades to a no-op (one warning) when tensorboard is missing.
 
 Every epoch also closes with a resources record (`end_epoch`): throughput, mean data and compute time per step,
@@ -20,7 +22,7 @@ import psutil
 import torch
 
 log = logging.getLogger("pillsnap.train")
-STEP_TAGS = ("train/loss", "train/lr", "perf/data_time", "perf/compute_time", "perf/throughput", "perf/cuda_mem")
+STEP_TAGS = ("train/loss", "train/lr", "perf/data_time", "perf/compute_time", "perf/throughput")
 
 
 class TBWriter:
@@ -80,16 +82,20 @@ class Telemetry:
         self.log_interval, self.device = max(1, log_interval), device
         self.throughputs: list = []
         self._epoch = _new_epoch()
+        self._process = psutil.Process()
 
     def step(self, step: int, epoch: int, step_in_epoch: int, steps_in_epoch: int, loss: float, lr: float,
              samples: int, data_time: float, compute_time: float) -> None:
         thr = samples / max(1e-9, data_time + compute_time)
-        cuda = cuda_memory_mb(self.device)
-        for tag, value in zip(STEP_TAGS, (loss, lr, data_time, compute_time, thr, cuda)):
+        on_cuda = self.device.type == "cuda"
+        memory = cuda_memory_mb(self.device) if on_cuda else self._process.memory_info().rss / 2**20
+        for tag, value in zip((*STEP_TAGS, "perf/cuda_mem" if on_cuda else "perf/host_mem"),
+                              (loss, lr, data_time, compute_time, thr, memory)):
             self.tb.scalar(tag, value, step)
         if step_in_epoch % self.log_interval == 0 or step_in_epoch == steps_in_epoch:
-            log.info("%s e=%d/%d s=%d/%d loss=%.4f lr=%.2e data=%.3fs comp=%.3fs thr=%.1f/s cuda=%.0fMB", self.tag,
-                     epoch, self.epochs, step_in_epoch, steps_in_epoch, loss, lr, data_time, compute_time, thr, cuda)
+            log.info("%s e=%d/%d s=%d/%d loss=%.4f lr=%.2e data=%.3fs comp=%.3fs thr=%.1f/s %s=%.0fMB", self.tag,
+                     epoch, self.epochs, step_in_epoch, steps_in_epoch, loss, lr, data_time, compute_time, thr,
+                     "cuda" if on_cuda else "host", memory)
         self.throughputs.append(thr)
         e = self._epoch
         e["samples"], e["steps"] = e["samples"] + samples, e["steps"] + 1

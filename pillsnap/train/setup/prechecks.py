@@ -1,5 +1,6 @@
-"""Pre-training checks (v3 lessons, phases 1-2): resources first (GPU, RAM, disk, the stage's pixel cache),
-then the config.
+"""Pre-training checks (v3 lessons, phases 1-2): resources first (GPU, RAM, disk, pretrained weights, the
+stage's pixel cache), then the config. The stage flow runs them before any data work (the pixel cache, which
+needs the stage's subset, is checked as soon as the subset exists).
 
 Everything is checked and reported together, so one run names every shortfall instead of the first one.
 `run_prechecks` raises PrecheckError whose message lists each problem with the numbers behind it.
@@ -143,6 +144,21 @@ def check_config(cfg: Any, stage: Optional[int] = None, class_map_size: Optional
     return [CheckResult("config", False, p) for p in problems]
 
 
+def check_pretrained_weights(cfg: Any, reachable: Optional[Callable[[str], bool]] = None) -> List[CheckResult]:
+    """Each model's pretrained weights can be had (a local file, the download cache, or a reachable hub)."""
+    from pillsnap.models.classifier import classifier_weights_source
+    from pillsnap.models.detector import detector_weights_source
+
+    results = []
+    for name, source in (("weights_classifier", lambda: classifier_weights_source(cfg.classification, reachable)),
+                         ("weights_detector", lambda: detector_weights_source(cfg.detection, reachable))):
+        try:
+            results.append(CheckResult(name, True, f"pretrained weights: {source()}"))
+        except (RuntimeError, OSError, ValueError) as e:  # the message names the key and the ways out
+            results.append(CheckResult(name, False, str(e)))
+    return results
+
+
 def check_pixel_cache(cfg: Any, samples: Sequence[Any]) -> CheckResult:
     """The decode-once pixel store must hold this stage's samples: the rows it lacks x S x S x 3 bytes."""
     if not cfg.dataloader.cache.enabled:
@@ -164,10 +180,13 @@ def run_prechecks(
     disk_usage: Callable[[Path], Any] = shutil.disk_usage,
     virtual_memory: Callable[[], Any] = psutil.virtual_memory,
     gpu_free_total: Callable[[], Optional[Tuple[int, int]]] = _cuda_free_total,
+    reachable: Optional[Callable[[str], bool]] = None,
+    weights: bool = True,
 ) -> PrecheckReport:
     """All checks; returns the report when everything passes, else raises PrecheckError naming each shortfall."""
     req = requirements or PrecheckRequirements()
     report = PrecheckReport([
+        *(check_pretrained_weights(cfg, reachable) if weights else []),
         check_gpu(req.min_free_gpu_gb, gpu_free_total),
         check_ram(req.min_available_ram_gb, virtual_memory),
         check_disk("disk_data", data_dir_of(cfg), req.min_free_disk_gb_data, disk_usage),

@@ -27,7 +27,9 @@ ProbeFn = Callable[[int, str], int]  # (batch_size, amp_dtype "bf16"|"fp16"|"fp3
 ProbeRecord = Tuple[int, Union[int, str]]  # (batch_size, peak_bytes | "oom")
 
 _FIT, _OOM, _OVER = "fit", "oom", "over_headroom"
-CPU_REASON = "cpu: keeping configured batch"
+CPU_REASON = "cpu: keeping configured batch"  # only where nothing was probed: never a tuning success
+HOST_REASON = ("cpu: host memory probed with real steps; the configured batch is the ceiling "
+               "(a larger batch does not make a CPU faster)")
 
 
 class AutoBatchError(RuntimeError):

@@ -4,8 +4,10 @@
     batch = tune_batch(cfg, subset, class_map, "detector", stage)        # {"batch_size", "grad_accum", ...}
     workers = tune_workers(cfg, subset, class_map, "detector", stage, batch["batch_size"])
 
-Without CUDA, tune_batch returns the configured batch with the reason and builds nothing (there is no GPU memory
-to probe); `probes` replaces the real probes (tests drive the search on a CPU with them).
+On CUDA the probes measure the allocator's peak against the VRAM headroom. On a CPU they run the same real steps and
+measure the process's resident memory against the headroom of the host memory this process can use; the configured
+batch is then the ceiling (a CPU gains no speed from a larger batch), so the probes confirm it fits or halve it.
+`probes` replaces the real probes (tests drive the search with them).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
+import psutil
 import torch
 
 from pillsnap.config import PillSnapConfig
@@ -25,13 +28,14 @@ from pillsnap.train.data import UnitData
 from pillsnap.train.loops.streams import steps_per_epoch
 from pillsnap.train.services.oom import FaultInjector
 from pillsnap.train.services.policy import resolve_policy
-from pillsnap.train.tuning.autobatch import (CPU_REASON, AutoBatchResult, ProbeFn, auto_find_batch_size,
+from pillsnap.train.tuning.autobatch import (HOST_REASON, AutoBatchResult, ProbeFn, auto_find_batch_size,
                                              find_eval_batch_size)
 from pillsnap.train.tuning.probes import eval_probe, repeat_batches, training_probe
 from pillsnap.train.tuning.workers import autotune_num_workers, available_cores
 
 log = logging.getLogger(__name__)
 MODELS = ("classifier", "detector")
+MIN_TRAIN_BATCH = 2  # batch norm (both models) cannot train on a batch of one sample
 EVAL_MAX_FACTOR = 4  # Annex 1: search up to 4x; evaluation keeps no gradients, so it usually fits more
 WORKER_WARMUP_STEPS, WORKER_MEASURE_STEPS = 30, 100
 
@@ -71,28 +75,34 @@ def tune_batch(cfg: PillSnapConfig, subset: pd.DataFrame, class_map: ClassMap, m
         key = "classification" if model == "classifier" else "detection"
         return fixed_plan(mc.batch_size, accum, f"train.{key}.auto_batch_tune=false: keeping configured batch", None)
     policy = resolve_policy(cfg.optimization)
-    if probes is None and policy.device.type != "cuda":
-        log.info("%s auto batch: %s (%d x accum %d)", model, CPU_REASON, mc.batch_size, accum)
-        return fixed_plan(mc.batch_size, accum, CPU_REASON, "cpu")
     if probes is not None:
         return _search(cfg, mc, policy, probes, 0, "test probes", device_total_bytes)
+    host = policy.device.type != "cuda"
     with tempfile.TemporaryDirectory(prefix="pillsnap-tune-batch-") as tmp:
         unit, items, collate, val_size = _probe_unit(cfg, subset, class_map, model, stage, Path(tmp))
         make_batch = repeat_batches(items, collate)
         probes = (training_probe(unit, make_batch), eval_probe(unit, make_batch))
+        if host:  # what this process may hold: its own resident memory plus what the host has free
+            total = device_total_bytes or psutil.Process().memory_info().rss + psutil.virtual_memory().available
+            return _search(cfg, mc, policy, probes, val_size, "cpu (host memory)", total, ceiling=mc.batch_size)
         return _search(cfg, mc, policy, probes, val_size, torch.cuda.get_device_name(policy.device),
                        device_total_bytes)
 
 
 def _search(cfg: PillSnapConfig, mc, policy, probes: Tuple[ProbeFn, ProbeFn], val_size: int, device: str,
-            device_total_bytes: Optional[int]) -> Dict[str, Any]:
+            device_total_bytes: Optional[int], ceiling: Optional[int] = None) -> Dict[str, Any]:
+    """`ceiling` (a CPU: the configured batch) replaces auto_batch_max as the largest training batch searched."""
     tc, accum = cfg.train, max(1, cfg.train.grad_accum_steps)
     amp = "fp16" if policy.amp_dtype == torch.float16 else "bf16" if policy.amp_dtype == torch.bfloat16 else "fp32"
+    max_bs = ceiling or mc.auto_batch_max
     found = auto_find_batch_size(
-        probes[0], mc.batch_size, mc.auto_batch_max, tc.auto_batch_vram_headroom, device_total_bytes,
-        grad_accum=accum, max_grad_accum=tc.oom.max_grad_accum, min_bs=tc.oom.min_batch, amp_dtype=amp,
+        probes[0], mc.batch_size, max_bs, tc.auto_batch_vram_headroom, device_total_bytes,
+        grad_accum=accum, max_grad_accum=tc.oom.max_grad_accum, min_bs=max(tc.oom.min_batch, MIN_TRAIN_BATCH),
+        amp_dtype=amp,
         allow_fp16=tc.oom.escalate_to_fp16, cuda_available=True)
-    eval_max = max(found.batch_size, EVAL_MAX_FACTOR * mc.auto_batch_max)
+    if ceiling:
+        found.reasons.append(HOST_REASON)
+    eval_max = max(found.batch_size, EVAL_MAX_FACTOR * max_bs)
     if val_size:
         eval_max = max(found.batch_size, min(eval_max, val_size))
     found_eval = find_eval_batch_size(probes[1], found.batch_size, eval_max, tc.auto_batch_vram_headroom,

@@ -2,14 +2,18 @@
 
 A training probe runs `steps` real optimizer steps (forward, loss, backward, step, EMA) at one batch size and
 returns the peak bytes, or raises OOM; an eval probe runs one forward under inference_mode. Weights, optimizer
-state and EMA are restored afterwards, so probing trains nothing. Probes run the EAGER model: a compiled one
+state and EMA are restored afterwards, so probing trains nothing. On CUDA the peak is the allocator's; on a CPU it
+is the process's resident memory, sampled while the steps run (host RAM is what a CPU run can run out of). Probes run the EAGER model: a compiled one
 would recompile for every probed size (minutes with max-autotune); the VRAM headroom (D-4: 0.88) absorbs
 compile's own memory.
 """
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Any, Callable, List
+
+import psutil
 
 import torch
 
@@ -31,19 +35,41 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def repeat_batches(items: List[Any], collate: Callable[[List[Any]], Any]) -> MakeBatch:
-    """Batches of any size from a few real (augmented) items, repeated."""
+    """Batches of any size from a few real (augmented) items, repeated. Each use gets copies: ultralytics' collate
+    adds the image index to every item's batch_idx in place, which would accumulate over reused items."""
     if not items:
         raise RuntimeError("auto batch: no readable training sample to probe with")
-    return lambda batch_size: collate([items[i % len(items)] for i in range(batch_size)])
+    return lambda batch_size: collate([copy.deepcopy(items[i % len(items)]) for i in range(batch_size)])
 
 
 def _measure(device: torch.device, run: Callable[[], None]) -> int:
+    if device.type != "cuda":
+        return _measure_host(run)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     run()
     torch.cuda.synchronize(device)
     return int(torch.cuda.max_memory_allocated(device))
+
+
+def _measure_host(run: Callable[[], None], interval_s: float = 0.002) -> int:
+    """Peak resident bytes of this process while `run` executes (sampled by a thread)."""
+    proc = psutil.Process()
+    peak, done = [proc.memory_info().rss], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval_s):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], proc.memory_info().rss)
 
 
 def training_probe(unit: TrainUnit, make_batch: MakeBatch, steps: int = 2) -> ProbeFn:
@@ -55,7 +81,7 @@ def training_probe(unit: TrainUnit, make_batch: MakeBatch, steps: int = 2) -> Pr
         def run() -> None:
             for _ in range(steps):
                 batch = make_batch(batch_size)
-                with torch.autocast("cuda", dtype=_AMP_DTYPES.get(amp_dtype, torch.float32),
+                with torch.autocast(unit.policy.device.type, dtype=_AMP_DTYPES.get(amp_dtype, torch.float32),
                                     enabled=amp_dtype in _AMP_DTYPES):
                     loss = unit.loss(batch)
                 loss.backward()
@@ -83,7 +109,8 @@ def eval_probe(unit: TrainUnit, make_batch: MakeBatch) -> ProbeFn:
         model.eval()
 
         def run() -> None:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=_AMP_DTYPES.get(amp_dtype, torch.float32),
+            with torch.inference_mode(), torch.autocast(unit.policy.device.type,
+                                                        dtype=_AMP_DTYPES.get(amp_dtype, torch.float32),
                                                         enabled=amp_dtype in _AMP_DTYPES):
                 unit.eval_forward(model, make_batch(batch_size))
 

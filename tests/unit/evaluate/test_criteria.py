@@ -90,15 +90,31 @@ def test_score_is_the_mean_of_capped_ratios(cfg):
     assert not report.all_targets_met
 
 
-def test_unmeasured_targets_are_reported_and_left_out_of_the_score(cfg):
+def test_unmeasured_targets_count_zero_and_the_report_says_how_many_were_measured(cfg):
     results = results_meeting(cfg, 1)
     del results["system"]
     results["classification"]["accuracy"] = 0.2
     report = evaluate_criteria(cfg.evaluation, 1, results)
-    assert report.performance_score == pytest.approx((3 + 0.5) / 4)
+    assert report.performance_score == pytest.approx((3 + 0.5) / 6)  # 2 of 6 unmeasured: 0 each
+    assert report.targets_measured == 4 and report.to_dict()["targets_total"] == 6
     assert set(report.not_measured) == {"system.gpu_memory_gb", "system.data_loading_s"}
     assert report.target("system.gpu_memory_gb").status == NOT_MEASURED
     assert not report.all_targets_met
+
+
+def test_the_issue_s_flattering_stage_3_score_no_longer_recommends_proceeding(cfg):
+    """Stage 3: 3 of 11 targets unmeasured, 4 at 60 %, 4 met: the old mean over measured targets said 0.80."""
+    targets = cfg.evaluation.stages[3].targets
+    results: dict = {}
+    for i, t in enumerate(targets[3:]):  # the first three are left unmeasured
+        value = t.value * (0.6 if i < 4 else 1.0) if t.op == ">=" else t.value / (0.6 if i < 4 else 1.0)
+        group, _, key = t.metric.partition(".")
+        results.setdefault(group, {})[key] = value
+    report = evaluate_criteria(cfg.evaluation, 3, results)
+    assert report.targets_measured == 8
+    assert report.performance_score == pytest.approx((4 * 0.6 + 4) / 11)  # 0.58: not 0.80
+    from pillsnap.evaluate.criteria import recommendation_for_score
+    assert recommendation_for_score(report.performance_score, cfg.evaluation.recommendation) == "SUGGEST_OPTIMIZE"
 
 
 def test_nothing_measured_has_no_score(cfg):
@@ -173,9 +189,9 @@ def test_met_status_at_exact_target(cfg):
     assert {t.status for t in report.targets} == {MET}
 
 
-def test_an_unattested_check_neither_passes_nor_blocks_and_a_refusal_fails(cfg):
+def test_an_unattested_check_blocks_like_a_failure_until_a_person_attests_it(cfg):
     results = results_meeting(cfg, 4)
-    for status, passed, unattested in (("unattested", True, ["cloudflare_tunnel_setup"]), ("attested", True, []),
+    for status, passed, unattested in (("unattested", False, ["cloudflare_tunnel_setup"]), ("attested", True, []),
                                        ("fail", False, [])):
         results["mandatory_checks"]["cloudflare_tunnel_setup"] = status
         report = evaluate_criteria(cfg.evaluation, 4, results)
@@ -191,3 +207,11 @@ def test_check_names_must_exist_in_the_registry():
     cfg.evaluation.checks.attested = ["tunnel"]
     with pytest.raises(ConfigError, match=r"evaluation.checks.attested: no check named \['tunnel'\]"):
         validate_evaluation_config(cfg.evaluation)
+
+
+def test_a_check_ruled_out_by_the_configuration_neither_passes_nor_blocks_and_is_named(cfg):
+    results = results_meeting(cfg, 1)
+    results["mandatory_checks"]["detection_model_loading"] = "not_applicable"
+    report = evaluate_criteria(cfg.evaluation, 1, results)
+    assert report.mandatory_passed and report.not_applicable == ["detection_model_loading"]
+    assert report.to_dict()["not_applicable"] == ["detection_model_loading"]

@@ -70,27 +70,64 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _record(cfg, decision="GO", choice="proceed", **extra):
-    Ledger.of(cfg.exp_dir).record(StageRecord(stage=4, decision=decision, choice=choice, reasons=["by hand"], **extra))
+MANDATORY_4 = {"full_dataset_processing": "pass", "production_api_deployment": "pass",
+               "cloudflare_tunnel_setup": "attested", "automated_monitoring": "pass"}
 
 
-def test_refuses_without_an_approved_stage4_and_its_checkpoint(make_config, tmp_path):
+def _record(cfg, decision="GO", choice="proceed", stage=4, **extra):
+    checks = extra.pop("checks", MANDATORY_4 if stage == 4 else {})
+    Ledger.of(cfg.exp_dir).record(StageRecord(stage=stage, decision=decision, choice=choice, reasons=["by hand"],
+                                              checks=checks, **extra))
+
+
+def _approve_stages_1_to_3(cfg):
+    for stage in (1, 2, 3):
+        _record(cfg, stage=stage, metrics={"accuracy": 0.9})
+
+
+def test_refuses_until_stages_1_to_4_are_approved_in_order_with_stage_4_checks_passed(make_config, tmp_path):
     cfg = make_config(tmp_path)
-    with pytest.raises(FinalTestRefused, match="no Stage 4 decision"):
+    with pytest.raises(FinalTestRefused, match="Stage 1 has no decision"):
+        run_final_test(cfg)
+    _approve_stages_1_to_3(cfg)
+    with pytest.raises(FinalTestRefused, match="Stage 4 has no decision"):
         run_final_test(cfg)
     _record(cfg, decision="NO_GO", choice="stop")
-    with pytest.raises(FinalTestRefused, match="Stage 4 is not approved: NO_GO"):
+    with pytest.raises(FinalTestRefused, match=r"Stage 4 is not approved \(NO_GO, choice 'stop'\)"):
         run_final_test(cfg)
     _record(cfg, decision="NO_GO", choice="proceed", chosen_by="policy")  # a policy never overrides a NO_GO
-    with pytest.raises(FinalTestRefused, match="not approved: NO_GO .*'proceed' by policy"):
+    with pytest.raises(FinalTestRefused, match="Stage 4 is not approved"):
         run_final_test(cfg)
-    _record(cfg, choice="stop")
-    with pytest.raises(FinalTestRefused, match="not approved: GO .*'stop'"):
+    _record(cfg, checks={**MANDATORY_4, "cloudflare_tunnel_setup": "unattested"})  # nobody named confirmed it
+    with pytest.raises(FinalTestRefused, match="mandatory checks must be pass or attested .*cloudflare_tunnel_setup.: .unattested"):
         run_final_test(cfg)
-    for approved in ({}, {"decision": "NO_GO", "chosen_by": "human", "overridden": ["ACC_BELOW_TARGET"]}):
-        _record(cfg, **approved)  # GO + proceed, or a person's proceed over a NO_GO: past the ledger gate
+    _record(cfg)
+    _record(cfg, stage=3)  # Stage 3 re-run after Stage 4: this Stage 4 did not start from it
+    with pytest.raises(FinalTestRefused, match="Stage 4 was decided before Stage 3's latest run"):
+        run_final_test(cfg)
+    for approved in ({}, {"decision": "NO_GO", "chosen_by": "human", "reviewer": "kim",
+                          "overridden": ["ACC_BELOW_TARGET"]}):
+        _record(cfg, **approved)  # GO + proceed, or a named person's proceed over a NO_GO: past the ledger gate
         with pytest.raises(FinalTestRefused, match="classifier checkpoint missing: .*stage_4/checkpoints/best.pt"):
             run_final_test(cfg)
+
+
+def test_after_an_override_the_verdict_is_ready_with_override_naming_who_and_what():
+    from pillsnap.evaluate.final_test import FinalTestPlan, _verdict
+
+    clean = [StageRecord(stage=s, decision="GO", choice="proceed", chosen_by="policy") for s in (1, 2, 3)]
+    overridden = StageRecord(stage=4, decision="NO_GO", reasons=["ACC_BELOW_TARGET"], choice="proceed",
+                             chosen_by="human", reviewer="pharmacist kim", overridden=["ACC_BELOW_TARGET"])
+    plan = FinalTestPlan(Path("c.pt"), None, overridden, [*clean, overridden], number=2)
+    verdict = _verdict(plan, goals_met=True)
+    assert verdict["recommendation"] == "READY_WITH_OVERRIDE" and verdict["ready_for_production"] is False
+    assert verdict["overrides"] == ["Stage 4: pharmacist kim approved over ACC_BELOW_TARGET"]
+    assert verdict["stage_4_decision"]["reviewer"] == "pharmacist kim" and verdict["stage_4_decision"]["override"]
+    assert verdict["sealed_split_evaluations"] == 2 and len(verdict["stage_decisions"]) == 4
+    clean_plan = FinalTestPlan(Path("c.pt"), None, clean[0], [*clean, StageRecord(stage=4, decision="GO",
+                                                                                  choice="proceed")], number=1)
+    assert _verdict(clean_plan, goals_met=True)["recommendation"] == "READY_FOR_PRODUCTION"
+    assert _verdict(plan, goals_met=False)["recommendation"] == "NEEDS_IMPROVEMENT"
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +156,7 @@ def before_final(tmp_path_factory, tiny_aihub, make_config):
 
 def test_the_test_split_is_never_opened_before_the_final_test(before_final, tiny_aihub):
     cfg, opened, refusal = before_final
-    assert "no Stage 4 decision" in refusal
+    assert "Stage 1 has no decision" in refusal
     assert len(_under(opened, tiny_aihub / "train")) > 50  # the recorder works: training photos were read
     assert _under(opened, tiny_aihub / "val") == []  # ... and not one sealed test file or folder
 
@@ -135,10 +172,11 @@ def _approve_stage4(cfg):
     model = build_detector(cfg.detection, cfg.exp_dir / "detector_model")
     save_checkpoint(layout.detector_checkpoint(cfg.exp_dir, 4),
                     detector_payload(model, backbone_name(cfg.detection), cfg.detection.image_size))
+    _approve_stages_1_to_3(cfg)
     _record(cfg, metrics={"accuracy": 0.9, "macro_f1": 0.85, "top5": 1.0})
 
 
-def test_runs_once_after_an_approved_stage4(before_final, tiny_aihub, monkeypatch, tmp_path):
+def test_runs_once_per_stage_4_and_keeps_every_run(before_final, tiny_aihub, monkeypatch, tmp_path):
     cfg = before_final[0]
     _approve_stage4(cfg)
     with recorded_opens(monkeypatch, tmp_path / "opened.txt") as opened:
@@ -159,7 +197,16 @@ def test_runs_once_after_an_approved_stage4(before_final, tiny_aihub, monkeypatc
     assert written["ready_for_production"] is False and written["improvements"]
     gap = written["val_vs_test"]["metrics"]["classification.accuracy"]
     assert gap["val"] == 0.9 and gap["gap"] == pytest.approx(0.9 - cls["accuracy"])
-    assert Ledger.of(cfg.exp_dir).final_test["results"] == str(results_path(cfg))
-    with pytest.raises(FinalTestRefused, match="already ran"):
+    assert written["sealed_split_evaluations"] == 1 and written["stage_4_decision"]["decision"] == "GO"
+    assert [d["stage"] for d in written["stage_decisions"]] == [1, 2, 3, 4] and written["overrides"] == []
+    assert Ledger.of(cfg.exp_dir).final_test["results"] == str(results_path(cfg, 1))
+    with pytest.raises(FinalTestRefused, match="already ran on this Stage 4"):
         run_final_test(cfg)
-    assert run_final_test(cfg, force=True)["recommendation"] == "NEEDS_IMPROVEMENT"
+    again = run_final_test(cfg, force=True)  # counted and kept, never replacing the first
+    assert again["sealed_split_evaluations"] == 2 and again["forced"]
+    assert results_path(cfg, 1).is_file() and results_path(cfg, 2).is_file()
+    assert json.loads(results_path(cfg, 1).read_text())["sealed_split_evaluations"] == 1
+    ledger = Ledger.of(cfg.exp_dir)
+    assert [t["number"] for t in ledger.final_tests] == [1, 2] and ledger.final_tests[1]["forced"]
+    with pytest.raises(Exception, match="reopen"):
+        ledger.check_stage_may_run(4)  # Stage 4 is sealed by its final test

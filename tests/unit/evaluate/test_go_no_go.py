@@ -42,7 +42,8 @@ def good_results(**changes):
 
 
 def test_all_checks_pass_is_go(cfg):
-    decision = evaluate_go_no_go(cfg.stage(1), good_results(), baseline={"accuracy": 0.79}, stage=1)
+    decision = evaluate_go_no_go(cfg.stage(1), good_results(previous_stage_accuracy=0.80),
+                                 baseline={"accuracy": 0.79, "stage": 1}, stage=2)
     assert decision.decision == GO and decision.go
     assert decision.reasons == []
     assert {c.status for c in decision.checks} == {"pass"}
@@ -55,7 +56,7 @@ REASON_TABLE = [
     (LATENCY_P95_TOO_HIGH, {"latency_p95_ms": 221.0}, None),
     (NOT_ENOUGH_SAMPLES, {"n_eval_samples": 1999}, None),
     (COVERAGE_TOO_LOW, {"class_coverage": 0.19}, None),
-    (REGRESSION_TOO_LARGE, {"accuracy": 0.80}, {"accuracy": 0.83}),
+    (REGRESSION_TOO_LARGE, {"previous_stage_accuracy": 0.80}, {"accuracy": 0.83, "stage": 1}),
     (ACC_BELOW_TARGET, {"accuracy": 0.777}, None),
     (CRASH_DETECTED, {"no_crashes": False}, None),
     (MEMORY_UNSTABLE, {"memory_stable": False}, None),
@@ -64,7 +65,8 @@ REASON_TABLE = [
 
 @pytest.mark.parametrize("code, changes, baseline", REASON_TABLE, ids=[row[0] for row in REASON_TABLE])
 def test_each_reason_code_alone(cfg, code, changes, baseline):
-    decision = evaluate_go_no_go(cfg.stage(1), good_results(**changes), baseline=baseline)
+    decision = evaluate_go_no_go(cfg.stage(1), good_results(**changes), baseline=baseline,
+                                 stage=2 if baseline else 1)
     assert decision.decision == NO_GO
     assert decision.reasons == [code]
     failing = [c for c in decision.checks if c.blocks_go]
@@ -77,8 +79,8 @@ def test_reason_table_covers_every_code():
 
 def test_all_failures_are_reported_together(cfg):
     bad = {"latency_p95_ms": 999, "n_eval_samples": 1, "class_coverage": 0.0, "accuracy": 0.1,
-           "no_crashes": False, "memory_stable": False}
-    decision = evaluate_go_no_go(cfg.stage(1), bad, baseline={"accuracy": 0.9})
+           "previous_stage_accuracy": 0.1, "no_crashes": False, "memory_stable": False}
+    decision = evaluate_go_no_go(cfg.stage(1), bad, baseline={"accuracy": 0.9}, stage=2)
     assert decision.reasons == list(REASON_CODES)
 
 
@@ -95,51 +97,74 @@ MEASUREMENT_KEYS = [
 def test_missing_measurement_blocks_go_and_says_so(cfg, key, code):
     results = good_results()
     del results[key]
-    decision = evaluate_go_no_go(cfg.stage(1), results)
+    decision = evaluate_go_no_go(cfg.stage(1), results, stage=1)
     assert decision.reasons == [code]
     assert decision.not_measured == [key]
     row = next(c for c in decision.checks if c.reason_code == code)
     assert row.status == NOT_MEASURED and row.measured is None
 
 
-def test_missing_accuracy_blocks_both_accuracy_checks(cfg):
-    results = good_results()
-    results["accuracy"] = None
-    decision = evaluate_go_no_go(cfg.stage(1), results, baseline={"accuracy": 0.8})
+def test_missing_accuracies_block_their_checks(cfg):
+    results = good_results(accuracy=None)  # and this model was never evaluated on the previous stage's photos
+    decision = evaluate_go_no_go(cfg.stage(1), results, baseline={"accuracy": 0.8, "stage": 1}, stage=2)
     assert decision.reasons == [REGRESSION_TOO_LARGE, ACC_BELOW_TARGET]
     assert decision.not_measured == ["accuracy_regression", "accuracy"]
+    row = next(c for c in decision.checks if c.name == "accuracy_regression")
+    assert "not evaluated on Stage 1's validation photos" in row.detail
 
 
-def test_no_baseline_skips_regression_but_a_baseline_without_accuracy_blocks(cfg):
-    no_baseline = evaluate_go_no_go(cfg.stage(1), good_results())
-    row = next(c for c in no_baseline.checks if c.reason_code == REGRESSION_TOO_LARGE)
-    assert no_baseline.go and row.status == SKIPPED
-    empty_baseline = evaluate_go_no_go(cfg.stage(1), good_results(), baseline={})
+def _regression(decision):
+    return next(c for c in decision.checks if c.reason_code == REGRESSION_TOO_LARGE)
+
+
+def test_the_regression_guard_is_skipped_only_at_stage_1_or_on_a_recorded_decision(cfg):
+    first = evaluate_go_no_go(cfg.stage(1), good_results(), stage=1)
+    assert first.go and _regression(first).status == SKIPPED
+    silent = evaluate_go_no_go(cfg.stage(1), good_results(previous_stage_accuracy=0.9), stage=2)
+    assert silent.reasons == [REGRESSION_TOO_LARGE] and _regression(silent).status == NOT_MEASURED
+    forced = evaluate_go_no_go(cfg.stage(1), good_results(), stage=2,
+                               skip_reason="run without an approved Stage 1: kim: rebuilding the baseline")
+    assert forced.go and _regression(forced).status == SKIPPED and "kim" in _regression(forced).detail
+    empty_baseline = evaluate_go_no_go(cfg.stage(1), good_results(previous_stage_accuracy=0.9), baseline={},
+                                       stage=2)
     assert empty_baseline.reasons == [REGRESSION_TOO_LARGE]
+
+
+def test_the_regression_guard_compares_like_with_like(cfg):
+    """The rehearsal's false NO_GO: 0.337 on 60 classes vs 0.367 on 30 said nothing; on Stage 2's own photos the
+    new model's 0.372 vs the Stage 2 model's 0.367 is no regression. A real drop there is one."""
+    spec = cfg.stage(3)
+    same_photos = good_results(accuracy=0.337, previous_stage_accuracy=0.372)
+    row = _regression(evaluate_go_no_go(spec, same_photos, baseline={"accuracy": 0.367, "stage": 2}, stage=3))
+    assert row.status == "pass" and row.measured == 0.372 and "Stage 2's validation photos" in row.detail
+    worse = good_results(accuracy=0.9, previous_stage_accuracy=0.35)
+    assert _regression(evaluate_go_no_go(spec, worse, baseline={"accuracy": 0.367, "stage": 2}, stage=3)).status \
+        == "fail"
 
 
 def test_accuracy_hysteresis_uses_epsilon(cfg):
     spec = cfg.stage(1)  # 0.78 - 0.002
-    assert evaluate_go_no_go(spec, good_results(accuracy=0.7785)).go
-    assert evaluate_go_no_go(spec, good_results(accuracy=0.7775)).reasons == [ACC_BELOW_TARGET]
+    assert evaluate_go_no_go(spec, good_results(accuracy=0.7785), stage=1).go
+    assert evaluate_go_no_go(spec, good_results(accuracy=0.7775), stage=1).reasons == [ACC_BELOW_TARGET]
 
 
 def test_regression_allows_the_configured_drop(cfg):
     spec = cfg.stage(1)  # max_acc_drop 0.02
-    assert evaluate_go_no_go(spec, good_results(accuracy=0.815), baseline={"accuracy": 0.83}).go
-    row = next(c for c in evaluate_go_no_go(spec, good_results(), baseline={"accuracy": 0.83}).checks
-               if c.reason_code == REGRESSION_TOO_LARGE)
+    assert evaluate_go_no_go(spec, good_results(previous_stage_accuracy=0.815), baseline={"accuracy": 0.83},
+                             stage=2).go
+    row = _regression(evaluate_go_no_go(spec, good_results(previous_stage_accuracy=0.8), baseline={"accuracy": 0.83},
+                                        stage=2))
     assert row.target == pytest.approx(0.81)
 
 
 def test_targets_come_from_the_stage(cfg):
     results = good_results(latency_p95_ms=210.0, n_eval_samples=20000, class_coverage=0.8, accuracy=0.9)
-    assert evaluate_go_no_go(cfg.stage(1), results).go
-    assert evaluate_go_no_go(cfg.stage(3), results).reasons == [LATENCY_P95_TOO_HIGH]
+    assert evaluate_go_no_go(cfg.stage(1), results, stage=1).go
+    assert evaluate_go_no_go(cfg.stage(3), results, stage=1).reasons == [LATENCY_P95_TOO_HIGH]
 
 
 def test_nan_accuracy_fails(cfg):
-    assert evaluate_go_no_go(cfg.stage(1), good_results(accuracy=math.nan)).reasons == [ACC_BELOW_TARGET]
+    assert evaluate_go_no_go(cfg.stage(1), good_results(accuracy=math.nan), stage=1).reasons == [ACC_BELOW_TARGET]
 
 
 @pytest.mark.parametrize("key, value", [("accuracy", "0.9"), ("n_eval_samples", True), ("no_crashes", 1)])
@@ -149,7 +174,8 @@ def test_bad_value_names_the_key(cfg, key, value):
 
 
 def test_report_forms(cfg):
-    decision = evaluate_go_no_go(cfg.stage(2), good_results(), stage=2)
+    decision = evaluate_go_no_go(cfg.stage(2), good_results(previous_stage_accuracy=0.8), stage=2,
+                                 baseline={"accuracy": 0.8, "stage": 1})
     data = json.loads(json.dumps(decision.to_dict()))
     assert data["decision"] == NO_GO and data["stage"] == 2
     assert data["reasons"] == [NOT_ENOUGH_SAMPLES, ACC_BELOW_TARGET]

@@ -46,6 +46,19 @@ def test_health_is_open_and_ready_says_what_is_served(server):
     assert ready["device"].startswith("cpu:") and ready["model_files"]["classifier"].endswith(
         "best.pt" if engine == "torch" else "classifier.onnx")
     assert len(ready["class_map_hash"]) == 16 and ready["detector"]
+    assert ready["model"]["stage"] == 1 and len(ready["model"]["files"]["classifier"]["sha256"]) == 16
+
+
+def test_every_answer_names_the_model_that_gave_it(server, photos):
+    running, engine, _ = server
+    ready = httpx.get(f"{running.url}/ready", headers=running.headers).json()
+    with httpx.Client() as client:
+        answer = post_photo(client, running, photos[0], "auto")
+    assert answer["model"] == ready["model"] and answer["model"]["engine"] == engine
+    assert set(answer["model"]["files"]) == {"classifier", "detector"}
+    batch = httpx.post(f"{running.url}/v1/predict/batch", headers=running.headers, timeout=60,
+                       files=[("images", ("a.png", open(photos[0], "rb").read()))]).json()
+    assert batch["results"][0]["model"] == ready["model"]
 
 
 @pytest.mark.parametrize("path", ["/ready", "/metrics"])
@@ -65,6 +78,7 @@ BAD_INPUTS = {
     "too many pixels": (dict(files={"image": ("big.png", _png(1000, 1000))}), 422, "max_image_pixels"),
     "body over the size limit": (dict(files={"image": ("huge.bin", b"\0" * (2 * 2**20))}), 413, "max_request_mb"),
     "no image field": (dict(files={"photo": ("a.png", _png(8, 8))}), 422, "image"),
+    "a 1x1 pixel photo": (dict(files={"image": ("dot.png", _png(1, 1))}), 422, "serve.min_image_side"),
     "unknown mode": (dict(files={"image": ("a.png", _png(8, 8))}, params={"mode": "guess"}), 422, "mode"),
     "json instead of a form": (dict(json={"image": "aGVsbG8="}), 422, "image"),
     "too many photos in a batch": (dict(files=[("images", (f"{i}.png", _png(8, 8))) for i in range(5)],

@@ -4,6 +4,7 @@ import io
 import logging
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -20,7 +21,7 @@ KEY = {"X-API-Key": "k"}
 
 def _png() -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -94,3 +95,27 @@ def test_concurrent_calls_share_forward_passes_and_get_their_own_rows():
     for i, out in answers:
         assert out.shape == (1 + i % 3, 3) and (out == i).all()
     assert batching.calls == 48 and batching.passes < 48 and max(engine.batches) <= 32
+
+
+HEIC = Path(__file__).parent / "data" / "phone_photo.heic"  # a phone-style HEIC (made once with pillow-heif)
+
+
+def test_a_heic_phone_photo_is_decoded():
+    from pillsnap.serve.uploads import decode_upload
+
+    image = decode_upload(HEIC.read_bytes(), 10**7, 32)
+    assert image.size == (96, 128) and image.mode == "RGB" and image.getpixel((48, 64))[0] > 200  # the orange pill
+
+
+def test_a_refusal_names_the_real_reason_and_a_tiny_photo_is_refused():
+    from pillsnap.serve.uploads import UploadRejected, decode_upload
+
+    with pytest.raises(UploadRejected) as not_image:
+        decode_upload(b"hello, not a photo", 10**7, 32)
+    assert not_image.value.status == 415 and "no decoder recognises" in not_image.value.reason
+    assert "ModuleNotFoundError" not in not_image.value.reason
+    one_pixel = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(one_pixel, format="PNG")
+    with pytest.raises(UploadRejected) as tiny:
+        decode_upload(one_pixel.getvalue(), 10**7, 32)
+    assert tiny.value.status == 422 and "serve.min_image_side=32" in tiny.value.reason

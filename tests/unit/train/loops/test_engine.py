@@ -42,10 +42,11 @@ def test_trains_and_writes_checkpoints_metrics_log_lines_and_tags(make_config, t
     assert len(metrics["classification"]["history"]) == 2
     assert {"accuracy", "macro_f1", "top5", "val_loss", "n"} <= set(metrics["classification"]["latest"]["val"])
     lines = [r.getMessage() for r in caplog.records]
-    assert any(line.startswith("[train] e=2/2 s=6/6 loss=") and "thr=" in line and "cuda=" in line for line in lines)
+    assert any(line.startswith("[train] e=2/2 s=6/6 loss=") and "thr=" in line and "host=" in line for line in lines)
     assert any("device=cpu amp=off" in line for line in lines)
     tags = _tags(tmp_path / "stage_1/tb")
-    assert set(STEP_TAGS) | {"val/accuracy", "val/macro_f1", "val/loss"} <= set(tags)
+    assert set(STEP_TAGS) | {"perf/host_mem", "val/accuracy", "val/macro_f1", "val/loss"} <= set(tags)
+    assert "perf/cuda_mem" not in tags and min(tags["perf/host_mem"]) > 0  # measured memory, not a placeholder 0
     assert len(tags["train/loss"]) == 12
     if strategy == "interleaved":
         det = results["detector"]
@@ -54,7 +55,7 @@ def test_trains_and_writes_checkpoints_metrics_log_lines_and_tags(make_config, t
         assert len(metrics["detection"]["history"]) == 2 and "mAP_0.5" in metrics["detection"]["latest"]["val"]
         assert any(line.startswith("[train/det] e=2/2 s=1/1 loss=") for line in lines)
         det_tags = _tags(tmp_path / "stage_1/detector/tb")
-        assert set(STEP_TAGS) | {"val/mAP_0.5", "train/box_loss"} <= set(det_tags)
+        assert set(STEP_TAGS) | {"perf/host_mem", "val/mAP_0.5", "train/box_loss"} <= set(det_tags)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -31,6 +31,7 @@ def plenty_of_everything(**overrides):
         disk_usage=lambda path: SimpleNamespace(total=1000 * GB, used=100 * GB, free=900 * GB),
         virtual_memory=lambda: SimpleNamespace(available=64 * GB),
         gpu_free_total=lambda: None,
+        reachable=lambda host: True,  # the hubs (no download happens in a precheck)
     )
     fakes.update(overrides)
     return fakes
@@ -94,3 +95,24 @@ def test_the_stage_4_pixel_cache_is_sized_before_anything_is_decoded(cfg, monkey
     detail = next(r.detail for r in info.value.report.results if r.name == "pixel_cache")
     assert "500000 samples, 0 already cached, 500000 to decode = 221.18 GB more" in detail
     assert "free 100.00 GB" in detail and "does NOT fit" in detail
+
+
+def test_missing_pretrained_weights_offline_stop_the_run_before_any_data_work(cfg, monkeypatch, tmp_path):
+    """The shipped config asks for both models' pretrained weights; offline with neither cached, the environment
+    check (the stage flow's first step) names both keys and both ways out."""
+    from ultralytics.utils import SETTINGS
+
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo, name: None)
+    monkeypatch.setitem(SETTINGS, "weights_dir", str(tmp_path / "no-weights"))
+    with pytest.raises(PrecheckError) as info:
+        run_prechecks(cfg, **plenty_of_everything(reachable=lambda host: False))
+    message = str(info.value)
+    assert "classification.pretrained=true" in message and "classification.pretrained_path=" in message
+    assert "detection.pretrained=true" in message and "detection.pretrained=false" in message
+    local = tmp_path / "yolo11m.pt"
+    local.write_bytes(b"weights")
+    cfg.classification.pretrained = False
+    cfg.detection.pretrained_path = str(local)
+    report = run_prechecks(cfg, **plenty_of_everything(reachable=lambda host: False))
+    details = {r.name: r.detail for r in report.results}
+    assert "local file" in details["weights_detector"] and "pretrained=false" in details["weights_classifier"]

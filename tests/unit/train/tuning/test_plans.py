@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from pillsnap.train import stage_config, tune_batch, tune_workers
-from pillsnap.train.tuning.autobatch import CPU_REASON
+from pillsnap.train.tuning.autobatch import HOST_REASON, AutoBatchError
 from pillsnap.train.tuning.plans import worker_candidates
 from pillsnap.train.tuning.workers import available_cores
 from tests.unit.train.support import run
@@ -30,20 +30,31 @@ def test_worker_candidates_grow_only_on_small_machines():
 
 
 @pytest.mark.parametrize("model", ["classifier", "detector"])
-def test_auto_batch_without_cuda_keeps_the_configured_batch_and_says_why(make_config, tmp_path, tiny_stage,
-                                                                          caplog, model):
+def test_auto_batch_on_a_cpu_probes_host_memory_with_real_steps(make_config, tmp_path, tiny_stage, model):
     m, cmap = tiny_stage
     key = "classification" if model == "classifier" else "detection"
     off = make_config(tmp_path, f"train.{key}.auto_batch_tune=false")
-    assert "auto_batch_tune=false" in tune_batch(off, m, cmap, model)["reasons"][0]
+    unprobed = tune_batch(off, m, cmap, model)
+    assert "auto_batch_tune=false" in unprobed["reasons"][0] and unprobed["probed"] is False
     cfg = make_config(tmp_path)  # tuning on, as shipped
-    with caplog.at_level(logging.INFO, logger="pillsnap"):
-        plan = tune_batch(cfg, m, cmap, model)
+    plan = tune_batch(cfg, m, cmap, model)
     configured = getattr(cfg.train, key).batch_size
-    assert (plan["batch_size"], plan["grad_accum"], plan["eval_batch_size"]) == (configured, 1, configured)
-    assert plan["reasons"] == [CPU_REASON] and plan["probed"] is False and plan["device"] == "cpu"
-    assert len([r for r in caplog.records if CPU_REASON in r.getMessage()]) == 1
+    assert plan["probed"] and plan["device"] == "cpu (host memory)" and HOST_REASON in plan["reasons"]
+    assert (plan["batch_size"], plan["grad_accum"]) == (configured, 1)  # the ceiling on a CPU, and it fits
+    assert plan["probes"] and all(isinstance(peak, int) and peak > 0 for _, peak in plan["probes"])
+    assert 0 < plan["memory_fraction"] < 1
     json.dumps(plan)
+
+
+def test_a_cpu_batch_over_the_host_headroom_is_refused(make_config, tmp_path, tiny_stage):
+    """Bad evidence for the host probe: a 'host' so small that the configured batch's real peak exceeds it."""
+    m, cmap = tiny_stage
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    cfg = make_config(tmp_path, "train.classification.batch_size=4")
+    with pytest.raises(AutoBatchError, match="min batch 2"):  # not even the smallest batch fits a host of the current RSS
+        tune_batch(cfg, m, cmap, "classifier", device_total_bytes=rss)
 
 
 @pytest.mark.parametrize("model", ["classifier", "detector"])
