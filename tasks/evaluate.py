@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from pillsnap.core import layout
@@ -30,7 +30,12 @@ def evaluate_task(config: Dict, stage: int, checkpoint: str, batch_size: Optiona
     cfg = cfg_of(config)
     with library_logs_in_run():
         subset, _ = read_subset(cfg.exp_dir, stage)
-        previous = read_subset(cfg.exp_dir, stage - 1)[0] if with_previous_stage else None
+        previous = None
+        if with_previous_stage:
+            try:
+                previous = read_subset(cfg.exp_dir, stage - 1)[0]
+            except FileNotFoundError as e:  # the regression guard then says "not evaluated on its photos"
+                get_run_logger().warning("regression guard: Stage %d's subset is gone (%s)", stage - 1, e)
         return evaluate_classifier(cfg, Path(checkpoint), subset, ClassMap.load(class_map_path(cfg)),
                                    _reports(config, stage), batch_size, previous)
 

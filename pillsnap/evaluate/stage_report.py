@@ -82,15 +82,46 @@ def _pictures(evaluation: Dict, detection: Optional[Dict], picture: Picture) -> 
 
 
 def _decision_line(decision: Dict) -> str:
-    line = f"- choice: **{decision.get('choice')}** by {decision.get('chosen_by')}"
+    who = decision.get("chosen_by")
+    if who == "human":
+        who = f"{decision.get('reviewer') or 'an unnamed person'} (a person)"
+    line = f"- choice: **{decision.get('choice')}** by {who}"
     if decision.get("override"):
         line += " — **override** of: " + "; ".join(decision.get("overridden") or [])
+    if decision.get("stop_reason"):
+        line += f" — stopped: {decision['stop_reason']}"
     return line + f" (approved: {decision.get('approved')})"
 
 
+def _regression_line(evaluation: Dict, go_no_go: Dict) -> List[str]:
+    row = next((c for c in go_no_go.get("checks") or [] if c.get("name") == "accuracy_regression"), None)
+    previous = evaluation.get("previous_stage_val") or {}
+    if row is None:
+        return []
+    return [f"- regression guard: {row['status']}: this model {_num(previous.get('accuracy'))} on the previous "
+            f"stage's {previous.get('photos', 0)} val photos, floor {_num(row.get('target'))} ({row.get('detail')})"]
+
+
+def _attestation_lines(checks: Optional[Dict[str, Dict]]) -> List[str]:
+    lines = []
+    for name, c in (checks or {}).items():
+        if c["status"] in ("attested", "unattested", "not_applicable"):
+            lines.append(f"- `{name}`: {c['status']} — {c.get('detail', '')}")
+    return lines
+
+
 def _detection_lines(detection: Dict) -> List[str]:
-    lines = [f"- detector: mAP@0.5 {_num(detection.get('mAP_0.5'))}, mAP@0.5:0.95 {_num(detection.get('mAP_0.5_0.95'))}"
+    lines = [f"- detector on {detection.get('measured_on', 'validation combination photos')}: mAP@0.5 "
+             f"{_num(detection.get('mAP_0.5'))}, mAP@0.5:0.95 {_num(detection.get('mAP_0.5_0.95'))}"
              f", precision {_num(detection.get('precision'))}, recall {_num(detection.get('recall'))}"]
+    singles = detection.get("single_photos") or {}
+    if singles:
+        lines.append(f"- detector on {singles.get('n_images')} validation single photos (reported apart): mAP@0.5 "
+                     f"{_num(singles.get('mAP_0.5'))}, recall {_num(singles.get('recall'))}")
+    pipeline = (detection.get("combination") or {}).get("pipeline_latency") or {}
+    if pipeline:
+        lines.append(f"- whole pipeline (auto mode, batch 1, serving device): p50 {_num(pipeline.get('p50'), 1)} ms, "
+                     f"p95 {_num(pipeline.get('p95'), 1)} ms over {pipeline.get('photos')} val photos")
     facts = detection.get("trained_on") or {}
     if facts:
         lines.append(f"- detector data ({facts.get('data_yaml')}): {_detector_split(facts, 'train')}; "
@@ -132,9 +163,13 @@ def render_stage_report(stage: int, subset: Dict, train: Dict, evaluation: Dict,
         f"best {train.get('monitor')} {_num(train.get('best_metric'))} at epoch {train.get('best_epoch')}, "
         f"mean throughput {_num(train.get('mean_throughput'), 1)} img/s ({train.get('policy')})",
     ]
+    lines += _regression_line(evaluation, go_no_go)
     if detection:
         lines += _detection_lines(detection)
     lines += ["", "### Go/No-Go checks", targets_table(go_no_go)]
+    people = _attestation_lines(checks)
+    if people:
+        lines += ["", "### Attested and ruled-out checks", *people]
     if checks:
         lines += ["", "### Stage checks (checks.json)", checks_table(checks)]
     if picture is not None:

@@ -89,20 +89,43 @@ def test_a_person_overrides_a_no_go_and_attests_the_attested_checks(prepared):
     assert record.overridden[0] == "ACC_BELOW_TARGET" and record.reasons == ["ACC_BELOW_TARGET"]
     checks = json.loads((Path(result["exp_dir"]) / "stage_1/reports/checks.json").read_text())
     assert checks["cloudflare_tunnel_setup"]["status"] == "attested" == record.checks["cloudflare_tunnel_setup"]
+    assert checks["cloudflare_tunnel_setup"]["measured"]["reviewer"] == "pharmacist kim"
+    assert record.attestations["cloudflare_tunnel_setup"]["source"] == "review"
+    # The detector is off in this run: its check is ruled out by the configuration and says so, never a pass.
+    assert checks["detection_model_loading"]["status"] == "not_applicable"
+    advice = json.loads((Path(result["exp_dir"]) / "stage_1/reports/advisor.json").read_text())
+    assert advice["recommendation"] == record.recommendation  # the advisor's word after the attestations
     assert Ledger.of(Path(result["exp_dir"])).plan()["stage"] == 2  # progression honours the override
     report = (Path(result["exp_dir"]) / "stage_1/reports/stage_report.md").read_text()
     assert "**override** of: ACC_BELOW_TARGET" in report
 
 
-def test_an_unattended_policy_never_overrides_a_no_go(prepared):
+def test_an_unattended_policy_never_overrides_a_no_go_and_attestations_ahead_count_with_a_name(prepared):
+    exp_dir = Path(prepared[0].split("=", 1)[1])
+    Ledger.of(exp_dir).attest(1, "cloudflare_tunnel_setup", "pharmacist kim", "tunnel checked before the night run")
     levels = ("RECOMMEND_PROCEED", "SUGGEST_OPTIMIZE", "WARN_STOP")
     result = stage_flow(stage=1, profile="ci", overrides=[
         *prepared, *(f"orchestration.unattended_policy.{lvl}=proceed" for lvl in levels)])
-    assert (result["go_no_go"], result["choice"], result["chosen_by"]) == ("NO_GO", "proceed", "policy")
+    assert (result["go_no_go"], result["choice"], result["chosen_by"]) == ("NO_GO", "stop", "policy")
+    assert "never approves" in result["stop_reason"] and "ACC_BELOW_TARGET" in result["stop_reason"]
     assert not result["approved"] and not result["override"]
-    ledger = Ledger.of(Path(result["exp_dir"]))
-    assert ledger.latest(1).checks["cloudflare_tunnel_setup"] == "unattested"
-    assert ledger.plan()["action"] == "blocked"
+    ledger = Ledger.of(exp_dir)
+    record = ledger.latest(1)
+    assert record.choice == "stop" and record.stop_reason == result["stop_reason"]  # what was really decided
+    assert record.checks["cloudflare_tunnel_setup"] == "attested"
+    assert record.attestations["cloudflare_tunnel_setup"]["reviewer"] == "pharmacist kim"
+    plan = ledger.plan()
+    assert plan["action"] == "blocked" and "never approves" in plan["why"]
+    assert ledger.pending_attestations(1) == {}  # used by this decision
+
+
+def test_a_stage_without_an_approved_predecessor_refuses_before_any_work(prepared):
+    from pillsnap.ledger import StageRefused
+
+    exp_dir = Path(prepared[0].split("=", 1)[1])
+    with pytest.raises(StageRefused, match="Stage 1 has no decision"):
+        stage_flow(stage=2, profile="ci", overrides=prepared)
+    assert not (exp_dir / "stage_2").exists() and not (exp_dir / "data/stage_2").exists()
 
 
 def test_a_permanent_error_fails_the_training_task_at_once(prepared):
