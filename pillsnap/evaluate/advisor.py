@@ -19,6 +19,7 @@ from pillsnap.evaluate.criteria import (
     evaluate_criteria,
     read_metric,
     recommendation_for_score,
+    ruled_out_targets,
 )
 from pillsnap.evaluate.suggestions import (
     LOSS_KEYS,
@@ -167,7 +168,7 @@ class OptimizationAdvisor:
         if not isinstance(results, Mapping):
             raise TypeError(f"results must be a dict, got {type(results).__name__}")
         limits = self.cfg.evaluation.advisor
-        report = evaluate_criteria(self.cfg.evaluation, stage, results)
+        report = evaluate_criteria(self.cfg.evaluation, stage, results, ruled_out_targets(self.cfg))
         worst = worst_classes(results, limits.worst_classes)
         critical = detect_critical_failures(results, limits.max_repeated_oom, limits.max_data_corruption_rate)
         if critical:
@@ -183,7 +184,7 @@ class OptimizationAdvisor:
         return self._advice(stage, level, reason, report, results, worst, message)
 
     def diagnose_and_suggest(self, stage: int, results: Mapping[str, Any]) -> List[Suggestion]:
-        report = evaluate_criteria(self.cfg.evaluation, stage, results)
+        report = evaluate_criteria(self.cfg.evaluation, stage, results, ruled_out_targets(self.cfg))
         return diagnose(self.cfg, results, report)
 
     @staticmethod
@@ -191,8 +192,9 @@ class OptimizationAdvisor:
         score = report.performance_score
         if score is None:
             return "nothing_measured", f"Stage {stage}: no performance target was measured"
-        measured = (f"score {score:.3f}; {report.targets_measured} of {len(report.targets)} targets measured, "
-                    "an unmeasured one counts 0")
+        total = report.to_dict()["targets_total"]
+        measured = (f"score {score:.3f}; {report.targets_measured} of {total} targets measured, an unmeasured one "
+                    "counts 0")
         if level == RECOMMEND_PROCEED and report.all_targets_met:
             return "all_targets_met", f"Stage {stage}: all targets met"
         if level == RECOMMEND_PROCEED:

@@ -15,8 +15,10 @@ Performance score (one number per stage, 0..1): the mean, over ALL the stage's t
     min(measured / target, 1)   for ">=" targets (higher is better)
     min(target / measured, 1)   for "<=" targets (lower is better)
     0                           for a target that was not measured (or is NaN)
-so 1.0 means every target was measured and met; a target nobody measured never raises the score. The report
-states how many targets were measured; when none was, the score is None (callers must not read that as a pass).
+so 1.0 means every target was measured and met; a target nobody measured never raises the score. A target the
+configuration rules out (`ruled_out` prefixes: the detector's with detection.enabled=false) is "not_applicable":
+named in the report and left out of the mean. The report states how many targets were measured; when none was,
+the score is None (callers must not read that as a pass).
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ class TargetResult:
     op: str
     target: float
     measured: Optional[float]
-    status: str  # met | not_met | not_measured
-    score: Optional[float]  # contribution to the performance score; None when not measured
+    status: str  # met | not_met | not_measured | not_applicable
+    score: Optional[float]  # contribution to the performance score; None when not measured or not applicable
 
 
 @dataclass(frozen=True)
@@ -76,15 +78,16 @@ class CriteriaReport:
 
     @property
     def not_applicable(self) -> List[str]:
-        return [m.name for m in self.mandatory if m.status == NOT_APPLICABLE]
+        return [m.name for m in self.mandatory if m.status == NOT_APPLICABLE] + \
+            [t.metric for t in self.targets if t.status == NOT_APPLICABLE]
 
     @property
     def targets_measured(self) -> int:
-        return sum(t.status != NOT_MEASURED for t in self.targets)
+        return sum(t.status not in (NOT_MEASURED, NOT_APPLICABLE) for t in self.targets)
 
     @property
     def all_targets_met(self) -> bool:
-        return all(t.status == MET for t in self.targets)
+        return all(t.status in (MET, NOT_APPLICABLE) for t in self.targets)
 
     @property
     def not_measured(self) -> List[str]:
@@ -102,7 +105,7 @@ class CriteriaReport:
             "unattested": self.unattested,
             "not_applicable": self.not_applicable,
             "targets_measured": self.targets_measured,
-            "targets_total": len(self.targets),
+            "targets_total": sum(t.status != NOT_APPLICABLE for t in self.targets),
             "all_targets_met": self.all_targets_met,
             "not_measured": self.not_measured,
             "mandatory": [asdict(m) for m in self.mandatory],
@@ -153,7 +156,9 @@ def target_score(op: str, target: float, measured: float) -> float:
     raise ValueError(f"target op {op!r} is not one of ['<=', '>=']")
 
 
-def _judge_target(spec: TargetSpec, results: Mapping[str, Any]) -> TargetResult:
+def _judge_target(spec: TargetSpec, results: Mapping[str, Any], ruled_out: Sequence[str] = ()) -> TargetResult:
+    if any(spec.metric.startswith(prefix) for prefix in ruled_out):
+        return TargetResult(spec.metric, spec.op, spec.value, None, NOT_APPLICABLE, None)
     measured = read_metric(results, spec.metric)
     if measured is None:
         return TargetResult(spec.metric, spec.op, spec.value, None, NOT_MEASURED, None)
@@ -172,10 +177,11 @@ def _judge_mandatory(name: str, checks: Mapping[str, Any]) -> MandatoryResult:
 
 
 def performance_score(targets: Sequence[TargetResult]) -> Optional[float]:
-    """Mean over every target, an unmeasured one counting 0; None when no target was measured at all."""
-    if not any(t.score is not None for t in targets):
+    """Mean over every applicable target, an unmeasured one counting 0; None when none was measured at all."""
+    applicable = [t for t in targets if t.status != NOT_APPLICABLE]
+    if not any(t.score is not None for t in applicable):
         return None
-    return sum(t.score or 0.0 for t in targets) / len(targets)
+    return sum(t.score or 0.0 for t in applicable) / len(applicable)
 
 
 def stage_criteria(evaluation: EvaluationConfig, stage: int) -> StageCriteria:
@@ -219,13 +225,15 @@ def validate_evaluation_config(evaluation: EvaluationConfig) -> None:
         )
 
 
-def evaluate_criteria(evaluation: EvaluationConfig, stage: int, results: Mapping[str, Any]) -> CriteriaReport:
-    """Judge `results` against the stage's mandatory checks and targets (D-14)."""
+def evaluate_criteria(evaluation: EvaluationConfig, stage: int, results: Mapping[str, Any],
+                      ruled_out: Sequence[str] = ()) -> CriteriaReport:
+    """Judge `results` against the stage's mandatory checks and targets (D-14). `ruled_out`: metric prefixes the
+    configuration rules out (see ruled_out_targets)."""
     criteria = stage_criteria(evaluation, stage)
     checks = results.get("mandatory_checks") or {}
     if not isinstance(checks, Mapping):
         raise ValueError(f"results['mandatory_checks'] must be a dict of name -> status, got {type(checks).__name__}")
-    targets = [_judge_target(t, results) for t in criteria.targets]
+    targets = [_judge_target(t, results, ruled_out) for t in criteria.targets]
     return CriteriaReport(
         stage=stage,
         mandatory=[_judge_mandatory(name, checks) for name in criteria.mandatory_checks],
@@ -233,6 +241,11 @@ def evaluate_criteria(evaluation: EvaluationConfig, stage: int, results: Mapping
         advanced=[_judge_target(t, results) for t in criteria.advanced],
         performance_score=performance_score(targets),
     )
+
+
+def ruled_out_targets(cfg) -> List[str]:
+    """The target groups this configuration cannot have: no detector, no detector targets."""
+    return [] if cfg.detection.enabled else ["detection."]
 
 
 def recommendation_for_score(score: Optional[float], thresholds: RecommendationThresholds) -> str:

@@ -197,3 +197,25 @@ def test_advice_is_data_only(cfg, advisor, capsys):
     assert data["overrides"] == [s["override"] for s in data["suggestions"]]
     assert data["criteria"]["performance_score"] == pytest.approx(0.6)
     assert [o["id"] for o in data["options"]] == [RERUN_OPTIMIZED, PROCEED, STOP]
+
+
+def test_a_user_without_boxes_can_pass_stage_1_with_the_detector_ruled_out():
+    """A CSV of ordinary photos trained with detection.enabled=false: 0.98 accuracy, GO. Before, the advisor said
+    WARN_STOP forever (detection_model_loading not measured) or scored the detector's targets 0."""
+    no_boxes = load_config(overrides=["detection.enabled=false"])
+    results = results_at(no_boxes, 1)
+    for key in ("mAP_0.5", "inference_time_ms"):
+        results["detection"].pop(key)
+    results["mandatory_checks"]["detection_model_loading"] = "not_applicable"
+    advice = OptimizationAdvisor(no_boxes).evaluate_and_recommend(1, results)
+    assert advice.recommendation == RECOMMEND_PROCEED and advice.reason == "all_targets_met"
+    report = advice.criteria.to_dict()
+    assert set(report["not_applicable"]) == {"detection_model_loading", "detection.mAP_0.5",
+                                             "detection.inference_time_ms"}
+    assert report["targets_total"] == 4 and report["targets_measured"] == 4
+    # With the shipped config (detector on) the registry says not_measured for a detector nobody probed, and the
+    # detector's targets count 0: a missing detector is never ruled out there.
+    results["mandatory_checks"]["detection_model_loading"] = "not_measured"
+    shipped = OptimizationAdvisor(load_config()).evaluate_and_recommend(1, results)
+    assert shipped.recommendation == WARN_STOP and "detection_model_loading" in shipped.failed_mandatory
+    assert shipped.performance_score == pytest.approx(4 / 6)
