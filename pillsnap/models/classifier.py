@@ -38,21 +38,33 @@ def _hub_file(backbone: str) -> Tuple[Optional[str], Optional[str]]:
     return repo, None
 
 
-def classifier_weights_source(cfg: ClassificationConfig, reachable: Optional[Reachable] = None) -> str:
-    """Where classification.pretrained's weights will come from, checked without building or downloading:
-    raises (naming the key and the ways out) when they cannot be had."""
-    if not cfg.pretrained:
-        return "none (classification.pretrained=false)"
-    if cfg.pretrained_path:
-        if not Path(cfg.pretrained_path).is_file():
-            raise FileNotFoundError(f"classification.pretrained_path: no such file {cfg.pretrained_path}")
-        return f"local file {cfg.pretrained_path}"
+def _hub_weights(cfg: ClassificationConfig, reachable: Optional[Reachable]) -> Tuple[str, Optional[str]]:
+    """(hub repo, cached file or None) of the backbone's weights; raises (naming the key and the ways out) when
+    there are none to be had: no hub weights for the backbone, or not cached and the hub unreachable."""
     repo, cached = _hub_file(cfg.backbone)
     if repo is None:
         raise ValueError(f"classification.backbone={cfg.backbone!r} has no pretrained weights in timm; set "
                          "classification.pretrained_path or classification.pretrained=false")
     if cached is None and not probe(reachable)(HF_HOST):
         raise unavailable("classification", f"timm weights for {cfg.backbone} (hub {repo})", HF_HOST)
+    return repo, cached
+
+
+def _local_weights(cfg: ClassificationConfig) -> Path:
+    path = Path(cfg.pretrained_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classification.pretrained_path: no such file {path}")
+    return path
+
+
+def classifier_weights_source(cfg: ClassificationConfig, reachable: Optional[Reachable] = None) -> str:
+    """Where classification.pretrained's weights will come from, checked without building or downloading (the
+    environment check): raises like build_classifier when they cannot be had."""
+    if not cfg.pretrained:
+        return "none (classification.pretrained=false)"
+    if cfg.pretrained_path:
+        return f"local file {_local_weights(cfg)}"
+    repo, cached = _hub_weights(cfg, reachable)
     return f"cache {cached}" if cached else f"download from the hub ({repo})"
 
 
@@ -65,18 +77,11 @@ def build_classifier(cfg: ClassificationConfig, num_classes: int, reachable: Opt
         log.info("classifier %s: classification.pretrained=false, training from scratch", cfg.backbone)
         return timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     if cfg.pretrained_path:
-        path = Path(cfg.pretrained_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"classification.pretrained_path: no such file {path}")
+        path = _local_weights(cfg)
         model = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
         load_matching(model, read_state_dict(path), str(path))
         return model
-    repo, cached = _hub_file(cfg.backbone)
-    if repo is None:
-        raise ValueError(f"classification.backbone={cfg.backbone!r} has no pretrained weights in timm; set "
-                         "classification.pretrained_path or classification.pretrained=false")
-    if cached is None and not probe(reachable)(HF_HOST):
-        raise unavailable("classification", f"timm weights for {cfg.backbone} (hub {repo})", HF_HOST)
+    repo, cached = _hub_weights(cfg, reachable)
     overlay = dict(file=cached) if cached else None
     log.info("classifier %s: ImageNet weights from %s", cfg.backbone, cached or f"the hub ({repo}), downloading")
     return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
