@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -48,14 +49,21 @@ def detection_results(train: Optional[Dict], combination: Optional[Dict] = None)
 
 
 def _finite(value) -> Optional[float]:
-    import math
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _detector_on(cfg: PillSnapConfig, model, rows: pd.DataFrame) -> Dict:
+    """mAP, precision and recall of the detector on these photos (the shared mAP protocol)."""
+    from pillsnap.infer.detection import detection_samples, evaluate_detector, map_detector
+
+    return evaluate_detector(map_detector(model, cfg.detection.image_size), detection_samples(rows),
+                             cfg.detection.conf_threshold)
 
 
 def combination_accuracy(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, class_map: ClassMap) -> Dict:
     from pillsnap.core.devices import device_name, evaluation_device, serving_device
     from pillsnap.evaluate.combination import combination_samples, evaluate_combinations
-    from pillsnap.infer.detection import detection_samples, evaluate_detector, map_detector, torch_raw_predictor
+    from pillsnap.infer.detection import torch_raw_predictor
     from pillsnap.infer.engines import TorchClassifierEngine, build_detector
     from pillsnap.infer.latency import auto_pipeline_latency, detector_model_latency
     from pillsnap.infer.preprocess import normalise_batch
@@ -76,14 +84,13 @@ def combination_accuracy(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, 
     pipeline = auto_pipeline_latency(cfg, TorchClassifierEngine(copy.deepcopy(model), serving), labels,
                                      lambda: build_detector(cfg, detector_ckpt, "torch", device=serving), photos)
     det_model = load_detector_checkpoint(detector_ckpt, device)
-    on = lambda rows: {**evaluate_detector(map_detector(det_model, cfg.detection.image_size),  # noqa: E731
-                                           detection_samples(rows), cfg.detection.conf_threshold)}
     timing = {"detector_inference_time_ms": latency["p50"], "latency_device": device_name(serving),
               "evaluation_device": device_name(device), "pipeline_latency": pipeline,
-              "detector_on_singles": on(singles[:SINGLE_PHOTOS_FOR_MAP]) if len(singles) else None}
+              "detector_on_singles": _detector_on(cfg, det_model, singles[:SINGLE_PHOTOS_FOR_MAP])
+              if len(singles) else None}
     if val.empty:
         return {"measured": False, "reason": "no validation combination photos", **timing}
-    timing["detector_on_combinations"] = on(val)
+    timing["detector_on_combinations"] = _detector_on(cfg, det_model, val)
     detector = build_detector(cfg, detector_ckpt, "torch", device=device)
     engine = TorchClassifierEngine(model, device)
     classify = lambda crops: engine.logits(normalise_batch(list(crops)))  # noqa: E731
