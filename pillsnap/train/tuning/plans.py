@@ -100,11 +100,12 @@ def _search(cfg: PillSnapConfig, mc, policy, probes: Tuple[ProbeFn, ProbeFn], va
         grad_accum=accum, max_grad_accum=tc.oom.max_grad_accum, min_bs=max(tc.oom.min_batch, MIN_TRAIN_BATCH),
         amp_dtype=amp,
         allow_fp16=tc.oom.escalate_to_fp16, cuda_available=True)
-    if ceiling:
-        found.reasons.append(HOST_REASON)
     eval_max = max(found.batch_size, EVAL_MAX_FACTOR * max_bs)
     if val_size:
         eval_max = max(found.batch_size, min(eval_max, val_size))
+    if ceiling:  # the ceiling holds for evaluation too: the probe confirms the training batch fits there
+        found.reasons.append(HOST_REASON)
+        eval_max = found.batch_size
     found_eval = find_eval_batch_size(probes[1], found.batch_size, eval_max, tc.auto_batch_vram_headroom,
                                       device_total_bytes, cuda_available=True)
     return batch_plan_dict(found, found_eval, device)

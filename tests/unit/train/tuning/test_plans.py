@@ -40,7 +40,7 @@ def test_auto_batch_on_a_cpu_probes_host_memory_with_real_steps(make_config, tmp
     plan = tune_batch(cfg, m, cmap, model)
     configured = getattr(cfg.train, key).batch_size
     assert plan["probed"] and plan["device"] == "cpu (host memory)" and HOST_REASON in plan["reasons"]
-    assert (plan["batch_size"], plan["grad_accum"]) == (configured, 1)  # the ceiling on a CPU, and it fits
+    assert (plan["batch_size"], plan["grad_accum"], plan["eval_batch_size"]) == (configured, 1, configured)
     assert plan["probes"] and all(isinstance(peak, int) and peak > 0 for _, peak in plan["probes"])
     assert 0 < plan["memory_fraction"] < 1
     json.dumps(plan)
