@@ -98,6 +98,8 @@ def _regression_line(evaluation: Dict, go_no_go: Dict) -> List[str]:
     previous = evaluation.get("previous_stage_val") or {}
     if row is None:
         return []
+    if row["status"] == "skipped":
+        return [f"- regression guard: skipped ({row.get('detail')})"]
     return [f"- regression guard: {row['status']}: this model {_num(previous.get('accuracy'))} on the previous "
             f"stage's {previous.get('photos', 0)} val photos, floor {_num(row.get('target'))} ({row.get('detail')})"]
 
