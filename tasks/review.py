@@ -3,7 +3,7 @@ and the stage report artifacts."""
 from __future__ import annotations
 
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Dict, List, Literal, Optional
 
@@ -32,7 +32,7 @@ class Review:
     choice: str
     chosen_by: str  # human | policy
     reviewer: str = ""
-    attestations: Dict[str, Dict] = None  # check -> {confirmed, reviewer, at, source}; {} when nobody attested
+    attestations: Dict[str, Dict] = field(default_factory=dict)  # check -> {confirmed, reviewer, at, source}
 
 
 @task(name="environment-check")
@@ -118,7 +118,7 @@ def record_decision_task(config: Dict, stage: int, go_no_go: Dict, advice: Dict,
     ctx = get_run_context()
     flow_run_id = str(ctx.task_run.flow_run_id) if getattr(ctx, "task_run", None) else ""
     rec = decide(stage, go_no_go, advice, decided.choice, decided.chosen_by, decided.reviewer, checks=checks,
-                 attestations=decided.attestations or {}, metrics=metrics, checkpoints=checkpoints,
+                 attestations=decided.attestations, metrics=metrics, checkpoints=checkpoints,
                  flow_run_id=flow_run_id, predecessor=predecessor)
     cfg = cfg_of(config)
     Ledger.of(cfg.exp_dir).record(rec)
