@@ -22,10 +22,10 @@ from flows.stage import stage_flow
 from pillsnap.ledger import Ledger
 
 
-def _next_step(stage: int, choice: str, recommendation: str, stop_reason: str) -> str:
+def _next_step(stage: int, choice: str, unattested: List[str]) -> str:
     if choice == "rerun_optimized":
         return f"run `pillsnap progress` again: it re-runs Stage {stage} with the advisor's overrides"
-    if "unattested" in stop_reason or "need a named person" in stop_reason:
+    if unattested:
         return (f"confirm the attested checks as a named person (`pillsnap attest --stage {stage} --check NAME "
                 f"--reviewer NAME`), then re-run Stage {stage}")
     return (f"read stage_{stage}/reports/advisor.json (suggestions and failed checks), fix and re-run "
@@ -50,10 +50,10 @@ def outcome(steps: List[Dict]) -> Dict:
             f"Stopped at Stage {last['stage']}: Go/No-Go {last['decision']} ({reasons}), advisor "
             f"{last.get('recommendation')}, choice {last['choice']} by {last['chosen_by']}"
             f"{f' ({why})' if why else ''}. Next: "
-            f"{_next_step(last['stage'], last['choice'], last.get('recommendation', ''), why)}.")}
+            f"{_next_step(last['stage'], last['choice'], last.get('unattested') or [])}.")}
     if last.get("action") == "blocked":
         return {"gate_stopped": True, "sentence": f"Blocked at Stage {last['stage']}: {last['why']}. Next: "
-                f"{_next_step(last['stage'], '', '', last['why'])}."}
+                f"{_next_step(last['stage'], '', last.get('unattested') or [])}."}
     return {"gate_stopped": False, "sentence": f"Nothing to do: {last.get('why', 'the final test has run')}."}
 
 
@@ -76,8 +76,9 @@ def progressive_flow(start_stage: int = 1, end_stage: int = 4, mode: str = "adva
         if plan["action"] == "run":
             result = stage_flow(stage=plan["stage"], profile=profile, overrides=[*(overrides or []), *plan["overrides"]],
                                 config_path=config_path)
-            steps.append({k: result.get(k) for k in ("stage", "decision", "reasons", "recommendation", "choice",
-                                                     "chosen_by", "approved", "stop_reason")})
+            steps.append({**{k: result.get(k) for k in ("stage", "decision", "reasons", "recommendation", "choice",
+                                                        "chosen_by", "approved", "stop_reason")},
+                          "unattested": [n for n, s in result["checks"].items() if s == "unattested"]})
             if mode == "advance" or not result["approved"]:
                 break
         elif plan["action"] == "final":

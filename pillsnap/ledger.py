@@ -221,7 +221,8 @@ class Ledger:
             return {"action": "run", "stage": stage, "overrides": list(rec.overrides)}
         return {"action": "blocked", "stage": stage,
                 "why": f"stage {stage} was {rec.decision} with choice '{rec.choice}' ({', '.join(rec.reasons)})"
-                       + (f": {rec.stop_reason}" if rec.stop_reason else "")}
+                       + (f": {rec.stop_reason}" if rec.stop_reason else ""),
+                "unattested": [n for n, s in rec.checks.items() if s == "unattested"]}
 
     # ------------------------------------------------------------------ writing
     def record(self, rec: StageRecord) -> StageRecord:

@@ -27,9 +27,7 @@ from pillsnap.config import ChecksConfig, PillSnapConfig
 
 PASS, FAIL, NOT_MEASURED, ATTESTED, UNATTESTED = "pass", "fail", "not_measured", "attested", "unattested"
 NOT_APPLICABLE = "not_applicable"
-STATUSES = (PASS, FAIL, NOT_MEASURED, NOT_APPLICABLE, ATTESTED, UNATTESTED)
 PASSING = (PASS, ATTESTED)
-BLOCKING = (FAIL, NOT_MEASURED, UNATTESTED)  # everything that is neither passing nor ruled out by the config
 STEP_TAGS = ("train/loss", "train/lr", "perf/data_time", "perf/compute_time", "perf/throughput")
 MEMORY_TAGS = ("perf/cuda_mem", "perf/host_mem")  # the training device's memory: the GPU's, or the host's on a CPU
 VAL_TAGS = {"classifier": ("val/loss", "val/accuracy", "val/macro_f1"), "detector": ("val/mAP_0.5",)}

@@ -65,7 +65,7 @@ def combination_accuracy(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, 
     from pillsnap.evaluate.combination import combination_samples, evaluate_combinations
     from pillsnap.infer.detection import torch_raw_predictor
     from pillsnap.infer.engines import TorchClassifierEngine, build_detector
-    from pillsnap.infer.latency import auto_pipeline_latency, detector_model_latency
+    from pillsnap.infer.latency import detector_model_latency, pipeline_latency
     from pillsnap.infer.preprocess import normalise_batch
     from pillsnap.models.classifier import load_classifier
     from pillsnap.models.detector import load_detector_checkpoint
@@ -81,8 +81,8 @@ def combination_accuracy(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, 
                                      cfg.detection.image_size)
     model, labels = load_classifier(cfg, layout.classifier_checkpoint(cfg.exp_dir, stage), class_map, device)
     photos = [*val["image_path"][:LATENCY_PHOTOS], *all_val[all_val["kind"] == "single"]["image_path"][:LATENCY_PHOTOS]]
-    pipeline = auto_pipeline_latency(cfg, TorchClassifierEngine(copy.deepcopy(model), serving), labels,
-                                     lambda: build_detector(cfg, detector_ckpt, "torch", device=serving), photos)
+    pipeline = pipeline_latency(cfg, TorchClassifierEngine(copy.deepcopy(model), serving), labels, photos, "auto",
+                                lambda: build_detector(cfg, detector_ckpt, "torch", device=serving))
     det_model = load_detector_checkpoint(detector_ckpt, device)
     timing = {"detector_inference_time_ms": latency["p50"], "latency_device": device_name(serving),
               "evaluation_device": device_name(device), "pipeline_latency": pipeline,

@@ -1,14 +1,13 @@
 """Latency as the gates read it: batch 1 on the serving device, after a warm-up, as p50 / p95 in ms.
 
-- pipeline_latency: end to end through the serving Predictor in single mode (decode, preprocess, model, top-k);
-- auto_pipeline_latency: the whole two-stage pipeline in auto mode (the detector and every crop where a photo
-  needs it), over a mix of combination and single photos: what an app waits for;
+- pipeline_latency: end to end through the serving Predictor (decode, preprocess, model, top-k): single mode, or
+  with a detector the whole two-stage pipeline in auto mode (the detector and every crop where a photo needs it);
 - classifier_model_latency / detector_model_latency: the model's forward pass alone at its input size.
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -36,31 +35,18 @@ def _timed(run: Callable[[], None], samples: int = SAMPLES) -> Dict[str, float]:
     return percentiles(times)
 
 
-def pipeline_latency(cfg: PillSnapConfig, engine: ClassifierEngine, labels: ClassMap,
-                     photos: Sequence[str]) -> Dict[str, float]:
-    """End-to-end single-mode latency of the serving pipeline over real photos (cycled when fewer than needed)."""
-    from pillsnap.infer.predict import Predictor
-
-    if not photos:
-        return {}
-    predictor = Predictor(engine, labels, cfg.classification.image_size,
-                          cfg.classification.crop_padding, cfg.inference.single_confidence_threshold,
-                          default_mode="single")
-    order = iter(list(photos) * (1 + (WARMUP + SAMPLES) // len(photos)))
-    return _timed(lambda: predictor.predict(next(order), "single"))
-
-
-def auto_pipeline_latency(cfg: PillSnapConfig, engine: ClassifierEngine, labels: ClassMap,
-                          detector_loader: Callable[[], object], photos: Sequence[str]) -> Dict[str, float]:
-    """End-to-end auto-mode latency of the serving pipeline (detector loaded as serving loads it)."""
+def pipeline_latency(cfg: PillSnapConfig, engine: ClassifierEngine, labels: ClassMap, photos: Sequence[str],
+                     mode: str = "single", detector_loader: Optional[Callable[[], object]] = None) -> Dict[str, float]:
+    """End-to-end latency of the serving pipeline in `mode` over real photos (cycled when fewer than needed); the
+    detector, when given, is loaded as serving loads it."""
     from pillsnap.infer.predict import Predictor
 
     if not photos:
         return {}
     predictor = Predictor(engine, labels, cfg.classification.image_size, cfg.classification.crop_padding,
-                          cfg.inference.single_confidence_threshold, detector_loader, default_mode="auto")
+                          cfg.inference.single_confidence_threshold, detector_loader, default_mode=mode)
     order = iter(list(photos) * (1 + (WARMUP + SAMPLES) // len(photos)))
-    return {**_timed(lambda: predictor.predict(next(order), "auto")), "photos": len(photos), "mode": "auto"}
+    return {**_timed(lambda: predictor.predict(next(order), mode)), "photos": len(photos), "mode": mode}
 
 
 def classifier_model_latency(engine: ClassifierEngine, image_size: int) -> Dict[str, float]:

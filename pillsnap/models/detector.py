@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import yaml
@@ -159,43 +159,46 @@ def _pretrained_state(path: Path) -> Dict[str, torch.Tensor]:
     return source.float().state_dict()
 
 
-def detector_weights_source(cfg: DetectionConfig, reachable: Optional[Reachable] = None) -> str:
-    """Where detection.pretrained's weights will come from, checked without downloading (raises like
-    pretrained_weights when they cannot be had)."""
-    if not cfg.enabled or not cfg.pretrained:
-        return "none (detection.enabled or detection.pretrained is false)"
+def _yolo_weights(cfg: DetectionConfig, reachable: Optional[Reachable]) -> Tuple[Path, bool]:
+    """(the COCO weights file for detection.pretrained, whether it must be downloaded first); raises (naming the
+    key and the ways out) when it cannot be had."""
     if cfg.pretrained_path:
-        if not Path(cfg.pretrained_path).is_file():
-            raise FileNotFoundError(f"detection.pretrained_path: no such file {cfg.pretrained_path}")
-        return f"local file {cfg.pretrained_path}"
+        path = Path(cfg.pretrained_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"detection.pretrained_path: no such file {path}")
+        return path, False
     from ultralytics.utils import SETTINGS
 
     name = f"yolo11{cfg.scale}.pt"
     cached = Path(SETTINGS["weights_dir"]) / name
     if cached.is_file():
-        return f"cache {cached}"
+        return cached, False
     if not probe(reachable)(GITHUB_HOST):
         raise unavailable("detection", f"ultralytics {name}", GITHUB_HOST)
-    return f"download of {name}"
+    return cached, True
+
+
+def detector_weights_source(cfg: DetectionConfig, reachable: Optional[Reachable] = None) -> str:
+    """Where detection.pretrained's weights will come from, checked without downloading (the environment check)."""
+    if not cfg.enabled or not cfg.pretrained:
+        return "none (detection.enabled or detection.pretrained is false)"
+    path, download = _yolo_weights(cfg, reachable)
+    if download:
+        return f"download of {path.name}"
+    return f"{'local file' if cfg.pretrained_path else 'cache'} {path}"
 
 
 def pretrained_weights(cfg: DetectionConfig, reachable: Optional[Reachable] = None) -> Optional[Path]:
     """The COCO weights file for detection.pretrained (yolo11{scale}.pt), downloaded when missing and online."""
     if not cfg.pretrained:
         return None
-    if cfg.pretrained_path:
-        return Path(cfg.pretrained_path)
-    from ultralytics.utils import SETTINGS
-    from ultralytics.utils.downloads import attempt_download_asset
+    path, download = _yolo_weights(cfg, reachable)
+    if download:
+        from ultralytics.utils.downloads import attempt_download_asset
 
-    name = f"yolo11{cfg.scale}.pt"
-    cached = Path(SETTINGS["weights_dir"]) / name
-    if cached.is_file():
-        return cached
-    if not probe(reachable)(GITHUB_HOST):
-        raise unavailable("detection", f"ultralytics {name}", GITHUB_HOST)
-    log.info("detector: downloading %s into %s", name, cached.parent)
-    return Path(attempt_download_asset(cached))
+        log.info("detector: downloading %s into %s", path.name, path.parent)
+        return Path(attempt_download_asset(path))
+    return path
 
 
 def build_detector(cfg: DetectionConfig, model_dir: Path, verbose: bool = False, pretrained: Optional[bool] = None,
