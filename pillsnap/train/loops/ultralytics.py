@@ -168,8 +168,10 @@ def _overrides(cfg: PillSnapConfig, data: YoloDataset, model_yaml: Path, runs: P
     policy = resolve_policy(cfg.optimization)
     batches_per_epoch = max(1, math.ceil(data.images["train"] / batch))
     patience = tc.early_stopping.patience if tc.early_stopping.enabled else tc.detection.epochs + 1
+    # ultralytics' trainer runs amp and compile on CUDA only (it forces amp off on a CPU); say the same here.
+    cuda = policy.device.type == "cuda"
     amp: Any = False
-    if policy.amp_dtype is not None:
+    if policy.amp_dtype is not None and cuda:
         amp = "bf16" if "bfloat16" in str(policy.amp_dtype) else True
     return {
         "task": "detect", "mode": "train", "model": str(model_yaml), "data": data.data_yaml,
@@ -179,7 +181,7 @@ def _overrides(cfg: PillSnapConfig, data: YoloDataset, model_yaml: Path, runs: P
         "warmup_bias_lr": 0.0, "patience": patience, "seed": tc.seed, "deterministic": tc.deterministic,
         "device": "cpu" if policy.device.type == "cpu" else str(policy.device.index or 0), "amp": amp,
         "workers": int(workers["num_workers"]) if workers else cfg.dataloader.num_workers,
-        "channels_last": policy.channels_last, "compile": policy.compile_mode if policy.compile_mode != "none" else False,
+        "channels_last": policy.channels_last, "compile": policy.compile_mode if cuda and policy.compile_mode != "none" else False,
         "project": str(runs), "exist_ok": False, "plots": False, "val": True, "save": True, "verbose": False,
         "pretrained": False, "max_det": det.max_det,
     }

@@ -5,7 +5,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# Modes that need CUDA graphs, and what a CPU compiles instead (inductor has no CPU graphs to capture).
+CPU_COMPILE_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
 @dataclass
 class Policy:
     device: torch.device
@@ -25,11 +29,15 @@ class Policy:
     channels_last: bool
     compile_mode: str
     tf32: bool
+    compile_backend: str = "inductor"
+    notes: Tuple[str, ...] = ()  # why something differs from the config
 
     def describe(self) -> str:
         amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
+        backend = f" backend={self.compile_backend}" if self.compile_mode != "none" else ""
+        why = f" ({'; '.join(self.notes)})" if self.notes else ""
         return (f"device={self.device} amp={amp} grad_scaler={self.use_scaler} channels_last={self.channels_last} "
-                f"compile={self.compile_mode} tf32={self.tf32}")
+                f"compile={self.compile_mode}{backend} tf32={self.tf32}{why}")
 
 
 def select_amp_dtype(policy: str, cuda: bool, bf16_supported: bool) -> torch.dtype:
@@ -41,11 +49,27 @@ def select_amp_dtype(policy: str, cuda: bool, bf16_supported: bool) -> torch.dty
 
 
 def resolve_policy(cfg: OptimizationConfig, device: Optional[str] = None) -> Policy:
+    """The configured precision, memory format and compilation, on whatever device there is.
+
+    A CPU runs them too (bf16/fp16 autocast, channels_last and inductor are CPU features of torch), so a CPU run
+    of the shipped config executes the code a GPU run does. Only what a CPU lacks changes, and the notes say so:
+    CUDA-graph compile modes map to their nearest CPU mode, and TF32 is a CUDA matmul mode.
+    """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type != "cuda":
-        return Policy(dev, None, False, False, "none", False)
-    dtype = select_amp_dtype(cfg.amp_dtype, True, torch.cuda.is_bf16_supported()) if cfg.amp else None
-    return Policy(dev, dtype, dtype == torch.float16, cfg.channels_last, cfg.torch_compile, cfg.tf32)
+    cuda = dev.type == "cuda"
+    notes = []
+    dtype = None
+    if cfg.amp:
+        dtype = select_amp_dtype(cfg.amp_dtype, cuda, torch.cuda.is_bf16_supported() if cuda else True)
+    mode = cfg.torch_compile
+    if not cuda and mode in CPU_COMPILE_MODES:
+        mode = CPU_COMPILE_MODES[mode]
+        notes.append(f"optimization.torch_compile={cfg.torch_compile} needs CUDA graphs: {mode} on {dev.type}")
+    tf32 = cfg.tf32 and cuda
+    if cfg.tf32 and not cuda:
+        notes.append("tf32 is a CUDA matmul mode")
+    return Policy(dev, dtype, dtype == torch.float16, cfg.channels_last, mode, tf32, cfg.compile_backend,
+                  tuple(notes))
 
 
 def apply_global_settings(policy: Policy, deterministic: bool) -> None:
@@ -81,14 +105,18 @@ class CompiledModel:
     its first successful step, or later with a compiler error (a recompile); the caller then replays the step.
     """
 
-    def __init__(self, model: nn.Module, mode: str, backend: Optional[Callable] = None):
+    def __init__(self, model: nn.Module, mode: str, backend: Union[str, Callable, None] = None):
         self.eager, self.mode, self.confirmed = model, mode, False
         self.current: nn.Module = model
         self.state = "eager"
-        if mode == "none" and backend is None:
+        if mode == "none" and not callable(backend):
             return
         try:
-            self.current = torch.compile(model, backend=backend) if backend else torch.compile(model, mode=mode)
+            # Modes are inductor options; another backend (aot_eager, a test's callable) takes none.
+            if backend in (None, "inductor"):
+                self.current = torch.compile(model, mode=None if mode == "none" else mode)
+            else:
+                self.current = torch.compile(model, backend=backend)
             self.state = "compiled"
         except Exception as e:  # compile support varies by platform; eager always works
             log.warning("torch.compile(mode=%s) failed (%s: %s); training eagerly", mode, type(e).__name__, e)

@@ -74,7 +74,7 @@ class TrainUnit(ABC):
                  param_groups: Iterable, policy: Policy, compile_backend: Optional[Callable] = None):
         tc = cfg.train
         self.cfg, self.policy, self.model = cfg, policy, model
-        self.train_model = CompiledModel(model, policy.compile_mode, compile_backend)
+        self.train_model = CompiledModel(model, policy.compile_mode, compile_backend or policy.compile_backend)
         self.optimizer = torch.optim.AdamW(param_groups, lr=model_cfg.lr, weight_decay=tc.weight_decay,
                                            fused=policy.device.type == "cuda")
         self.scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.use_scaler)
@@ -171,14 +171,11 @@ class TrainUnit(ABC):
         return amp_name(self.policy.amp_dtype)
 
     def escalate_precision(self) -> str:
-        if self.policy.device.type != "cuda":
-            log.warning("%s: OOM recovery S1 on CPU: fp16 escalation recorded; autocast stays off (no CPU memory "
-                        "to gain, and CPU fp16 would only change the math)", self.name)
-            return "unchanged on cpu"
+        """S1: fp16 autocast with a GradScaler, on a CPU as on a GPU (torch has both on a CPU)."""
         if self.policy.amp_dtype != torch.float16:
             was = self.amp
             self.policy = replace(self.policy, amp_dtype=torch.float16, use_scaler=True)
-            self.scaler = torch.amp.GradScaler("cuda", enabled=True)
+            self.scaler = torch.amp.GradScaler(self.policy.device.type, enabled=True)
             log.warning("%s: autocast now fp16 with a GradScaler (was %s)", self.name, was)
         return "fp16 + GradScaler"
 
@@ -212,7 +209,7 @@ class TrainUnit(ABC):
         self.model.load_state_dict(model_weights if model_weights is not None else state["model"])
         self.batch_size, self.accum = int(state["batch_size"]), int(state["grad_accum"])
         self.eval_batch_size, self.updates = int(state["eval_batch_size"]), int(state["updates"])
-        if state["amp"] == "fp16" and self.policy.device.type == "cuda":
+        if state["amp"] == "fp16":
             self.escalate_precision()  # before the scaler state is loaded into the (now enabled) scaler
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -18,7 +18,7 @@ from pillsnap.infer.detection import detection_samples, evaluate_detector
 from pillsnap.infer.detection import map_detector
 from pillsnap.models.detector import (DETECTOR_CLASS_MAP_HASH, backbone_name, build_detector, detector_payload,
                                       transfer_pretrained)
-from pillsnap.train.services.policy import Policy
+from pillsnap.train.services.policy import Policy, prepare_model
 from pillsnap.train.units.base import TrainUnit
 
 LOSS_NAMES = ("box_loss", "cls_loss", "dfl_loss")
@@ -53,7 +53,7 @@ class DetectorUnit(TrainUnit):
                  init_checkpoint: Optional[Path] = None, compile_backend: Optional[Callable] = None):
         # A warm start replaces the COCO weights anyway: no need to fetch them.
         model = build_detector(cfg.detection, model_dir, pretrained=False if init_checkpoint else None)
-        model = model.to(policy.device)
+        model = prepare_model(model, policy)
         if init_checkpoint is not None:
             transfer_pretrained(model, init_checkpoint)
         super().__init__(cfg, cfg.train.detection, model, detector_param_groups(model, cfg.train.weight_decay),
@@ -69,14 +69,19 @@ class DetectorUnit(TrainUnit):
     def loss(self, batch: Dict[str, Any]) -> torch.Tensor:
         dev = self.policy.device
         b = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        b["img"] = b["img"].float() / 255
+        b["img"] = self.images(b["img"])
         loss, items = self.criterion(self.train_model(b["img"]), b)
         self.last_items = {k: float(v) for k, v in zip(LOSS_NAMES, items.detach().flatten().tolist())} \
             if isinstance(items, torch.Tensor) else {k: float(v) for k, v in items.items()}
         return loss.sum() / b["img"].shape[0]
 
+    def images(self, img: torch.Tensor) -> torch.Tensor:
+        """uint8 photos as the model's float input, in the policy's memory format."""
+        x = img.to(self.policy.device, non_blocking=True).float() / 255
+        return x.contiguous(memory_format=torch.channels_last) if self.policy.channels_last else x
+
     def eval_forward(self, model: torch.nn.Module, batch: Dict[str, Any]) -> Any:
-        return model(batch["img"].to(self.policy.device, non_blocking=True).float() / 255)
+        return model(self.images(batch["img"]))
 
     def split(self, batch: Dict[str, Any], size: int) -> List[Dict[str, Any]]:
         out, n = [], self.batch_len(batch)

@@ -42,3 +42,15 @@ def assert_same_weights(a: Dict[str, Dict[str, torch.Tensor]], b: Dict[str, Dict
     for model in a:
         for key, value in a[model].items():
             assert torch.equal(value, b[model][key]), f"{model}: {key}"
+
+
+class RepeatedOom:
+    """Raises a synthetic OOM `times` times at one step (FaultInjector fires once per step)."""
+
+    def __init__(self, step: int, times: int):
+        self.step, self.left = step, times
+
+    def maybe_raise(self, step: int) -> None:
+        if step == self.step and self.left:
+            self.left -= 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test injection at step {step})")

@@ -17,24 +17,14 @@ from pillsnap.train.services.monitors import NonFiniteLossError
 from pillsnap.train.services.oom import AMP_FP16, EMERGENCY_EXIT, GLOBAL_BATCH_CHANGE, MICROBATCHING, FaultInjector
 from pillsnap.train.services.oom_guard import OomExhaustedError
 from pillsnap.train.services.schedule import SampleProgressFactor
-from tests.unit.train.support import STRATEGIES, assert_same_weights, final_weights, run
+from tests.unit.train.support import RepeatedOom, STRATEGIES, assert_same_weights, final_weights, run
 
 pytestmark = pytest.mark.slow
 SHORT = ("train.classification.epochs=1", "train.detection.epochs=1", "train.max_steps_per_epoch=3",
          "train.oom.cooldown_sec=0")
 MICRO = ("train.classification.batch_size=4", "train.detection.batch_size=2", "train.grad_accum_steps=2")
-
-
-class RepeatedOom:
-    """Raises a synthetic OOM `times` times at one step (FaultInjector fires once per step)."""
-
-    def __init__(self, step: int, times: int):
-        self.step, self.left = step, times
-
-    def maybe_raise(self, step: int) -> None:
-        if step == self.step and self.left:
-            self.left -= 1
-            raise torch.OutOfMemoryError(f"CUDA out of memory (test injection at step {step})")
+# S1 switches autocast to fp16 with a GradScaler on a CPU as on a GPU: the reference trains so from the start.
+FP16 = ("optimization.amp=true", "optimization.amp_dtype=fp16")
 
 
 def _injectors(strategy, step=1, times=2):
@@ -54,7 +44,7 @@ def micro_reference(make_config, tmp_path_factory, tiny_stage):
     out = {}
     for strategy in STRATEGIES:
         tmp = tmp_path_factory.mktemp(f"micro_{strategy}")
-        results = run(make_config, tmp, tiny_stage, strategy, *SHORT, *MICRO)
+        results = run(make_config, tmp, tiny_stage, strategy, *SHORT, *MICRO, *FP16)
         out[strategy] = (final_weights(tmp / "stage_1"), results)
     return out
 
@@ -67,7 +57,8 @@ def test_s1_then_s2_keep_the_global_batch_and_match_a_run_configured_at_the_micr
     ref_weights, ref_results = micro_reference[strategy]
     for model, result in results.items():
         assert [e["action"] for e in result.oom_events] == [AMP_FP16, MICROBATCHING], model
-        assert result.oom_events[0]["autocast"] == "unchanged on cpu"  # S1 on CPU: recorded, math unchanged
+        assert result.oom_events[0]["autocast"] == "fp16 + GradScaler"
+        assert "grad_scaler=True" in ref_results[model].policy
         assert all(e["model"] == model for e in result.oom_events)
         assert result.global_step == ref_results[model].global_step
     assert (results["classifier"].batch_size, results["classifier"].grad_accum) == (8, 1)  # loader keeps G = 8

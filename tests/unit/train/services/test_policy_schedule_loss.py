@@ -17,10 +17,18 @@ def test_amp_dtype_policy():
         select_amp_dtype("fp8", True, True)
 
 
-def test_cpu_policy_switches_everything_off():
+def test_a_cpu_runs_the_configured_precision_memory_format_and_compile():
     p = resolve_policy(OptimizationConfig(amp=True, channels_last=True, torch_compile="max-autotune"), device="cpu")
-    assert (p.amp_dtype, p.use_scaler, p.channels_last, p.compile_mode) == (None, False, False, "none")
-    assert "amp=off" in p.describe() and "compile=none" in p.describe()
+    assert (p.amp_dtype, p.use_scaler, p.channels_last, p.tf32) == (torch.bfloat16, False, True, False)
+    assert p.compile_mode == "max-autotune-no-cudagraphs" and p.compile_backend == "inductor"
+    line = p.describe()
+    assert "amp=bfloat16" in line and "compile=max-autotune-no-cudagraphs backend=inductor" in line
+    assert "needs CUDA graphs" in line and "tf32 is a CUDA matmul mode" in line  # why it differs from the config
+    p = resolve_policy(OptimizationConfig(amp=True, amp_dtype="fp16", torch_compile="reduce-overhead"), device="cpu")
+    assert (p.amp_dtype, p.use_scaler, p.compile_mode) == (torch.float16, True, "default")
+    off = resolve_policy(OptimizationConfig(amp=False, channels_last=False, torch_compile="none", tf32=False), "cpu")
+    assert (off.amp_dtype, off.channels_last, off.compile_mode, off.notes) == (None, False, "none", ())
+    assert CompiledModel(torch.nn.Linear(2, 2), off.compile_mode, off.compile_backend).state == "eager"
 
 
 def test_compile_call_failure_trains_eagerly(monkeypatch, caplog):
