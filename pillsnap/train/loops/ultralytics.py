@@ -179,9 +179,10 @@ def _overrides(cfg: PillSnapConfig, data: YoloDataset, model_yaml: Path, runs: P
         "optimizer": "AdamW", "lr0": tc.detection.lr, "lrf": MIN_LR_FACTOR, "weight_decay": tc.weight_decay,
         "cos_lr": tc.scheduler == "cosine", "warmup_epochs": tc.warmup_steps / batches_per_epoch,
         "warmup_bias_lr": 0.0, "patience": patience, "seed": tc.seed, "deterministic": tc.deterministic,
-        "device": "cpu" if policy.device.type == "cpu" else str(policy.device.index or 0), "amp": amp,
+        "device": str(policy.device.index or 0) if cuda else "cpu", "amp": amp,
         "workers": int(workers["num_workers"]) if workers else cfg.dataloader.num_workers,
-        "channels_last": policy.channels_last, "compile": policy.compile_mode if cuda and policy.compile_mode != "none" else False,
+        "channels_last": policy.channels_last,
+        "compile": policy.compile_mode if cuda and policy.compile_mode != "none" else False,
         "project": str(runs), "exist_ok": False, "plots": False, "val": True, "save": True, "verbose": False,
         "pretrained": False, "max_det": det.max_det,
     }

@@ -58,9 +58,8 @@ def resolve_policy(cfg: OptimizationConfig, device: Optional[str] = None) -> Pol
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
     notes = []
-    dtype = None
-    if cfg.amp:
-        dtype = select_amp_dtype(cfg.amp_dtype, cuda, torch.cuda.is_bf16_supported() if cuda else True)
+    bf16 = torch.cuda.is_bf16_supported() if cuda else True  # CPU autocast always has bf16
+    dtype = select_amp_dtype(cfg.amp_dtype, cuda, bf16) if cfg.amp else None
     mode = cfg.torch_compile
     if not cuda and mode in CPU_COMPILE_MODES:
         mode = CPU_COMPILE_MODES[mode]

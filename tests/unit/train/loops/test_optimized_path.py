@@ -50,7 +50,7 @@ def test_interleaved_trains_bf16_channels_last_compiled_and_its_checkpoints_load
     for model, weights in final_weights(tmp_path / "stage_1").items():
         assert not any("_orig_mod" in k for k in weights), model
     cfg = make_config(tmp_path)
-    m, cmap = tiny_stage
+    _, cmap = tiny_stage
     classifier, labels = load_classifier(cfg, results["classifier"].best_checkpoint, cmap)
     image = torch.rand(2, 3, cfg.classification.image_size, cfg.classification.image_size)
     assert classifier(image).shape == (2, len(labels))
