@@ -88,12 +88,23 @@ def prepare_model(model: nn.Module, policy: Policy) -> nn.Module:
     return model
 
 
-def _is_compile_error(exc: BaseException) -> bool:
+def _chain(exc: BaseException) -> list:
     chain, seen = [], exc
     while seen is not None and len(chain) < 8:
         chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    return any(type(e).__module__.startswith(("torch._dynamo", "torch._inductor")) for e in chain)
+        seen = getattr(seen, "inner_exception", None) or seen.__cause__ or seen.__context__
+    return chain
+
+
+def _is_compile_error(exc: BaseException) -> bool:
+    return any(type(e).__module__.startswith(("torch._dynamo", "torch._inductor")) for e in _chain(exc))
+
+
+def _first_line(exc: BaseException) -> str:
+    """`Type: first line` of the innermost cause (dynamo's BackendCompilerFailed wraps the compiler's own error)."""
+    root = _chain(exc)[-1]
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0][:300] if text else ''}"
 
 
 class CompiledModel:
@@ -131,8 +142,8 @@ class CompiledModel:
     def fall_back(self, exc: BaseException) -> bool:
         if self.current is self.eager or (self.confirmed and not _is_compile_error(exc)):
             return False
-        log.warning("torch.compile(mode=%s) failed while running (%s: %s); falling back to eager and replaying "
-                    "the step", self.mode, type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+        log.warning("torch.compile(mode=%s) failed while running (%s); falling back to eager and replaying the step",
+                    self.mode, _first_line(exc))
         self.current, self.state = self.eager, "fell_back"
         return True
 
