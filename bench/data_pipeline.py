@@ -9,6 +9,8 @@ the median pass counts):
   train augment  the same loader with the training augmentation of the shipped config (augment.* defaults:
                  quarter turns, free rotation + scale + shift with the pill kept in frame, colour jitter)
                  applied to the whole uint8 batch in the loader, as on a machine without CUDA;
+  uint8 batches  the training loader of a CUDA run: its workers collate uint8 batches and the step augments them
+                 on the GPU (what `make gpu-check` compares with the images/s the training step consumes);
   per-sample v2  information: the same augmentation kind done per image with torchvision v2 transform objects
                  (what the loader did before augmentation moved to batches).
 Targets: warm cache >= 10x naive, train augment >= 10x naive.
@@ -42,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--passes", type=int, default=2, help="timed passes per side (alternating)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in this process (DataLoader workers run with 1 as well)")
+    p.add_argument("--json", type=Path, help="also write the rates to this file (make gpu-check reads it)")
     return p.parse_args()
 
 
@@ -141,6 +144,8 @@ def main() -> None:
             "warm cache": make_loader(dataset, args.batch, dl_cfg, False, collate=Collate(normalise_only=True)),
             "train augment": make_loader(dataset, args.batch, dl_cfg, True, EpochSampler(len(dataset), 0),
                                          collate=Collate(BatchAugment(augment, args.size, 20))),
+            "uint8 batches": make_loader(dataset, args.batch, dl_cfg, True, EpochSampler(len(dataset), 0),
+                                         collate=Collate()),
             "per-sample v2": torch.utils.data.DataLoader(CachedPerSample(dataset, per_sample_v2(augment)),
                                                          batch_size=args.batch, num_workers=args.workers,
                                                          collate_fn=tuple_collate),
@@ -154,13 +159,20 @@ def main() -> None:
     print(f"{len(paths)} photos 976x1280 PNG -> {args.size}px, batch {args.batch}, {args.workers} workers, "
           f"{args.threads} torch thread(s), {args.passes} passes each (median); generating them took {gen_s:.1f}s")
     for name, r in rate.items():
-        print(f"  {name:14s} {r:9.1f} images/s" + ("   (information)" if name == "per-sample v2" else ""))
+        print(f"  {name:14s} {r:9.1f} images/s" + ("   (information)" if name in ("per-sample v2", "uint8 batches")
+                                                     else ""))
     print(f"  pixel store build: {build_s:.2f}s for {len(paths)} images = {1000 * build_s / len(paths):.1f}s per "
           f"1,000 images (process pool over all cores)")
     for name in ("warm cache", "train augment"):
         ratio = rate[name] / rate["naive"]
         print(f"ratio {name}/naive = {ratio:.1f}x  target >= {TARGET:.0f}x: {'PASS' if ratio >= TARGET else 'FAIL'}")
     print(f"ratio train augment/per-sample v2 = {rate['train augment'] / rate['per-sample v2']:.1f}x (information)")
+    if args.json:
+        from pillsnap.core.jsonio import write_json_atomic
+
+        write_json_atomic(args.json, {"images": len(paths), "size": args.size, "batch": args.batch,
+                                      "workers": args.workers, "images_per_s": rate,
+                                      "store_build_s_per_1000": 1000 * build_s / len(paths)})
 
 
 if __name__ == "__main__":

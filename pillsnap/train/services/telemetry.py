@@ -1,12 +1,13 @@
 """One model's training telemetry: the D-10 log line and the Annex 7 TensorBoard tags, the same for both models.
 
-    [train] e=3/30 s=40/312 loss=1.2345 lr=8.12e-04 data=0.012s comp=0.210s thr=290.4/s cuda=10240MB
+    [train] e=3/30 s=40/312 loss=1.2345 lr=8.12e-04 data=0.012s comp=0.210s thr=290.4/s cuda=10240MB nvml=11873MB
     [train/det] e=…                                   (the detector's line; its tags go to stage_<n>/detector/tb)
 
 TensorBoard: train/loss, train/lr, perf/data_time, perf/compute_time, perf/throughput every step, and the training
 device's memory: perf/cuda_mem (the allocator's peak) on CUDA, perf/host_mem (this process's resident memory) on a
 CPU, where the line says host=…MB (a CPU has no CUDA memory: writing 0 would be a placeholder, not a measurement);
-val/<metric> every validation. The writer degrades to a no-op (one warning) when tensorboard is missing.
+val/<metric> every validation. On CUDA the line also shows `nvml=`: the device's used memory as the driver sees it
+(CUDA context, cuDNN workspaces, other processes: what the allocator's peak misses), read when the line is printed. The writer degrades to a no-op (one warning) when tensorboard is missing.
 
 Every epoch also closes with a resources record (`end_epoch`): throughput, mean data and compute time per step,
 the data-time share, private host memory (this process and its loader workers) and the GPU allocator's peak. The stage checks
@@ -20,6 +21,8 @@ from typing import Dict, Mapping, Optional
 
 import psutil
 import torch
+
+from pillsnap.train.services.memory import NvmlReader
 
 log = logging.getLogger("pillsnap.train")
 STEP_TAGS = ("train/loss", "train/lr", "perf/data_time", "perf/compute_time", "perf/throughput")
@@ -77,12 +80,14 @@ def cuda_memory_mb(device: torch.device) -> float:
 
 
 class Telemetry:
-    def __init__(self, tb: TBWriter, tag: str, epochs: int, log_interval: int, device: torch.device):
+    def __init__(self, tb: TBWriter, tag: str, epochs: int, log_interval: int, device: torch.device,
+                 nvml: Optional[NvmlReader] = None):
         self.tb, self.tag, self.epochs = tb, tag, epochs
         self.log_interval, self.device = max(1, log_interval), device
         self.throughputs: list = []
         self._epoch = _new_epoch()
         self._process = psutil.Process()
+        self._nvml = nvml or (NvmlReader(device.index or 0) if device.type == "cuda" else None)
 
     def step(self, step: int, epoch: int, step_in_epoch: int, steps_in_epoch: int, loss: float, lr: float,
              samples: int, data_time: float, compute_time: float) -> None:
@@ -93,13 +98,17 @@ class Telemetry:
                               (loss, lr, data_time, compute_time, thr, memory)):
             self.tb.scalar(tag, value, step)
         if step_in_epoch % self.log_interval == 0 or step_in_epoch == steps_in_epoch:
-            log.info("%s e=%d/%d s=%d/%d loss=%.4f lr=%.2e data=%.3fs comp=%.3fs thr=%.1f/s %s=%.0fMB", self.tag,
+            log.info("%s e=%d/%d s=%d/%d loss=%.4f lr=%.2e data=%.3fs comp=%.3fs thr=%.1f/s %s=%.0fMB%s", self.tag,
                      epoch, self.epochs, step_in_epoch, steps_in_epoch, loss, lr, data_time, compute_time, thr,
-                     "cuda" if on_cuda else "host", memory)
+                     "cuda" if on_cuda else "host", memory, self._nvml_text())
         self.throughputs.append(thr)
         e = self._epoch
         e["samples"], e["steps"] = e["samples"] + samples, e["steps"] + 1
         e["data_time"], e["compute_time"] = e["data_time"] + data_time, e["compute_time"] + compute_time
+
+    def _nvml_text(self) -> str:
+        used = self._nvml.read() if self._nvml is not None else None
+        return f" nvml={used[0] / 2**20:.0f}MB" if used else ""
 
     def end_epoch(self) -> Dict[str, Optional[float]]:
         """This epoch's resources (see the module docstring); starts the next epoch's counts."""

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from pillsnap.train.services.memory import MemoryMonitor, NvmlReader
 
@@ -86,3 +88,17 @@ def test_below_threshold_no_warning_and_torch_fallback(caplog):
         report = monitor.check(0)
     assert report["source"] == "torch" and not report["warning"] and report["fraction"] == 0.25
     assert caplog.text == ""
+
+
+def test_the_d10_line_shows_the_devices_nvml_memory_next_to_the_allocators(caplog):
+    from pillsnap.train.services.telemetry import TBWriter, Telemetry
+
+    def line(nvml) -> str:
+        telemetry = Telemetry(TBWriter(Path("unused"), enabled=False), "[train]", 3, 1, torch.device("cpu"), nvml=nvml)
+        with caplog.at_level(logging.INFO, logger="pillsnap.train"):
+            caplog.clear()
+            telemetry.step(1, 1, 1, 10, 0.5, 1e-3, 8, 0.01, 0.1)
+        return caplog.records[-1].getMessage()
+
+    assert line(NvmlReader(0, FakeNvml(used=11 * GIB, total=16 * GIB))).endswith(" nvml=11264MB")
+    assert "nvml=" not in line(NvmlReader(0, MissingNvml()))  # no driver: nothing claimed
