@@ -172,7 +172,7 @@ class _Lines(logging.Handler):
 
 
 def row_stage(c: Check, row: Row) -> None:
-    from pillsnap.train import train_interleaved
+    from pillsnap.train import train_stage
 
     cfg, subset, cmap = c.stage
     handler = _Lines(c.lines)
@@ -180,7 +180,7 @@ def row_stage(c: Check, row: Row) -> None:
     lib.addHandler(handler)
     lib.setLevel(logging.INFO)
     try:
-        results = train_interleaved(cfg, subset, cmap, 1, c.work / "stage_1", plans=c.plans, show_progress=False)
+        results = train_stage(cfg, subset, cmap, 1, c.work / "stage_1", plans=c.plans, show_progress=False)
     finally:
         lib.removeHandler(handler)
     ok = True
@@ -232,12 +232,13 @@ def row_real_oom(c: Check, row: Row) -> None:
         for step in range(1, 9):
             if stream.epoch_done:
                 stream.new_epoch()
-            window, consumed = stream.next_window(unit.accum)
+            window, consumed = stream.next_window(max(1, unit.global_batch // stream.batch_size))
             if step == 2 and c.cuda:  # measured once AdamW's state exists: what one step needs on top
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-            if member.guard.step(window, step, 1) is None:  # S3: the same samples again at the new global batch
+            if member.guard.step(window, step, 1, lambda: c.work / "oom" / "emergency-not-saved") is None:
+                # S3: the same samples again at the new global batch
                 stream.rewind(consumed)
                 stream.set_batch_size(unit.batch_size)
                 continue
@@ -255,7 +256,7 @@ def row_real_oom(c: Check, row: Row) -> None:
             torch.cuda.empty_cache()
     events = member.guard.events
     row.measured.update(actions=[e["action"] for e in events], steps_after=steps - 2,
-                        micro_batch=f"{member.guard.recovery.state.batch_size}x{member.guard.recovery.state.grad_accum}",
+                        micro_batch=f"{unit.batch_size}x{unit.accum}",
                         first_error=events[0]["error"][:120] if events else "")
     real = bool(events) and "out of memory" in events[0]["error"].lower() and "inject" not in events[0]["error"]
     ok = bool(events) and steps >= 6 and all(e["action"] != "emergency_exit" for e in events)

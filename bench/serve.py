@@ -54,7 +54,7 @@ def build_stage(work: Path, backbone: str = "tf_efficientnetv2_s", size: int = 2
     from pillsnap.data.subsets import read_subset
     from pillsnap.data.synth import synthesize
     from pillsnap.infer.export import export_stage
-    from pillsnap.train import train_classifier, train_detector
+    from pillsnap.train import train_stage
 
     cfg = load_config(profile="cpu-demo", overrides=[
         f"paths.exp_dir={work / 'exp'}", f"synth.out_dir={work / 'aihub'}", "synth.num_classes=8",
@@ -69,8 +69,7 @@ def build_stage(work: Path, backbone: str = "tf_efficientnetv2_s", size: int = 2
     run_subset(cfg, 1)
     subset, _ = read_subset(cfg.exp_dir, 1)
     stage_dir = cfg.exp_dir / "stage_1"
-    train_classifier(cfg, subset, ClassMap.load(class_map_path(cfg)), stage_dir, show_progress=False)
-    train_detector(cfg, subset, 1, stage_dir, show_progress=False)
+    train_stage(cfg, subset, ClassMap.load(class_map_path(cfg)), 1, stage_dir, show_progress=False)
     export_stage(cfg, 1)
     val = subset[subset["split"] == "val"].sort_values("image_id")
     return cfg, list(val.loc[val["kind"] == "single", "image_path"]), \

@@ -137,7 +137,8 @@ def main() -> None:
             x, y = x.pin_memory(), y.pin_memory()
         batch = {"images": x, "targets": y, "indices": torch.arange(args.batch),
                  "seeds": torch.arange(args.batch), "boxes": torch.zeros(args.batch, 4)}  # already normalised
-        sides: Dict[str, Callable[[], None]] = {"ours": lambda: member.guard.step([batch], unit.updates + 1, 1)}
+        sides: Dict[str, Callable[[], None]] = {"ours": lambda: member.guard.step([batch], unit.updates + 1, 1,
+                                                                                      lambda: Path("unused"))}
         plain = plain_loop(unit, data_on_device=False)
         sides["plain"] = lambda: plain(x, y)
         if cuda:

@@ -13,7 +13,6 @@ from prefect import flow
 from flows.config import resolve
 from flows.hooks import notify_on_failure
 from pillsnap.core import layout
-from pillsnap.data.subsets import stage_dir as subset_dir
 from pillsnap.evaluate.stage_detection import detection_results
 from pillsnap.evaluate.stage_eval import assemble_stage_results
 from pillsnap.ledger import Ledger
@@ -22,22 +21,9 @@ from tasks.data import current_manifest_hash, subset_task, validate_task
 from tasks.evaluate import advisor_task, attest_task, checks_task, combination_task, evaluate_task, go_no_go_task
 from tasks.export import api_check_task, export_task
 from tasks.review import environment_check_task, pixel_cache_check_task, record_decision_task, report_task, review
-from tasks.train import train_classifier_task, train_detector_task, train_interleaved_task
-from tasks.tuning import auto_batch_task, autotune_workers_task, stage_settings_task, verify_models_task
-
-
-def _previous_stage(config: Dict, stage: int) -> tuple[Dict[str, str], Optional[Dict]]:
-    """Warm-start checkpoints (per model) and the regression baseline from the previous stage, when it was approved."""
-    if stage <= 1:
-        return {}, None
-    exp_dir = Path(config["paths"]["exp_dir"])
-    rec = Ledger.of(exp_dir).latest(stage - 1)
-    if rec is None or not rec.approved:
-        return {}, None
-    found = {"classifier": layout.classifier_checkpoint(exp_dir, stage - 1),
-             "detector": layout.detector_checkpoint(exp_dir, stage - 1)}
-    baseline = {"accuracy": rec.metrics.get("accuracy"), "photos": rec.metrics.get("n"), "stage": stage - 1}
-    return {k: str(v) for k, v in found.items() if v.is_file()}, baseline
+from tasks.train import train_task
+from tasks.tuning import (auto_batch_task, autotune_workers_task, plan_stage_task, stage_settings_task,
+                          verify_models_task)
 
 
 def _plans(config: Dict, stage: int, models: List[str], storage: Path) -> Dict[str, Dict]:
@@ -51,28 +37,16 @@ def _plans(config: Dict, stage: int, models: List[str], storage: Path) -> Dict[s
     return plans
 
 
-def _train(config: Dict, stage: int, subset_hash: str, storage: Path,
-           init: Dict[str, str]) -> tuple[Dict, Optional[Dict], str]:
-    """(classifier result, detector result or None, training task state name)."""
-    exp_dir = Path(config["paths"]["exp_dir"])
-    detection_on = config["detection"]["enabled"]
-    models = ["classifier", "detector"] if detection_on else ["classifier"]
-    plans = _plans(config, stage, models, storage)
+def _train(config: Dict, plan: Dict, subset_hash: str, storage: Path) -> tuple[Dict[str, Dict], str]:
+    """({model: result}, training task state name)."""
+    stage, models = plan["stage"], plan["models"]
+    batch_plans = _plans(config, stage, models, storage)
     # A cached result is only good while the checkpoints it points to exist.
-    missing = not layout.classifier_checkpoint(exp_dir, stage).is_file() or (
-        detection_on and not layout.detector_checkpoint(exp_dir, stage).is_file())
-    if detection_on and config["train"]["strategy"] == "interleaved":
-        state = train_interleaved_task.with_options(result_storage=storage, refresh_cache=missing)(
-            config, stage, subset_hash, init, plans, return_state=True)
-        both = state.result()
-        return both["classifier"], both["detector"], state.name
-    state = train_classifier_task.with_options(result_storage=storage, refresh_cache=missing)(
-        config, stage, subset_hash, init, plans, return_state=True)
-    det = None
-    if detection_on:
-        det = train_detector_task.with_options(result_storage=storage, refresh_cache=missing)(
-            config, stage, subset_hash, init, plans)
-    return state.result(), det, state.name
+    exp_dir = Path(config["paths"]["exp_dir"])
+    missing = not all(layout.best_checkpoint(exp_dir, stage, model).is_file() for model in models)
+    state = train_task.with_options(result_storage=storage, refresh_cache=missing)(
+        config, stage, subset_hash, plan["warm_start"], batch_plans, return_state=True)
+    return state.result(), state.name
 
 
 def _statuses(checks: Dict) -> Dict[str, str]:
@@ -85,25 +59,25 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
     """`without_approved_predecessor`: who runs this stage although the previous one is not approved, and why
     (recorded in the ledger; the regression guard is then skipped on the record)."""
     config, settings_changed = stage_settings_task(resolve(config_path, profile, overrides), stage)
-    exp_dir = Path(config["paths"]["exp_dir"])
-    predecessor = Ledger.of(exp_dir).check_stage_may_run(stage, without_approved_predecessor)  # before any work
+    plan = plan_stage_task(config, stage, without_approved_predecessor)  # may it run: before any work
     environment_check_task(config, stage)  # weights, resources, config: before any data work
+    exp_dir = Path(config["paths"]["exp_dir"])
     storage = result_storage(config)
     manifest_hash = current_manifest_hash(config)
     validation = validate_task.with_options(result_storage=storage)(config, manifest_hash)
-    subset_missing = not (subset_dir(exp_dir, stage) / "subset.csv").is_file()
+    subset_missing = not (layout.stage_data_dir(exp_dir, stage) / "subset.csv").is_file()
     subset = subset_task.with_options(result_storage=storage, refresh_cache=subset_missing)(
         config, stage, manifest_hash)
     pixel_cache_check_task(config, stage)  # the cache it sizes is the stage's
     verify_models_task(config, stage)
-    init_checkpoints, baseline = _previous_stage(config, stage)
-    train, det_train, train_state = _train(config, stage, subset["subset_hash"], storage, init_checkpoints)
+    trained, train_state = _train(config, plan, subset["subset_hash"], storage)
+    train, det_train = trained["classifier"], trained.get("detector")
+    baseline, predecessor = plan["baseline"], plan["predecessor"]
     evaluation = evaluate_task(config, stage, train["best_checkpoint"],
                                (train.get("auto_batch") or {}).get("eval_batch_size"), baseline is not None)
     detection = detection_results(det_train, combination_task(config, stage) if det_train else None)
     export = export_task(config, stage)
     api = api_check_task(config, stage)
-    trained = {"classifier": train, "detector": det_train}
     given = Ledger.of(exp_dir).pending_attestations(stage)
     checks = checks_task(config, stage, subset, trained, evaluation, export, api, given)
     results = assemble_stage_results(evaluation, trained, validation, subset, _statuses(checks), detection, api)

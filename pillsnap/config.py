@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pillsnap.core import layout
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "pillsnap.yaml"
 PROFILE_DIR = REPO_ROOT / "configs" / "profiles"
@@ -82,15 +84,9 @@ class DataConfig:
     source: str = "aihub"  # aihub | csv | synthetic
     seed: int = 42
     val_fraction: float = 0.15
-    current_stage: int = 1
     stages: Dict[int, StageSpec] = field(default_factory=dict)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     include_combination_crops: bool = False  # add combination pills (cropped) to classifier training
-
-
-@dataclass
-class PipelineConfig:
-    mode: str = "user_controlled"  # user_controlled: the caller picks single | combo | auto
 
 
 @dataclass
@@ -116,6 +112,7 @@ class DetectionConfig:
     iou_threshold: float = 0.5
     max_det: int = 50
     include_single_images: bool = True  # single photos have a box: the detector learns from them as well
+    close_mosaic_epochs: int = 10  # ultralytics' recipe: the last epochs train on photos without mosaic
 
 
 @dataclass
@@ -165,6 +162,9 @@ class EarlyStoppingConfig:
 class EmaConfig:
     enabled: bool = False
     decay: float = 0.9998
+    # Ramp the decay up from 0 (timm's ModelEmaV3 warmup): early averages follow the weights instead of holding
+    # the initial ones, as ultralytics' EMA does with its tau.
+    warmup: bool = True
 
 
 @dataclass
@@ -187,6 +187,8 @@ class ModelTrainConfig:
     lr: float = 1.0e-3
     auto_batch_tune: bool = True
     auto_batch_max: int = 64
+    grad_clip: Optional[float] = None  # None: train.grad_clip
+    ema: Optional[bool] = None  # None: train.ema.enabled
 
 
 @dataclass
@@ -386,7 +388,6 @@ class PillSnapConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -551,7 +552,7 @@ def config_hash(cfg: PillSnapConfig) -> str:
 
 
 def save_resolved(cfg: PillSnapConfig, exp_dir: Optional[Path] = None) -> Path:
-    out = Path(exp_dir or cfg.exp_dir) / "config.resolved.yaml"
+    out = layout.resolved_config(exp_dir or cfg.exp_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(to_yaml(cfg))

@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from pillsnap.core import layout
+
 STAGES = (1, 2, 3, 4)
 FINAL_STAGE = 4
 POLICY_NEVER_OVERRIDES = "an unattended policy never approves a stage Go/No-Go refused or whose mandatory checks " \
@@ -112,7 +114,7 @@ class Ledger:
 
     @classmethod
     def of(cls, exp_dir: Path) -> "Ledger":
-        return cls(Path(exp_dir) / "ledger.json")
+        return cls(layout.ledger(exp_dir))
 
     # ------------------------------------------------------------------ reading
     def _next_seq(self) -> int:

@@ -20,7 +20,7 @@ from tasks.common import cfg_of, library_logs_in_run
 
 
 def _reports(config: Dict, stage: int) -> Path:
-    return layout.stage_dir(cfg_of(config).exp_dir, stage) / "reports"
+    return layout.reports_dir(cfg_of(config).exp_dir, stage)
 
 
 @task(name="evaluate-stage")

@@ -13,6 +13,7 @@ from prefect.context import get_run_context
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
+from pillsnap.core import layout
 from pillsnap.evaluate.stage_report import embedded, linked, render_stage_report
 from pillsnap.ledger import Ledger, decide, now
 from pillsnap.notify import notify
@@ -140,12 +141,12 @@ def record_decision_task(config: Dict, stage: int, go_no_go: Dict, advice: Dict,
 def report_task(config: Dict, stage: int, subset: Dict, train: Dict, evaluation: Dict, go_no_go: Dict,
                 advice: Dict, detection: Optional[Dict], checks: Dict, decision: Dict) -> str:
     cfg = cfg_of(config)
-    reports = cfg.exp_dir / f"stage_{stage}" / "reports"
+    reports = layout.reports_dir(cfg.exp_dir, stage)
     paths = {"tensorboard logdir": train.get("tensorboard", ""), "best checkpoint": train["best_checkpoint"],
              "last checkpoint": train["last_checkpoint"], "metrics": str(reports / "metrics.json"),
              "checks": str(reports / "checks.json"), "go/no-go": str(reports / "go_no_go.json"),
              "advisor": str(reports / "advisor.json"), "plots": str(reports),
-             "ledger": str(cfg.exp_dir / "ledger.json"), "resolved config": str(cfg.exp_dir / "config.resolved.yaml")}
+             "ledger": str(layout.ledger(cfg.exp_dir)), "resolved config": str(layout.resolved_config(cfg.exp_dir))}
     config_summary = {"classification.backbone": cfg.classification.backbone,
                       "classification.image_size": cfg.classification.image_size,
                       "train.classification": f"epochs={cfg.train.classification.epochs} "

@@ -1,4 +1,4 @@
-"""Stage settings (D-13), model verification, and the auto-batch / worker plans of both models.
+"""Stage settings (D-13), the stage plan, model verification, and the auto-batch / worker plans of both models.
 
 The plans are cached per machine + model + image size + settings: re-running a stage on the same box skips the
 probes, and a new GPU, image size or batch setting measures again.
@@ -11,6 +11,7 @@ from typing import Dict, Tuple
 
 from prefect import task
 
+from pillsnap.core import layout
 from pillsnap.config import to_dict
 from pillsnap.data.class_map import ClassMap
 from pillsnap.data.prepare import class_map_path
@@ -26,6 +27,15 @@ def stage_settings_task(config: Dict, stage: int) -> Tuple[Dict, list]:
     return to_dict(cfg), changes
 
 
+@task(name="plan-stage")
+def plan_stage_task(config: Dict, stage: int, without_approved_predecessor: str = "") -> Dict:
+    """Which models train and how, the warm start and the regression baseline; refuses a stage that may not run
+    (StageRefused) before any work."""
+    from pillsnap.stage_plan import plan_stage
+
+    return plan_stage(cfg_of(config), stage, without_approved_predecessor).to_dict()
+
+
 @task(name="verify-models")
 def verify_models_task(config: Dict, stage: int) -> Dict:
     """Fail before training if the classifier name is unknown or the detector's activation did not apply."""
@@ -38,7 +48,7 @@ def verify_models_task(config: Dict, stage: int) -> Dict:
     if cfg.detection.enabled:
         from pillsnap.models.detector import verify_detector
         with library_logs_in_run():
-            out["detector"] = verify_detector(cfg.detection, cfg.exp_dir / f"stage_{stage}" / "detector" / "model")
+            out["detector"] = verify_detector(cfg.detection, layout.detector_model_dir(layout.stage_dir(cfg.exp_dir, stage)))
     return out
 
 

@@ -14,7 +14,9 @@ import torch
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
-RESUME_CANDIDATES = ("recovery.pt", "last.pt", "last.prev.pt")
+# On a tie (recovery.pt written at the last step of an epoch, last.pt right after its validation) the first wins:
+# last.pt, which holds the validated epoch.
+RESUME_CANDIDATES = ("last.pt", "recovery.pt", "last.prev.pt")
 
 
 class CheckpointError(RuntimeError):

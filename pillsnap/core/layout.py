@@ -1,10 +1,19 @@
-"""The experiment-directory layout of ARCHITECTURE.md, in one place (training, evaluation and serving read it).
+"""The experiment directory, in ONE place: every module asks here for a path, none builds one by hand.
 
-<exp_dir>/stage_<n>/checkpoints/{best,last,recovery}.pt      the classifier (last/recovery: the whole run's state)
-<exp_dir>/stage_<n>/detector/checkpoints/{best,last}.pt      the detector
-<exp_dir>/stage_<n>/{tb, detector/tb}                        TensorBoard, one folder per model
-<exp_dir>/stage_<n>/reports/                                 metrics.json, checks.json, go_no_go.json, …
-<exp_dir>/stage_<n>/export/{classifier,detector}.onnx, export_report.json
+<exp_dir>/config.resolved.yaml, ledger.json
+<exp_dir>/data/                                           manifest, class map, validation reports, cache/
+<exp_dir>/data/stage_<n>/                                 the stage's subset (subset.csv, subset.json, yolo/)
+<exp_dir>/stage_<n>/                                      one stage's run ("the stage folder"):
+    checkpoints/{best,last,recovery,emergency}.pt         the classifier (last/recovery/emergency: the whole run)
+    tb/                                                   the classifier's TensorBoard
+    detector/{checkpoints/{best,last}.pt, tb/, model/}    the detector's files and generated model yaml
+    reports/                                              metrics.json, checks.json, go_no_go.json, …, detections/
+    export/{classifier,detector}.onnx, export_report.json
+    logs/{train.out,train.err}
+<exp_dir>/final/{reports/final_test_results*.json, data/test_manifest.csv}
+
+Functions taking `stage_folder` work on a stage folder wherever it is (tests and benches train into temporary
+ones); the others take (exp_dir, stage).
 """
 from __future__ import annotations
 
@@ -15,30 +24,81 @@ from typing import Optional
 CLASSIFIER_ONNX = "classifier.onnx"
 DETECTOR_ONNX = "detector.onnx"
 EXPORT_REPORT = "export_report.json"
+BEST, LAST = "best.pt", "last.pt"
 
 
+# ---------------------------------------------------------------------------------------------- the experiment
+def resolved_config(exp_dir: Path) -> Path:
+    return Path(exp_dir) / "config.resolved.yaml"
+
+
+def ledger(exp_dir: Path) -> Path:
+    return Path(exp_dir) / "ledger.json"
+
+
+def data_dir(exp_dir: Path) -> Path:
+    return Path(exp_dir) / "data"
+
+
+def stage_data_dir(exp_dir: Path, stage: int) -> Path:
+    """The stage's subset (subset.csv, subset.json) and its YOLO dataset."""
+    return data_dir(exp_dir) / f"stage_{stage}"
+
+
+def final_reports_dir(exp_dir: Path) -> Path:
+    return Path(exp_dir) / "final" / "reports"
+
+
+def final_data_dir(exp_dir: Path) -> Path:
+    return Path(exp_dir) / "final" / "data"
+
+
+# ---------------------------------------------------------------------------------------------- a stage folder
 def stage_dir(exp_dir: Path, stage: int) -> Path:
     return Path(exp_dir) / f"stage_{stage}"
 
 
-def checkpoint_dir(exp_dir: Path, stage: int) -> Path:
-    return stage_dir(exp_dir, stage) / "checkpoints"
+def model_dir(stage_folder: Path, model: str) -> Path:
+    """The classifier's files sit at the top of the stage folder, the detector's in detector/."""
+    return Path(stage_folder) if model == "classifier" else Path(stage_folder) / "detector"
+
+
+def checkpoints_dir(stage_folder: Path, model: str = "classifier") -> Path:
+    return model_dir(stage_folder, model) / "checkpoints"
+
+
+def tensorboard_dir(stage_folder: Path, model: str) -> Path:
+    return model_dir(stage_folder, model) / "tb"
+
+
+def detector_model_dir(stage_folder: Path) -> Path:
+    """Where the generated detector yaml is written."""
+    return model_dir(stage_folder, "detector") / "model"
+
+
+def stage_reports_dir(stage_folder: Path) -> Path:
+    return Path(stage_folder) / "reports"
+
+
+def logs_dir(stage_folder: Path) -> Path:
+    return Path(stage_folder) / "logs"
+
+
+# ---------------------------------------------------------------------------------------------- (exp_dir, stage)
+def best_checkpoint(exp_dir: Path, stage: int, model: str) -> Path:
+    return checkpoints_dir(stage_dir(exp_dir, stage), model) / BEST
 
 
 def classifier_checkpoint(exp_dir: Path, stage: int) -> Path:
-    return checkpoint_dir(exp_dir, stage) / "best.pt"
-
-
-def detector_dir(exp_dir: Path, stage: int) -> Path:
-    return stage_dir(exp_dir, stage) / "detector"
+    return best_checkpoint(exp_dir, stage, "classifier")
 
 
 def detector_checkpoint(exp_dir: Path, stage: int) -> Path:
-    return detector_dir(exp_dir, stage) / "checkpoints" / "best.pt"
+    return best_checkpoint(exp_dir, stage, "detector")
 
 
 def reports_dir(exp_dir: Path, stage: int) -> Path:
-    return stage_dir(exp_dir, stage) / "reports"
+    return stage_reports_dir(stage_dir(exp_dir, stage))
 
 
 def export_dir(exp_dir: Path, stage: int) -> Path:
@@ -50,6 +110,6 @@ def latest_trained_stage(exp_dir: Path) -> Optional[int]:
     found = []
     for path in Path(exp_dir).glob("stage_*"):
         match = re.fullmatch(r"stage_(\d+)", path.name)
-        if match and (path / "checkpoints" / "best.pt").is_file():
+        if match and (checkpoints_dir(path) / BEST).is_file():
             found.append(int(match.group(1)))
     return max(found) if found else None

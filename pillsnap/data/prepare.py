@@ -17,6 +17,7 @@ from pillsnap.data.aihub import ImportIssue, ImportResult, import_aihub
 from pillsnap.data.cache import PixelStore
 from pillsnap.data.class_map import build_class_map
 from pillsnap.data.csv_import import import_csv
+from pillsnap.core import layout
 from pillsnap.data.manifest import assign_splits, manifest_hash, read_manifest, write_manifest
 from pillsnap.data.subsets import build_stage_subset, write_subset
 from pillsnap.data.validate import load_quarantine, raise_if_fatal, validate_manifest, write_report
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def data_dir(cfg: PillSnapConfig) -> Path:
-    return cfg.exp_dir / "data"
+    return layout.data_dir(cfg.exp_dir)
 
 
 def manifest_path(cfg: PillSnapConfig) -> Path:

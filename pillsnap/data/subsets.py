@@ -25,6 +25,7 @@ from typing import Iterable, List, Optional
 import numpy as np
 import pandas as pd
 
+from pillsnap.core import layout
 from pillsnap.config import StageSpec
 from pillsnap.data.manifest import image_k_codes, manifest_hash, read_manifest, write_manifest
 
@@ -142,18 +143,14 @@ def build_stage_subset(manifest: pd.DataFrame, stage: int, spec: StageSpec, seed
     return subset, summary
 
 
-def stage_dir(exp_dir: Path, stage: int) -> Path:
-    return Path(exp_dir) / "data" / f"stage_{stage}"
-
-
 def write_subset(subset: pd.DataFrame, summary: SubsetSummary, exp_dir: Path) -> Path:
-    out = stage_dir(exp_dir, summary.stage)
+    out = layout.stage_data_dir(exp_dir, summary.stage)
     write_manifest(subset, out / "subset.csv")
     (out / "subset.json").write_text(json.dumps(asdict(summary), indent=1))
     return out
 
 
 def read_subset(exp_dir: Path, stage: int) -> tuple[pd.DataFrame, SubsetSummary]:
-    out = stage_dir(exp_dir, stage)
+    out = layout.stage_data_dir(exp_dir, stage)
     summary = SubsetSummary(**json.loads((out / "subset.json").read_text()))
     return read_manifest(out / "subset.csv"), summary

@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import pandas as pd
 import yaml
 
+from pillsnap.core import layout
 from pillsnap.data.manifest import manifest_hash
-from pillsnap.data.subsets import stage_dir
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ class YoloDataset:
 
 
 def yolo_dir(exp_dir: Path, stage: int) -> Path:
-    return stage_dir(exp_dir, stage) / "yolo"
+    return layout.stage_data_dir(exp_dir, stage) / "yolo"
 
 
 def detection_rows(subset: pd.DataFrame, include_single_images: bool = True, cap: Optional[int] = None,

@@ -62,7 +62,7 @@ class FinalTestPlan:
 def results_path(cfg: PillSnapConfig, number: Optional[int] = None) -> Path:
     """The newest results, or run `number`'s."""
     name = "final_test_results.json" if number is None else f"final_test_results_{number:03d}.json"
-    return cfg.exp_dir / "final" / "reports" / name
+    return layout.final_reports_dir(cfg.exp_dir) / name
 
 
 def check_final_test_allowed(cfg: PillSnapConfig, force: bool = False) -> FinalTestPlan:
@@ -110,7 +110,7 @@ def load_test_split(cfg: PillSnapConfig) -> pd.DataFrame:
         test = import_aihub_test(source_root(cfg), show_progress=False).manifest
     if test.empty:
         raise FinalTestRefused(f"the sealed test split is empty ({cfg.data.source} source)")
-    write_manifest(test, cfg.exp_dir / "final" / "data" / "test_manifest.csv")
+    write_manifest(test, layout.final_data_dir(cfg.exp_dir) / "test_manifest.csv")
     return test.reset_index(drop=True)
 
 

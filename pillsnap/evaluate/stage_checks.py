@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def checks_path(cfg: PillSnapConfig, stage: int) -> Path:
-    return layout.stage_dir(cfg.exp_dir, stage) / "reports" / "checks.json"
+    return layout.reports_dir(cfg.exp_dir, stage) / "checks.json"
 
 
 def _probe_photo(subset: pd.DataFrame) -> Optional[str]:

@@ -94,7 +94,7 @@ def combination_accuracy(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, 
     detector = build_detector(cfg, detector_ckpt, "torch", device=device)
     engine = TorchClassifierEngine(model, device)
     classify = lambda crops: engine.logits(normalise_batch(list(crops)))  # noqa: E731
-    drawn = Drawings(layout.stage_dir(cfg.exp_dir, stage) / "reports" / "detections")
+    drawn = Drawings(layout.reports_dir(cfg.exp_dir, stage) / "detections")
     result = evaluate_combinations(combination_samples(val), detector, classify, labels.k_codes,
                                    cfg.classification.crop_padding, cfg.classification.image_size, on_image=drawn)
     log.info("combination accuracy on %d val images (%s): %s; detector batch-1 p50 %.1f ms on %s", len(val),

@@ -52,7 +52,8 @@ class RunningServer:
 @contextmanager
 def running_server(cfg: PillSnapConfig, stage: int, engine: str, timeout_s: float,
                    overrides: Sequence[str] = ()) -> Iterator[RunningServer]:
-    """A real `pillsnap serve` process on a free loopback port with a fresh key; stopped on exit."""
+    """A real API process (`python -m pillsnap.serve`, what `pillsnap serve` runs) on a free loopback port with a
+    fresh key; stopped on exit."""
     import httpx
 
     key, port = secrets.token_urlsafe(16), free_port()
@@ -61,7 +62,7 @@ def running_server(cfg: PillSnapConfig, stage: int, engine: str, timeout_s: floa
         config.write_text(to_yaml(cfg))
         log_path = Path(tmp) / "server.log"
         env = {**os.environ, "PILLSNAP_API_KEYS": key, "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "pillsnap.cli", "serve", "--config", str(config), "--stage", str(stage),
+        command = [sys.executable, "-m", "pillsnap.serve", "--config", str(config), "--stage", str(stage),
                    "--engine", engine, "--host", LOOPBACK, "--port", str(port), *overrides]
         started = time.monotonic()
         with open(log_path, "w") as out:

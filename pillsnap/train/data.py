@@ -22,9 +22,6 @@ from pillsnap.data.datasets import (ClassificationDataset, ClassificationSamples
 from pillsnap.data.yolo_dataset import YoloDataset, stage_detector_dataset
 from pillsnap.train.loss import sample_weights
 
-CLOSE_MOSAIC_EPOCHS = 10  # ultralytics' recipe: the last detector epochs see un-mosaicked images
-
-
 @dataclass
 class UnitData:
     """What a stream needs: the dataset, its seeded sampler, a loader factory and an epoch hook."""
@@ -147,7 +144,7 @@ def detector_data(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, hyp, ep
                           persistent_workers=bool(workers) and dl.persistent_workers)
 
     def close_mosaic(epoch: int) -> bool:
-        if epoch >= epochs - CLOSE_MOSAIC_EPOCHS and getattr(dataset, "mosaic", False):
+        if epoch >= epochs - cfg.detection.close_mosaic_epochs and getattr(dataset, "mosaic", False):
             dataset.close_mosaic(hyp)
             return True  # persistent workers hold their own copy of the dataset
         return False

@@ -25,7 +25,7 @@ class TrainResult:
     val_metrics: Dict[str, Any]  # the best epoch's validation metrics
     history: List[Dict[str, Any]] = field(default_factory=list)
     epochs: List[Dict[str, Any]] = field(default_factory=list)  # per epoch: loss, monitor, throughput, memory
-    mean_throughput: float = 0.0
+    mean_throughput: float = 0.0  # img/s over every trained epoch (samples / busy time), a resume included
     skipped_samples: int = 0
     class_map_hash: str = ""
     policy: str = ""
@@ -39,7 +39,6 @@ class TrainResult:
     compile: str = "eager"  # eager | compiled | fell_back
     not_measured: List[str] = field(default_factory=list)
     data: Dict[str, Any] = field(default_factory=dict)  # what it trained and validated on
-    run_dir: str = ""  # the ultralytics run folder (sequential detector)
 
     def as_dict(self, with_history: bool = False) -> Dict[str, Any]:
         out = asdict(self)
@@ -52,9 +51,18 @@ def epoch_rows(history: List[Dict[str, Any]], monitor: str) -> List[Dict[str, An
     """One small row per epoch for the stage checks: training loss, the monitored metric, the epoch's resources."""
     rows = []
     for h in history:
-        loss = h.get("train_loss")
-        if loss is None:  # an ultralytics epoch: its loss is the sum of its terms
-            loss = sum(float(v) for v in (h.get("train") or {}).values())
-        rows.append({"epoch": h["epoch"], "train_loss": float(loss), "monitor": (h.get("val") or {}).get(monitor),
+        rows.append({"epoch": h["epoch"], "train_loss": float(h["train_loss"]),
+                     "monitor": (h.get("val") or {}).get(monitor),
                      **(h.get("resources") or {})})
     return rows
+
+
+def mean_throughput(history: List[Dict[str, Any]]) -> float:
+    """Images per second over every epoch of the history: its samples over the time its steps took."""
+    samples = seconds = 0.0
+    for h in history:
+        r = h.get("resources") or {}
+        if r.get("throughput_img_s"):
+            samples += r["samples"]
+            seconds += r["samples"] / r["throughput_img_s"]
+    return samples / seconds if seconds else 0.0

@@ -23,10 +23,10 @@ pytestmark = pytest.mark.integration
 
 
 def _train_task_seconds(flow_run_name_contains: str = "") -> list:
-    """Durations of every train-classifier task run so far, oldest first."""
+    """Durations of every training task run so far, oldest first."""
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs()
-    runs = [r for r in runs if r.name.startswith("train-classifier") and r.start_time and r.end_time]
+    runs = [r for r in runs if r.name.startswith("train-") and r.start_time and r.end_time]
     runs.sort(key=lambda r: r.start_time)
     return [(r.end_time - r.start_time).total_seconds() for r in runs]
 
@@ -46,8 +46,11 @@ def test_a_killed_training_task_is_retried_and_resumes(prepared):
 
 def test_second_run_is_cached_and_a_missing_checkpoint_invalidates_it(prepared):
     first = stage_flow(stage=1, profile="ci", overrides=prepared)
-    second = stage_flow(stage=1, profile="ci", overrides=prepared)
+    # A serving or reporting key is not part of the training's cache key or fingerprint.
+    second = stage_flow(stage=1, profile="ci", overrides=[*prepared, "serve.smoke_requests=6",
+                                                          "evaluation.checks.multi_batch_size=4"])
     assert (first["train_state"], second["train_state"]) == ("Completed", "Cached")
+    assert not (Path(first["exp_dir"]) / "stage_1/checkpoints.previous").exists()
     durations = _train_task_seconds()
     assert durations[-1] < 0.2 * durations[-2], durations
     assert second["accuracy"] == first["accuracy"]
@@ -132,13 +135,13 @@ def test_a_permanent_error_fails_the_training_task_at_once(prepared):
     from prefect import flow
 
     from pillsnap.config import load_config, to_dict
-    from tasks.train import TRAIN_RETRIES, train_classifier_task
+    from tasks.train import TRAIN_RETRIES, train_task
 
     config = to_dict(load_config(profile="ci", overrides=prepared))  # no stage subset built: a data error
 
     @flow
     def train_without_a_subset():
-        state = train_classifier_task(config, 1, "no-subset", return_state=True)
+        state = train_task(config, 1, "no-subset", return_state=True)
         return state.is_failed(), str(state.message), state.state_details.task_run_id
 
     failed, message, task_run_id = train_without_a_subset()

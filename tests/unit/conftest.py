@@ -48,7 +48,7 @@ def save_random_detector(cfg, stage: int) -> Path:
 @pytest.fixture(scope="session")
 def trained_stage(tmp_path_factory, tiny_aihub, make_config):
     """(cfg, subset, class map) of stage 1 with classifier and detector best.pt in their usual places."""
-    from pillsnap.train import train_classifier
+    from pillsnap.train import train_stage
 
     cfg = stage_config(make_config, tmp_path_factory.mktemp("infer"), tiny_aihub)
     with one_torch_thread():
@@ -56,7 +56,8 @@ def trained_stage(tmp_path_factory, tiny_aihub, make_config):
         run_subset(cfg, 1)
         subset, _ = read_subset(cfg.exp_dir, 1)
         class_map = ClassMap.load(class_map_path(cfg))
-        train_classifier(cfg, subset, class_map, layout.stage_dir(cfg.exp_dir, 1), show_progress=False)
+        train_stage(cfg, subset, class_map, 1, layout.stage_dir(cfg.exp_dir, 1), show_progress=False,
+                    models=("classifier",))
         save_random_detector(cfg, 1)
     return cfg, subset, class_map
 

@@ -1,4 +1,5 @@
-"""Shared, session-wide material for the detector tests: one tiny synthetic set and two trained runs.
+"""Shared, session-wide material for the detector tests: one tiny synthetic set and two trained runs (one per
+strategy, both through the one engine).
 
 Fixtures here are imported by several test modules; pytest then registers them once per module, so each body
 memoises its result for the whole session (the data is synthesised once, each training runs once).
@@ -78,33 +79,42 @@ def det_data(tmp_path_factory) -> TinyData:
     return _CACHE["data"]
 
 
+def _train(cfg: PillSnapConfig, data: TinyData, exp: Path, **kwargs):
+    from pillsnap.data.class_map import build_class_map
+    from pillsnap.train import train_stage
+
+    return train_stage(cfg, data.manifest, build_class_map(data.manifest), 1, exp / "stage_1", show_progress=False,
+                       **kwargs)
+
+
 @pytest.fixture(scope="session")
 def sequential_run(det_data: TinyData, tmp_path_factory) -> Run:
-    """Sequential training interrupted after 3 epochs, then resumed to the configured 10."""
+    """Sequential training (the detector's 10 epochs, then the classifier's) interrupted after the detector's 3rd
+    epoch, then resumed; result: both models."""
     if "sequential" not in _CACHE:
-        from pillsnap.train import train_detector
-
         exp = tmp_path_factory.mktemp("seq") / "exp"
-        cfg = det_config(exp, "train.strategy=sequential")
+        cfg = det_config(exp, "train.strategy=sequential", "train.classification.epochs=2")
         run = Run(first_error=RuntimeError("no interruption happened"), result=None, exp_dir=exp,
-                  losses={"detector": []})
-        stage_dir = exp / "stage_1"
+                  losses={"detector": [], "classifier": []})
 
         def crash(model: str, epoch: int, record: Dict) -> None:
-            if epoch == SEQ_CRASH_AFTER:
+            if model == "detector" and epoch == SEQ_CRASH_AFTER:
                 raise SimulatedInterruption(f"interrupted after epoch {epoch}")
 
         def collect(step: int, loss: float, which: str) -> None:
             run.losses[which].append(loss)
-            run.steps.append(step)
+            if which == "detector":
+                run.steps.append(step)
+
+        def after_resume(model: str, epoch: int, record: Dict) -> None:
+            if model == "detector":
+                run.epochs_after_resume.append(epoch)
 
         try:
-            train_detector(cfg, det_data.manifest, 1, stage_dir, step_hook=collect, epoch_hook=crash,
-                           show_progress=False)
+            _train(cfg, det_data, exp, step_hook=collect, epoch_hook=crash)
         except SimulatedInterruption as e:
             run.first_error = e
-        run.result = train_detector(cfg, det_data.manifest, 1, stage_dir, step_hook=collect, show_progress=False,
-                                    epoch_hook=lambda model, epoch, record: run.epochs_after_resume.append(epoch))
+        run.result = _train(cfg, det_data, exp, step_hook=collect, epoch_hook=after_resume)
         _CACHE["sequential"] = run
     return _CACHE["sequential"]
 
@@ -113,15 +123,11 @@ def sequential_run(det_data: TinyData, tmp_path_factory) -> Run:
 def interleaved_run(det_data: TinyData, tmp_path_factory) -> Run:
     """Interleaved training (1:1) interrupted at tick 10, then resumed from its newest checkpoint; result: both models."""
     if "interleaved" not in _CACHE:
-        from pillsnap.data.class_map import build_class_map
-        from pillsnap.train import train_interleaved
-
         exp = tmp_path_factory.mktemp("inter") / "exp"
         cfg = det_config(exp, "train.strategy=interleaved", "train.interleave_ratio=[1,1]",
                          "detection.activation=leaky_relu", f"train.detection.epochs={INT_EPOCHS}",
                          "train.detection.batch_size=8", "train.detection.lr=0.01",
                          f"train.classification.epochs={INT_EPOCHS}", "train.recovery_every_steps=4")
-        class_map = build_class_map(det_data.manifest)
         run = Run(first_error=RuntimeError("no interruption happened"), result=None, exp_dir=exp,
                   losses={"detector": [], "classifier": []})
 
@@ -133,14 +139,11 @@ def interleaved_run(det_data: TinyData, tmp_path_factory) -> Run:
                 raise run.first_error
 
         try:
-            train_interleaved(cfg, det_data.manifest, class_map, 1, exp / "stage_1", step_hook=collect,
-                              show_progress=False)
+            _train(cfg, det_data, exp, step_hook=collect)
         except SimulatedInterruption:
             pass
-        run.result = train_interleaved(cfg, det_data.manifest, class_map, 1, exp / "stage_1", step_hook=collect,
-                                       show_progress=False,
-                                       epoch_hook=lambda model, epoch, record: run.epochs_after_resume.append(
-                                           (model, epoch)))
+        run.result = _train(cfg, det_data, exp, step_hook=collect,
+                            epoch_hook=lambda model, epoch, record: run.epochs_after_resume.append((model, epoch)))
         _CACHE["interleaved"] = run
     return _CACHE["interleaved"]
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pillsnap.cli import COMMANDS, main
+from flows.cli import COMMANDS, main
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -38,7 +38,7 @@ def test_synth_import_validate_subset_from_the_command_line(tmp_path, capsys):
 
 
 def test_the_demo_passes_only_when_both_halves_work():
-    from pillsnap.cli import demo_verdicts
+    from flows.cli import demo_verdicts
     from pillsnap.config import load_config
 
     cfg = load_config(profile="cpu-demo")
@@ -80,7 +80,7 @@ def _stopped_step(**extra):
 def test_progress_ends_with_one_sentence_and_a_distinct_exit_code_when_a_gate_stopped_it(monkeypatch, capsys):
     import flows.progressive
     from flows.progressive import outcome
-    from pillsnap.cli import EXIT_GATE_STOPPED
+    from flows.cli import EXIT_GATE_STOPPED
 
     sentence = outcome([{"stage": 1, "decision": "GO", "approved": True, "choice": "proceed"}, _stopped_step()])
     assert sentence["gate_stopped"] and sentence["sentence"].startswith("Stopped at Stage 2: Go/No-Go NO_GO "
@@ -98,7 +98,7 @@ def test_progress_ends_with_one_sentence_and_a_distinct_exit_code_when_a_gate_st
 
 def test_a_refused_stage_exits_with_its_own_code_and_the_reason(tmp_path, monkeypatch, capsys):
     import flows.stage
-    from pillsnap.cli import EXIT_REFUSED
+    from flows.cli import EXIT_REFUSED
     from pillsnap.ledger import Ledger
 
     def refuse(**kw):

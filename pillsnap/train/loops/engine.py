@@ -1,15 +1,18 @@
-"""The loop that drives training units. `sequential` (the classifier alone) and `interleaved` (D-1: d detector
-steps, then c classifier steps) are two schedules of the SAME loop, so both get everything:
+"""THE training loop. Both strategies are two schedules of it, so both get everything:
 
-    for tick in ...:                     # one tick = one optimizer step of one unit
-        member = the unit whose turn it is (a unit that finished its epochs or stopped early is skipped)
-        window = member.stream.next_window(accumulation)
-        loss = member.guard.step(window)    # OOM recovery, compile fallback, non-finite guard (oom_guard.py)
-        log line + TensorBoard, health monitors, recovery.pt every train.recovery_every_steps ticks
-        at the end of the member's epoch: validate, best.pt (one "improved?" rule), early stopping,
-        last.pt (every unit's state + the loop's), reports/metrics.json
+    sequential   the detector's epochs, then the classifier's (one member at a time, in the plan's order)
+    interleaved  D-1: d detector steps, then c classifier steps (train.interleave_ratio), until both are done
 
-Each unit keeps its own epochs (train.<model>.epochs), schedule, OOM state and early stopping. Checkpoints:
+    for tick in ...:                     # one tick = one optimizer step of one member
+        member = the member whose turn it is (one that finished its epochs or stopped early is skipped)
+        window = member.stream.next_window(...)      # the samples of one global batch
+        loss = member.guard.step(window, ...)        # OOM recovery, compile fallback, non-finite guard (oom_guard.py)
+        D-10 line + Annex 7 tags, health monitors; recovery.pt when the checkpoint policy says so
+        at the end of the member's epoch: validate, best.pt / last.pt (checkpoint_policy.py), early stopping,
+        reports/metrics.json
+
+Each member keeps its own epochs, schedule, OOM state and early stopping; the LR schedule, the stopping rule, the
+OOM handling and the checkpoint policy are the same objects for both models in both strategies. Checkpoints:
 <stage>/checkpoints/{last,recovery,emergency}.pt hold the whole run (the classifier's schema at the top, every
 unit's training state under "units"), so a resume continues at the same tick and sample; each model's best.pt is
 in its own schema and folder.
@@ -22,20 +25,22 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from pillsnap.config import PillSnapConfig, to_dict
+from pillsnap.core import layout
 from pillsnap.core.checkpoints import check_compatible
 from pillsnap.core.jsonio import read_json, write_json_atomic
 from pillsnap.data.datasets import SkipCounter
 from pillsnap.progress import progress
 from pillsnap.train.data import UnitData
 from pillsnap.train.loops.streams import Stream, steps_per_epoch
-from pillsnap.train.results import TrainResult, epoch_rows
-from pillsnap.train.services.checkpointer import (Checkpointer, improved, restore_rng_state, rng_state,
-                                                  training_fingerprint)
+from pillsnap.train.results import TrainResult, epoch_rows, mean_throughput
+from pillsnap.train.services.checkpoint_policy import (CheckpointPolicy, restore_rng_state, rng_state,
+                                                       training_fingerprint)
+from pillsnap.train.services.early_stopping import EarlyStopping
 from pillsnap.train.services.health import TrainingHealth
-from pillsnap.train.services.oom import FaultInjector, OomPolicy, OomState
+from pillsnap.train.services.oom import FaultInjector
 from pillsnap.train.services.oom_guard import OomGuard
 from pillsnap.train.services.schedule import scale_optimizer_hparams
 from pillsnap.train.services.telemetry import TBWriter, Telemetry
@@ -44,6 +49,8 @@ from pillsnap.train.units.base import TrainUnit
 log = logging.getLogger(__name__)
 StepHook = Callable[[int, float, str], None]  # (tick, loss, model) after every optimizer step
 EpochHook = Callable[[str, int, Dict[str, Any]], None]  # (model, epoch, record) after every validated epoch
+Plans = Mapping[str, Mapping[str, Optional[Mapping[str, Any]]]]  # model -> {"batch": plan, "workers": plan}
+SEQUENTIAL, INTERLEAVED = "sequential", "interleaved"
 
 
 class SimulatedCrash(RuntimeError):
@@ -52,125 +59,159 @@ class SimulatedCrash(RuntimeError):
 
 @dataclass
 class Track:
-    """What the loop counts for one unit; checkpointed so a resume continues exactly."""
+    """What the loop counts for one member's current epoch and its history; checkpointed."""
     epoch: int = 0
     steps_in_epoch: int = 0
-    best_metric: Optional[float] = None
-    best_epoch: int = -1
-    bad_epochs: int = 0
     loss_sum: float = 0.0
     loss_count: int = 0
     item_sums: Dict[str, float] = field(default_factory=dict)
     done: bool = False
-    stopped_early: bool = False
     history: List[Dict[str, Any]] = field(default_factory=list)
 
 
 class Member:
-    """One unit inside a loop, with its data stream, telemetry, OOM guard, health monitors and files."""
+    """One unit inside the loop, with its data stream, telemetry, step guard, health monitors and early stopping."""
 
-    def __init__(self, cfg: PillSnapConfig, unit: TrainUnit, data: UnitData, out_dir: Path, section: str,
-                 injector: FaultInjector, ratio: int = 1):
-        self.unit, self.data, self.out, self.section, self.ratio = unit, data, Path(out_dir), section, ratio
+    def __init__(self, cfg: PillSnapConfig, unit: TrainUnit, data: UnitData, stage_folder: Path, section: str,
+                 injector: FaultInjector, ratio: int = 1, facts: Optional[Dict[str, Any]] = None):
+        self.unit, self.data, self.section, self.ratio = unit, data, section, ratio
+        self.checkpoints_dir = layout.checkpoints_dir(stage_folder, unit.name)
+        self.tensorboard = layout.tensorboard_dir(stage_folder, unit.name)
+        self.facts = dict(facts or {})  # what the unit trains on, for the result
         self.stream = Stream(data, unit.batch_size, len(data.dataset))
         self.track = Track()
-        self.tb = TBWriter(self.out / "tb", cfg.logging.tensorboard)
+        self.stopping = EarlyStopping.from_config(cfg.train.early_stopping, unit.monitor, unit.mode)
+        self.tb = TBWriter(self.tensorboard, cfg.logging.tensorboard)
         self.telemetry = Telemetry(self.tb, unit.log_tag, unit.epochs, cfg.train.step_log_interval,
                                    unit.policy.device)
         self.health = TrainingHealth(cfg, self.tb, unit.monitor, unit.mode)
-        self.guard = OomGuard(unit, OomPolicy.from_config(cfg.train.oom), injector, lambda: Path(), self.telemetry)
+        self.guard = OomGuard(unit, injector, self.telemetry)
         self.plans: Dict[str, Optional[Dict[str, Any]]] = {"batch": None, "workers": None}
-        self.facts: Dict[str, Any] = {}  # what the unit trained on, for the result
+
+    @property
+    def name(self) -> str:
+        return self.unit.name
 
     @property
     def best_path(self) -> Path:
-        return self.out / "checkpoints" / "best.pt"
+        return self.checkpoints_dir / layout.BEST
 
     @property
     def steps_now(self) -> int:
         return max(1, math.ceil(self.stream.samples_per_epoch / self.unit.global_batch))
 
+    def apply_plans(self, plans: Mapping[str, Optional[Mapping[str, Any]]]) -> None:
+        """Batch / worker plans (auto batch, worker autotune), before the first step of a fresh run."""
+        if plans.get("batch") is not None:
+            self._apply_batch_plan(dict(plans["batch"]))
+        workers = plans.get("workers")
+        if workers is not None:
+            self.stream.set_workers(int(workers["num_workers"]))
+            self.plans["workers"] = dict(workers)
+            self.telemetry.scalars({"perf/num_workers": self.stream.num_workers}, 0)
+            log.info("%s dataloader: %d workers (%s)", self.name, self.stream.num_workers,
+                     workers.get("reason", "plan given"))
+
+    def _apply_batch_plan(self, plan: Dict[str, Any]) -> None:
+        """Train at the plan's batch / accumulation / eval batch; LR by the linear scaling rule vs the configured G."""
+        u = self.unit
+        u.set_batch(int(plan["batch_size"]), int(plan["grad_accum"]))
+        u.eval_batch_size = int(plan.get("eval_batch_size") or u.batch_size)
+        lr_scale = u.global_batch / u.configured_global_batch
+        if lr_scale != 1.0:
+            scale_optimizer_hparams(u.optimizer, None, lr_scale=lr_scale)
+        if plan.get("amp_dtype") == "fp16" and u.amp != "fp16":  # the tuner needed fp16 to fit: as after S1
+            u.oom.state.amp_dtype, u.oom.state.did_amp_escalate = "fp16", True
+            u.escalate_precision()
+        self.stream.set_batch_size(u.batch_size)
+        self.plans["batch"] = {**plan, "applied_lr_scale": lr_scale}
+        self.telemetry.scalars({"perf/auto_batch_found": u.batch_size, "perf/auto_batch_grad_accum": u.accum,
+                                "perf/auto_batch_eval": u.eval_batch_size,
+                                "perf/auto_batch_memory_fraction": plan.get("memory_fraction")}, 0)
+        source = "probed on " + str(plan.get("device")) if plan.get("probed") else "not probed"
+        log.info("%s auto batch: batch %d x accum %d (global %d, configured %d, lr x%.4f), eval batch %d (%s)",
+                 u.name, u.batch_size, u.accum, u.global_batch, u.configured_global_batch, lr_scale,
+                 u.eval_batch_size, source)
+
     def meta(self) -> Dict[str, Any]:
-        return {"track": asdict(self.track), "stream": {**self.stream.state(),
-                                                         "samples_per_epoch": self.stream.samples_per_epoch},
-                "oom_state": asdict(self.guard.recovery.state), "oom_events": self.guard.events,
-                "health": self.health.state_dict(), "plans": self.plans}
+        return {"track": asdict(self.track), "stopping": self.stopping.state_dict(),
+                "stream": {**self.stream.state(), "samples_per_epoch": self.stream.samples_per_epoch},
+                "oom_events": self.guard.events, "health": self.health.state_dict(), "plans": self.plans}
 
     def restore_meta(self, meta: Dict[str, Any]) -> None:
         self.track = Track(**meta["track"])
+        self.stopping.load_state_dict(meta["stopping"])
         self.stream.restore(meta["stream"])
         self.stream.samples_per_epoch = int(meta["stream"]["samples_per_epoch"])
-        self.guard.recovery.state = OomState(**meta["oom_state"])
         self.guard.events = list(meta["oom_events"])
         self.health.load_state_dict(meta["health"])
         self.plans = meta["plans"]
 
+    def close(self) -> None:
+        self.tb.close()
+        self.health.close()
+        self.stream.close()
+
 
 class UnitLoop:
-    def __init__(self, cfg: PillSnapConfig, members: Sequence[Member], ckpt_dir: Path, reports_dir: Path,
-                 strategy: str, step_hook: Optional[StepHook] = None, epoch_hook: Optional[EpochHook] = None,
-                 show_progress: bool = True):
+    def __init__(self, cfg: PillSnapConfig, members: Sequence[Member], stage_folder: Path, strategy: str,
+                 plans: Optional[Plans] = None, step_hook: Optional[StepHook] = None,
+                 epoch_hook: Optional[EpochHook] = None, show_progress: bool = True):
+        if strategy not in (SEQUENTIAL, INTERLEAVED):
+            raise ValueError(f"train.strategy={strategy!r} is not one of {SEQUENTIAL}, {INTERLEAVED}")
         self.cfg, self.members, self.strategy = cfg, list(members), strategy
-        self.primary = next(m for m in self.members if m.unit.name == "classifier")
-        self.reports = Path(reports_dir) / "metrics.json"
+        self.primary = next(m for m in self.members if m.name == "classifier")
+        self.reports = layout.stage_reports_dir(stage_folder) / "metrics.json"
         self.step_hook, self.epoch_hook, self.show_progress = step_hook, epoch_hook, show_progress
-        self.config = to_dict(cfg)
-        self.ckpt = Checkpointer(ckpt_dir, json.dumps(self.config), "")
+        unknown = set(plans or {}) - {m.name for m in self.members}
+        if unknown:
+            raise ValueError(f"plans for {sorted(unknown)}: plans are keyed by the models this run trains "
+                             f"{[m.name for m in self.members]}: {{model: {{'batch': …, 'workers': …}}}}")
+        for m in self.members:
+            m.apply_plans((plans or {}).get(m.name) or {})
+            self._plan_epochs(m)
+        config = to_dict(cfg)
+        fingerprint = training_fingerprint(config, {m.name: m.plans["batch"] for m in self.members})
+        self.checkpoints = CheckpointPolicy(layout.checkpoints_dir(stage_folder), json.dumps(config), fingerprint,
+                                            cfg.train.recovery_every_steps)
         self.tick = 0
-        for m in self.members:
-            m.guard.emergency = lambda: self._save("emergency.pt")
 
-    # ------------------------------------------------------------------ set-up
-    def apply_plans(self, plans: Dict[str, Dict[str, Optional[Dict[str, Any]]]]) -> None:
-        """Batch / worker plans per model (auto batch, worker autotune), before the first step of a fresh run."""
-        for m in self.members:
-            batch, workers = (plans.get(m.unit.name) or {}).get("batch"), (plans.get(m.unit.name) or {}).get("workers")
-            if batch is not None:
-                apply_batch_plan(m, batch)
-            if workers is not None:
-                m.stream.set_workers(int(workers["num_workers"]))
-                m.plans["workers"] = dict(workers)
-                m.telemetry.scalars({"perf/num_workers": m.stream.num_workers}, 0)
-                log.info("%s dataloader: %d workers (%s)", m.unit.name, m.stream.num_workers,
-                         workers.get("reason", "plan given"))
-
-    def _plan(self, m: Member) -> None:
+    def _plan_epochs(self, m: Member) -> None:
         u, tc = m.unit, self.cfg.train
         n = len(m.data.dataset)
         spe = steps_per_epoch(n, u.batch_size, u.accum, m.data.drop_last, tc.max_steps_per_epoch)
         m.stream.samples_per_epoch = max(1, min(n, spe * u.global_batch))
         u.plan_schedule(spe * u.epochs)
 
+    # ------------------------------------------------------------------ resume
     def _resume(self) -> Optional[int]:
         if self.cfg.train.resume != "last":
             return None
-        def recorded_bests(payload: Dict[str, Any]) -> List[Path]:
-            return [m.best_path for m in self.members
-                    if json.loads(payload["units"][m.unit.name]["meta_json"])["track"]["best_epoch"] > 0]
 
-        found = self.ckpt.resumable(recorded_bests, [m.best_path.parent for m in self.members])
+        def recorded_bests(payload: Dict[str, Any]) -> List[Path]:
+            best = payload["checkpoint_policy"]["best"]
+            return [m.best_path for m in self.members if m.name in best]
+
+        found = self.checkpoints.resumable(recorded_bests, [m.checkpoints_dir for m in self.members])
         if found is None:
-            log.info("train.resume=last: nothing to resume in %s, starting fresh", self.ckpt.dir)
+            log.info("train.resume=last: nothing to resume in %s, starting fresh", self.checkpoints.dir)
             return None
         path, payload = found
         p = self.primary.unit
         check_compatible(payload, p.cfg.classification.backbone, len(p.labels), p.labels.hash, path)
         for m in self.members:
-            state = payload["units"][m.unit.name]
+            state = payload["units"][m.name]
             m.unit.load_state_dict(state, payload["model"] if m is self.primary else None)
             m.restore_meta(json.loads(state["meta_json"]))
+        self.checkpoints.load_state_dict(payload["checkpoint_policy"])
         self.tick = int(payload["global_step"])
         restore_rng_state(payload["rng"])
         log.info("%s: resumed at tick %d (%s)", self.strategy, self.tick,
-                 ", ".join(f"{m.unit.name} epoch {m.track.epoch + 1} sample {m.stream.pos}" for m in self.members))
+                 ", ".join(f"{m.name} epoch {m.track.epoch + 1} sample {m.stream.pos}" for m in self.members))
         return self.tick
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Dict[str, TrainResult]:
-        for m in self.members:
-            self._plan(m)
-        self.ckpt.fingerprint = training_fingerprint(self.config, {m.unit.name: m.plans["batch"]
-                                                                   for m in self.members})
         resumed = self._resume()
         for m in self.members:
             self._log_settings(m)
@@ -178,27 +219,28 @@ class UnitLoop:
             self._train()
         finally:
             for m in self.members:
-                m.tb.close()
-                m.health.close()
-                m.stream.close()
-        return {m.unit.name: self._result(m, resumed) for m in self.members}
+                m.close()
+        return {m.name: self._result(m, resumed) for m in self.members}
 
     def _train(self) -> None:
         total = sum(m.stream.samples_per_epoch * m.unit.epochs for m in self.members)
         done = sum(m.track.epoch * m.stream.samples_per_epoch + m.stream.pos for m in self.members)
-        with progress(total=total, desc=f"train {'+'.join(m.unit.name for m in self.members)}", unit="img",
+        with progress(total=total, desc=f"train {'+'.join(m.name for m in self.members)}", unit="img",
                       enabled=self.show_progress) as bar:
             bar.update(done)
-            for m in self.members:
-                if not m.track.done:
-                    m.health.on_epoch_start(m.track.epoch + 1, m.unit.updates, m.unit.batch_size)
+            started = set()
             while not all(m.track.done for m in self.members):
                 m = self._next_member()
+                if m.name not in started:  # the epoch this member trains first in this process
+                    started.add(m.name)
+                    m.health.on_epoch_start(m.track.epoch + 1, m.unit.updates, m.unit.batch_size)
                 bar.update(self._step(m))
                 if m.stream.epoch_done:
                     self._end_epoch(m)  # writes last.pt: the last epoch end leaves the finished run's state
 
     def _next_member(self) -> Member:
+        if self.strategy == SEQUENTIAL:
+            return next(m for m in self.members if not m.track.done)
         cycle = sum(m.ratio for m in self.members)
         slot, upto = self.tick % cycle, 0
         for i, m in enumerate(self.members):
@@ -210,23 +252,23 @@ class UnitLoop:
 
     def _step(self, m: Member) -> int:
         t0 = time.perf_counter()
-        window, consumed = m.stream.next_window(m.unit.accum)
+        window, consumed = m.stream.next_window(max(1, m.unit.global_batch // m.stream.batch_size))
         t1 = time.perf_counter()
         if not window:  # nothing readable in these positions (or the epoch ran dry): nothing to step on
             return consumed
-        loss = m.guard.step(window, m.unit.updates + 1, m.track.epoch + 1)
+        loss = m.guard.step(window, m.unit.updates + 1, m.track.epoch + 1, self._save_emergency)
         if loss is None:  # OOM S3: the window's samples are re-fed at the new global batch
             m.stream.rewind(consumed)
             m.stream.set_batch_size(m.unit.batch_size)
             log.warning("%s continues at batch %d x accum %d (global batch %d); the failed window's samples are "
-                        "replayed", m.unit.name, m.unit.batch_size, m.unit.accum, m.unit.global_batch)
+                        "replayed", m.name, m.unit.batch_size, m.unit.accum, m.unit.global_batch)
             return 0
         self.tick += 1
         self._after_step(m, loss, sum(m.unit.batch_len(b) for b in window), t1 - t0, time.perf_counter() - t1)
         return consumed
 
     def _after_step(self, m: Member, loss: float, samples: int, data_time: float, compute_time: float) -> None:
-        t, tc = m.track, self.cfg.train
+        t = m.track
         t.steps_in_epoch += 1
         t.loss_sum, t.loss_count = t.loss_sum + loss, t.loss_count + 1
         for key, value in getattr(m.unit, "last_items", {}).items():
@@ -234,17 +276,17 @@ class UnitLoop:
         m.telemetry.step(m.unit.updates, t.epoch + 1, t.steps_in_epoch, m.steps_now, loss, m.unit.lr, samples,
                          data_time, compute_time)
         m.health.on_step(m.unit.updates, loss)
-        if tc.recovery_every_steps and self.tick % tc.recovery_every_steps == 0:
+        if self.checkpoints.recovery_due(self.tick):
             self._save("recovery.pt")
         if self.step_hook is not None:
-            self.step_hook(self.tick, loss, m.unit.name)
+            self.step_hook(self.tick, loss, m.name)
         self._maybe_simulate_crash()
 
     def _maybe_simulate_crash(self) -> None:
         at = self.cfg.train.crash_at_step
         if at is None or self.tick != at:
             return
-        marker = self.ckpt.dir / f".simulated_crash_{at}"  # fail once: the retry must get past this step
+        marker = self.checkpoints.dir / f".simulated_crash_{at}"  # fail once: the retry must get past this step
         if not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
@@ -252,7 +294,7 @@ class UnitLoop:
 
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self, m: Member) -> None:
-        u, t, es = m.unit, m.track, self.cfg.train.early_stopping
+        u, t = m.unit, m.track
         metrics = u.validate()
         value = metrics.get(u.monitor)
         record = {"epoch": t.epoch + 1, "global_step": u.updates, "train_loss": t.loss_sum / max(1, t.loss_count),
@@ -264,20 +306,14 @@ class UnitLoop:
         m.telemetry.scalars({f"train/{k}": v for k, v in record["train"].items()}, u.updates)
         shown = " ".join(f"{k}={_fmt(metrics.get(k))}" for k in VAL_LOG_KEYS.get(u.name, ()))
         log.info("%s val e=%d %s n=%s", u.log_tag, t.epoch + 1, shown, metrics.get("n", metrics.get("n_images")))
-        if improved(value, t.best_metric, u.mode, es.min_delta):
-            t.best_metric, t.best_epoch, t.bad_epochs = float(value), t.epoch + 1, 0
+        if self.checkpoints.is_new_best(m.name, value, u.mode, t.epoch + 1):
             self._save_weights(m, "best.pt", record)
-        else:
-            t.bad_epochs += 1
         m.health.on_epoch_end(t.epoch + 1, value)
         t.epoch += 1
         t.steps_in_epoch, t.loss_sum, t.loss_count, t.item_sums = 0, 0.0, 0, {}
-        if es.enabled and t.bad_epochs >= es.patience:
-            t.stopped_early = t.done = True
-            log.info("%s early stopping: %s did not improve by %s for %d epochs (best %s at epoch %d)", u.name,
-                     u.monitor, es.min_delta, es.patience, _fmt(t.best_metric), t.best_epoch)
-        if t.epoch >= u.epochs:
-            t.done = True
+        if m.stopping.update(value):
+            log.info("%s early stopping: %s", m.name, m.stopping.describe())
+        t.done = m.stopping.stopped or t.epoch >= u.epochs
         if not t.done:
             m.stream.new_epoch()
             m.health.on_epoch_start(t.epoch + 1, u.updates, u.batch_size)
@@ -296,19 +332,24 @@ class UnitLoop:
         for m in self.members:
             state = m.unit.state_dict(with_model=m is not p)
             state["meta_json"] = json.dumps(m.meta())
-            units[m.unit.name] = state
+            units[m.name] = state
+        best, _ = self.checkpoints.best_of(p.name)
         return {"model": p.unit.model.state_dict(), **p.unit.identity(), "units": units, "strategy": self.strategy,
-                "global_step": self.tick, "epoch": p.track.epoch, "best_metric": p.track.best_metric,
-                "oom_state": asdict(p.guard.recovery.state), "rng": rng_state()}
+                "global_step": self.tick, "epoch": p.track.epoch, "best_metric": best,
+                "checkpoint_policy": self.checkpoints.state_dict(), "rng": rng_state()}
 
     def _save(self, name: str) -> Path:
-        return self.ckpt.save(name, self._payload())
+        return self.checkpoints.save(name, self._payload())
+
+    def _save_emergency(self) -> Path:
+        return self._save("emergency.pt")
 
     def _save_weights(self, m: Member, name: str, record: Dict[str, Any]) -> Path:
+        best, _ = self.checkpoints.best_of(m.name)
         payload = {**m.unit.weights_payload(), "epoch": record["epoch"], "global_step": m.unit.updates,
-                   "best_metric": m.track.best_metric, "monitor": m.unit.monitor, "strategy": self.strategy,
+                   "best_metric": best, "monitor": m.unit.monitor, "strategy": self.strategy,
                    "val_metrics_json": json.dumps(record["val"], default=str)}
-        return self.ckpt.save(name, payload, directory=m.best_path.parent)
+        return self.checkpoints.save(name, payload, directory=m.checkpoints_dir)
 
     def _write_metrics(self, m: Member) -> None:
         doc = read_json(self.reports) if self.reports.is_file() else {}
@@ -316,56 +357,36 @@ class UnitLoop:
         write_json_atomic(self.reports, doc)
 
     def _log_settings(self, m: Member) -> None:
-        u, st = m.unit, m.guard.recovery.state
-        log.info("%s run: batch %d x accum %d = global %d, eval batch %d, %d workers, micro-batch %d, %s, compile "
-                 "%s, %d train samples, %d epochs of %d samples", u.name, u.batch_size, u.accum, u.global_batch,
-                 u.eval_batch_size, m.stream.num_workers, st.batch_size, u.policy.describe(), u.train_model.state,
-                 len(m.data.dataset), u.epochs, m.stream.samples_per_epoch)
+        u = m.unit
+        log.info("%s run (%s): micro-batch %d x accum %d = global %d, loader batch %d, eval batch %d, %d workers, "
+                 "%s, compile %s, grad clip %s, EMA %s, %d train samples, %d epochs of %d samples", u.name,
+                 self.strategy, u.batch_size, u.accum, u.global_batch, m.stream.batch_size, u.eval_batch_size,
+                 m.stream.num_workers, u.policy.describe(), u.train_model.state, u.grad_clip or "off",
+                 "on" if u.ema is not None else "off", len(m.data.dataset), u.epochs, m.stream.samples_per_epoch)
 
     def _result(self, m: Member, resumed: Optional[int]) -> TrainResult:
         u, t = m.unit, m.track
-        best = next((h for h in t.history if h["epoch"] == t.best_epoch), None)
+        best_metric, best_epoch = self.checkpoints.best_of(m.name)
+        best = next((h for h in t.history if h["epoch"] == best_epoch), None)
         val = dict(best["val"]) if best else {}
         return TrainResult(
             model=u.name, strategy=self.strategy, backbone=u.identity()["backbone"],
             best_checkpoint=str(m.best_path),
-            last_checkpoint=str((self.ckpt.dir if m is self.primary else m.best_path.parent) / "last.pt"),
-            monitor=u.monitor, best_metric=t.best_metric, best_epoch=t.best_epoch, epochs_completed=t.epoch,
-            epochs_planned=u.epochs, global_step=u.updates, resumed_from_step=resumed, stopped_early=t.stopped_early,
-            val_metrics=val, history=t.history, epochs=epoch_rows(t.history, u.monitor),
-            mean_throughput=m.telemetry.mean_throughput,
+            last_checkpoint=str(m.checkpoints_dir / layout.LAST),
+            monitor=u.monitor, best_metric=best_metric, best_epoch=best_epoch, epochs_completed=t.epoch,
+            epochs_planned=u.epochs, global_step=u.updates, resumed_from_step=resumed,
+            stopped_early=m.stopping.stopped, val_metrics=val, history=t.history,
+            epochs=epoch_rows(t.history, u.monitor), mean_throughput=mean_throughput(t.history),
             skipped_samples=SkipCounter.skipped if u.name == "classifier" else 0,
             class_map_hash=u.identity()["class_map_hash"], policy=u.policy.describe(),
             batch_size=u.batch_size, grad_accum=u.accum, oom_events=list(m.guard.events),
             auto_batch=m.plans["batch"], num_workers=m.plans["workers"], warnings=m.health.summary(),
-            tensorboard=str(m.out / "tb"), compile=u.train_model.state,
-            not_measured=[] if t.best_metric is not None else [u.monitor], data=dict(m.facts))
+            tensorboard=str(m.tensorboard), compile=u.train_model.state,
+            not_measured=[] if best_metric is not None else [u.monitor], data=dict(m.facts))
 
 
 VAL_LOG_KEYS = {"classifier": ("val_loss", "accuracy", "macro_f1", "top5"),
                 "detector": ("mAP_0.5", "mAP_0.5_0.95", "precision", "recall")}
-
-
-def apply_batch_plan(m: Member, plan: Dict[str, Any]) -> None:
-    """Train at the plan's batch / accumulation / eval batch; LR by the linear scaling rule vs the configured G."""
-    u = m.unit
-    u.batch_size, u.accum = int(plan["batch_size"]), int(plan["grad_accum"])
-    u.eval_batch_size = int(plan.get("eval_batch_size") or u.batch_size)
-    lr_scale = u.global_batch / u.configured_global_batch
-    if lr_scale != 1.0:
-        scale_optimizer_hparams(u.optimizer, None, lr_scale=lr_scale)
-    if plan.get("amp_dtype") == "fp16" and u.amp != "fp16":
-        u.escalate_precision()
-        m.guard.recovery.state.did_amp_escalate = True
-    m.stream.set_batch_size(u.batch_size)
-    m.guard.reset_state()
-    m.plans["batch"] = {**plan, "applied_lr_scale": lr_scale}
-    m.telemetry.scalars({"perf/auto_batch_found": u.batch_size, "perf/auto_batch_grad_accum": u.accum,
-                         "perf/auto_batch_eval": u.eval_batch_size,
-                         "perf/auto_batch_memory_fraction": plan.get("memory_fraction")}, 0)
-    source = "probed on " + str(plan.get("device")) if plan.get("probed") else "not probed"
-    log.info("%s auto batch: batch %d x accum %d (global %d, configured %d, lr x%.4f), eval batch %d (%s)", u.name,
-             u.batch_size, u.accum, u.global_batch, u.configured_global_batch, lr_scale, u.eval_batch_size, source)
 
 
 def _fmt(v: Optional[float]) -> str:

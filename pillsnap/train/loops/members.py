@@ -1,4 +1,4 @@
-"""Building a loop's members (unit + data + files) and the run-wide settings both loops share."""
+"""Building the loop's members (unit + data + files) and the run-wide settings (seed, device policy)."""
 from __future__ import annotations
 
 import logging
@@ -45,25 +45,18 @@ def classifier_member(cfg: PillSnapConfig, subset: pd.DataFrame, class_map: Clas
     labels = stage_label_space(subset, class_map)
     data = classifier_data(cfg, subset, labels, policy.device, show_progress)
     unit = ClassifierUnit(cfg, labels, data.train_samples.labels, policy, data.train_samples.image_ids,
-                          init_checkpoint, compile_backend)
-    unit.val_loader = data.val_loader
-    member = Member(cfg, unit, data.train, Path(stage_dir), "classification", _injector(cfg, "classifier", injectors),
-                    ratio)
-    member.facts = {"train_samples": len(data.train_samples.samples), "val_samples": len(data.val_samples.samples),
-                    "pixel_cache": data.train.dataset.cache_coverage()}
-    return member
+                          data.val_loader, init_checkpoint, compile_backend)
+    facts = {"train_samples": len(data.train_samples.samples), "val_samples": len(data.val_samples.samples),
+             "pixel_cache": data.train.dataset.cache_coverage()}
+    return Member(cfg, unit, data.train, Path(stage_dir), "classification", _injector(cfg, "classifier", injectors),
+                  ratio, facts)
 
 
 def detector_member(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, stage_dir: Path, policy: Policy,
                     init_checkpoint: Optional[Path] = None, compile_backend: Optional[Callable] = None,
                     injectors: Optional[Injectors] = None, ratio: int = 1) -> Member:
-    out = Path(stage_dir) / "detector"
     data = detector_data(cfg, subset, stage, detector_hyperparameters(cfg), cfg.train.detection.epochs)
-    unit = DetectorUnit(cfg, policy, out / "model", data.val_rows, init_checkpoint, compile_backend)
-    member = Member(cfg, unit, data.train, out, "detection", _injector(cfg, "detector", injectors), ratio)
-    member.facts = detector_facts(data.yolo)
-    return member
-
-
-def stage_dir_of(cfg: PillSnapConfig, stage: int, stage_dir: Optional[Path]) -> Path:
-    return Path(stage_dir) if stage_dir is not None else layout.stage_dir(cfg.exp_dir, stage)
+    unit = DetectorUnit(cfg, policy, layout.detector_model_dir(stage_dir), data.val_rows, init_checkpoint,
+                        compile_backend)
+    return Member(cfg, unit, data.train, Path(stage_dir), "detection", _injector(cfg, "detector", injectors), ratio,
+                  detector_facts(data.yolo))

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from pillsnap.train.services.checkpointer import improved
+from pillsnap.train.services.checkpoint_policy import improved
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,9 @@ Order of escalation, as the spec fixes it:
 Every non-exit decision replays the failed batch. `retries` counts OOMs over the whole run (never reset):
 each decision lowers memory for good, so a run that keeps hitting OOM must stop.
 
-The loops apply the decisions through `oom_guard.OomGuard` (one optimizer step of a unit, replayed after each OOM).
+Each training unit owns its OomRecovery: the state is the ONE record of the unit's micro-batch, accumulation and
+autocast dtype, which the unit reads. The loop applies decisions through `oom_guard.OomGuard` (one optimizer step
+of a unit, replayed after each OOM).
 """
 from __future__ import annotations
 
@@ -142,14 +144,12 @@ class OomPolicy:
 
 @dataclass
 class OomDecision:
+    """The next state and what it means. Every decision but the exit replays the failed window (its samples are
+    never dropped); only GLOBAL_BATCH_CHANGE changes the schedules (lr_scale, counted by samples from then on);
+    EMERGENCY_EXIT saves emergency.pt and stops."""
     action: str  # AMP_FP16 | MICROBATCHING | GLOBAL_BATCH_CHANGE | EMERGENCY_EXIT
     state: OomState  # the state to continue with (for EMERGENCY_EXIT: the state that failed)
-    preserve_schedules: bool = True
-    # The step that failed never completed: replay the same batch, or its samples are silently dropped.
-    replay_batch: bool = True
     lr_scale: float = 1.0
-    scheduler_mode: Optional[str] = None  # "by_samples" after a global batch change
-    save_checkpoint: bool = False
     audit: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -168,7 +168,7 @@ class OomDecision:
 
 
 class OomRecoveryExhausted(RuntimeError):
-    """Raised by run_with_oom_recovery on EMERGENCY_EXIT; carries the decision (save_checkpoint=True)."""
+    """Raised on EMERGENCY_EXIT; carries the decision."""
 
     def __init__(self, decision: OomDecision):
         self.decision = decision
@@ -186,12 +186,10 @@ class OomRecovery:
         self.policy = policy
         self.state = state
         self._sleep = sleep  # injectable so tests do not wait cooldown_sec
-        self.history: List[OomDecision] = []
 
     def decide(self, error: str = "") -> OomDecision:
         """Next step after an OOM described by `error`; updates self.state and logs the transition."""
         decision = self._next_decision(error)
-        self.history.append(decision)
         self.state = decision.state
         _log_decision(decision)
         return decision
@@ -228,8 +226,7 @@ class OomRecovery:
         # S3: the global batch must change; keep training consistent per sample seen.
         lr_scale = g_new / g_old  # linear scaling rule; wd stays: lr*wd per step x steps per epoch is unchanged
         audit.update(lr_scale=lr_scale)
-        return OomDecision(GLOBAL_BATCH_CHANGE, new, preserve_schedules=False, lr_scale=lr_scale,
-                           scheduler_mode="by_samples", audit=audit)
+        return OomDecision(GLOBAL_BATCH_CHANGE, new, lr_scale=lr_scale, audit=audit)
 
 
 def _knobs(state: OomState) -> Dict[str, Any]:
@@ -237,8 +234,7 @@ def _knobs(state: OomState) -> Dict[str, Any]:
 
 
 def _exit(state: OomState, audit: Dict[str, Any], reason: str) -> OomDecision:
-    return OomDecision(EMERGENCY_EXIT, state, preserve_schedules=True, replay_batch=False,
-                       save_checkpoint=True, audit={**audit, "reason": reason})
+    return OomDecision(EMERGENCY_EXIT, state, audit={**audit, "reason": reason})
 
 
 def _log_decision(d: OomDecision) -> None:

@@ -5,10 +5,9 @@ accumulation. The step splits the window into micro-batches of OomState.batch_si
 the window's samples, so the gradient is the window mean whatever the split). After every OOM the decision is
 applied OUTSIDE the except block (so the traceback and the activations its frames hold are released first) and
 the SAME window is replayed:
-  S1 amp_fp16             CUDA: autocast fp16 + an enabled GradScaler. CPU: recorded only (a CPU "OOM" here is
-                          injected, and fp16 on CPU would only change the math).
+  S1 amp_fp16             autocast fp16 + an enabled GradScaler (on a CPU as on a GPU: torch has both).
   S2 microbatching        smaller micro-batches, more accumulation: same G, same samples, same LR/WD/schedule.
-  S3 global_batch_change  LR and weight decay rescaled, schedule switched to samples; `step` returns None and the
+  S3 global_batch_change  LR rescaled (weight decay kept), schedule counted in samples; `step` returns None and the
                           loop re-feeds the window's samples in windows of the new G (same samples, same seeds).
   emergency_exit          emergency.pt is written, then OomExhaustedError.
 Before a replay the gradients are dropped and BatchNorm statistics / RNG restored (ReplayPoint), so the
@@ -25,9 +24,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from pillsnap.train.services.monitors import NonFiniteLossError
-from pillsnap.train.services.oom import (AMP_FP16, GLOBAL_BATCH_CHANGE, FaultInjector, OomDecision, OomPolicy,
-                                         OomRecovery, OomRecoveryExhausted, OomState, is_fatal_cuda_error,
-                                         is_oom_error, release_cached_memory)
+from pillsnap.train.services.oom import (AMP_FP16, GLOBAL_BATCH_CHANGE, FaultInjector, OomDecision,
+                                         OomRecoveryExhausted, is_fatal_cuda_error, is_oom_error,
+                                         release_cached_memory)
 from pillsnap.train.services.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -46,33 +45,27 @@ class OomExhaustedError(OomRecoveryExhausted):
 
 
 class OomGuard:
-    def __init__(self, unit, policy: OomPolicy, injector: FaultInjector, emergency: Emergency,
-                 telemetry: Telemetry, release_memory: Callable[[], None] = release_cached_memory):
-        self.unit, self.injector, self.emergency, self.telemetry = unit, injector, emergency, telemetry
-        self.recovery = OomRecovery(policy, OomState(unit.batch_size, unit.accum, unit.amp))
+    """Runs one optimizer step of `unit` under OOM recovery: the unit's own OomRecovery decides, this applies."""
+
+    def __init__(self, unit, injector: FaultInjector, telemetry: Telemetry,
+                 release_memory: Callable[[], None] = release_cached_memory):
+        self.unit, self.injector, self.telemetry = unit, injector, telemetry
         self.release_memory = release_memory
         self.events: List[Dict[str, Any]] = []
 
-    def reset_state(self) -> None:
-        """The unit's knobs were set by a plan or a resume: recovery starts from them."""
-        st = self.recovery.state
-        self.recovery.state = OomState(self.unit.batch_size, self.unit.accum, self.unit.amp,
-                                       did_amp_escalate=st.did_amp_escalate, retries=st.retries)
-
-    def step(self, window: Sequence[Any], step_number: int, epoch: int) -> Optional[float]:
+    def step(self, window: Sequence[Any], step_number: int, epoch: int, emergency: Emergency) -> Optional[float]:
         """One optimizer step over `window`: its mean loss, or None when S3 changed the global batch (the step was
-        not taken; the unit's batch / accumulation are already the new ones and the caller re-feeds the samples)."""
+        not taken; the unit's knobs are already the new ones and the caller re-feeds the samples). `emergency`
+        writes emergency.pt (the weights before this step) when recovery is exhausted or the loss is not finite."""
         unit = self.unit
-        window_batch = unit.batch_size * unit.accum
+        window_batch = unit.global_batch
         unit.replay.capture()
         while True:
-            if self.recovery.state.global_batch != window_batch:
-                st = self.recovery.state
-                unit.batch_size, unit.accum = st.batch_size, st.grad_accum
+            if unit.global_batch != window_batch:
                 return None
             error = None
             try:
-                loss = self._attempt(window, step_number)
+                loss = self._attempt(window, step_number, emergency)
             except NonFiniteLossError:
                 raise
             except Exception as exc:  # noqa: BLE001 - filtered right below
@@ -88,15 +81,14 @@ class OomGuard:
                 unit.after_update()
                 return loss
             self.release_memory()  # outside the except block: the failed step's tensors can go now
-            self._apply(self.recovery.decide(error), step_number, epoch)
+            self._apply(unit.oom.decide(error), step_number, epoch, emergency)
 
-    def _attempt(self, window: Sequence[Any], step_number: int) -> float:
+    def _attempt(self, window: Sequence[Any], step_number: int, emergency: Emergency) -> float:
         unit = self.unit
         n = sum(unit.batch_len(b) for b in window)
         total: Optional[torch.Tensor] = None
         micro = [mb for b in window for mb in
-                 ([b] if unit.batch_len(b) <= self.recovery.state.batch_size else
-                  unit.split(b, self.recovery.state.batch_size))]
+                 ([b] if unit.batch_len(b) <= unit.batch_size else unit.split(b, unit.batch_size))]
         for i, mb in enumerate(micro):
             m = unit.batch_len(mb)
             loss = unit.forward_backward(mb, m / n)  # m / n == 1 / accum for equal micro-batches
@@ -106,7 +98,7 @@ class OomGuard:
         value = float(total) / n  # the one device sync per optimizer step, before the weights change
         if not math.isfinite(value):
             unit.optimizer.zero_grad(set_to_none=True)
-            path = self.emergency()  # the weights before this step: still finite
+            path = emergency()  # the weights before this step: still finite
             log.error("%s: non-finite loss %s at step %d; emergency checkpoint %s", unit.name, value, step_number,
                       path)
             raise NonFiniteLossError(step_number, {"model": unit.name, "samples": n,
@@ -120,7 +112,7 @@ class OomGuard:
         self.unit.replay.restore()
         self.unit.reset_scaler_stage()
 
-    def _apply(self, decision: OomDecision, step_number: int, epoch: int) -> None:
+    def _apply(self, decision: OomDecision, step_number: int, epoch: int, emergency: Emergency) -> None:
         self._undo()
         event: Dict[str, Any] = {"model": self.unit.name, "action": decision.action, "global_step": step_number,
                                  "epoch": epoch, **{k: v for k, v in decision.audit.items() if k != "error"},
@@ -131,7 +123,7 @@ class OomGuard:
         elif decision.action == GLOBAL_BATCH_CHANGE:
             event.update(self.unit.change_global_batch(decision))
         elif decision.is_exit:
-            event["checkpoint"] = str(self.emergency())
+            event["checkpoint"] = str(emergency())
         self.telemetry.scalars(decision.tb_scalars(), step_number)
         self.telemetry.tb.flush()
         log.info("%s: OOM event at step %d recorded: %s", self.unit.name, step_number,

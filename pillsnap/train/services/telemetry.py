@@ -84,7 +84,6 @@ class Telemetry:
                  nvml: Optional[NvmlReader] = None):
         self.tb, self.tag, self.epochs = tb, tag, epochs
         self.log_interval, self.device = max(1, log_interval), device
-        self.throughputs: list = []
         self._epoch = _new_epoch()
         self._process = psutil.Process()
         self._nvml = nvml or (NvmlReader(device.index or 0) if device.type == "cuda" else None)
@@ -101,7 +100,6 @@ class Telemetry:
             log.info("%s e=%d/%d s=%d/%d loss=%.4f lr=%.2e data=%.3fs comp=%.3fs thr=%.1f/s %s=%.0fMB%s", self.tag,
                      epoch, self.epochs, step_in_epoch, steps_in_epoch, loss, lr, data_time, compute_time, thr,
                      "cuda" if on_cuda else "host", memory, self._nvml_text())
-        self.throughputs.append(thr)
         e = self._epoch
         e["samples"], e["steps"] = e["samples"] + samples, e["steps"] + 1
         e["data_time"], e["compute_time"] = e["data_time"] + data_time, e["compute_time"] + compute_time
@@ -132,7 +130,3 @@ class Telemetry:
     def scalars(self, values: Dict[str, Optional[float]], step: int) -> None:
         for tag, value in values.items():
             self.tb.scalar(tag, value, step)
-
-    @property
-    def mean_throughput(self) -> float:
-        return sum(self.throughputs) / len(self.throughputs) if self.throughputs else 0.0

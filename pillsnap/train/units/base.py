@@ -1,7 +1,8 @@
 """A training unit: ONE model and everything that changes while it trains, behind one small interface.
 
-A unit owns its model, loss, optimizer (AdamW), LR schedule, GradScaler, EMA and compile state, and the knobs
-OOM recovery and batch plans change (loader batch, accumulation, precision). Loops drive it with:
+A unit owns its model, loss, optimizer (AdamW), LR schedule, GradScaler, EMA and compile state, and its OOM
+recovery, whose state is the one record of the knobs OOM recovery and batch plans change (micro-batch,
+accumulation, autocast dtype): the unit reads them from there. Loops drive it with:
 
     loss = unit.forward_backward(batch, weight)   # one micro-batch; gradients accumulate
     unit.apply_update()                            # clip after unscale, step, scaler update, zero grads
@@ -9,24 +10,27 @@ OOM recovery and batch plans change (loader batch, accumulation, precision). Loo
     metrics = unit.validate()                      # fp32, on the eval weights (EMA when enabled)
 
 and save / restore it with state_dict() / load_state_dict(). The classifier and the detector differ only in
-what a batch is, how the loss is computed and how they are validated (units/classifier.py, units/detector.py).
+what a batch is, how the loss is computed and how they are validated (units/classifier.py, units/detector.py);
+per-model recipe settings (gradient clip, EMA) come from train.<model>, else from train.*.
 """
 from __future__ import annotations
 
+import json
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
 from pillsnap.config import ModelTrainConfig, PillSnapConfig
-from pillsnap.train.services.oom import OomDecision
+from pillsnap.train.services.oom import OomDecision, OomPolicy, OomRecovery, OomState
 from pillsnap.train.services.policy import CompiledModel, Policy
 from pillsnap.train.services.schedule import lr_schedule, scale_optimizer_hparams, switch_to_samples
 
 log = logging.getLogger(__name__)
 Batch = Any
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def amp_name(dtype: Optional[torch.dtype]) -> str:
@@ -77,20 +81,25 @@ class TrainUnit(ABC):
         self.train_model = CompiledModel(model, policy.compile_mode, compile_backend or policy.compile_backend)
         self.optimizer = torch.optim.AdamW(param_groups, lr=model_cfg.lr, weight_decay=tc.weight_decay,
                                            fused=policy.device.type == "cuda")
-        self.scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.use_scaler)
-        self.ema = self._build_ema() if tc.ema.enabled else None
+        self.grad_clip = tc.grad_clip if model_cfg.grad_clip is None else model_cfg.grad_clip
+        use_ema = tc.ema.enabled if model_cfg.ema is None else model_cfg.ema
+        self.ema = self._build_ema() if use_ema else None
         self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
         self.epochs = model_cfg.epochs
-        self.batch_size = self.eval_batch_size = model_cfg.batch_size
-        self.accum = max(1, tc.grad_accum_steps)
-        self.configured_global_batch = self.batch_size * self.accum
+        self.eval_batch_size = model_cfg.batch_size
+        accum = max(1, tc.grad_accum_steps)
+        self.configured_global_batch = model_cfg.batch_size * accum
+        self.oom = OomRecovery(OomPolicy.from_config(tc.oom),
+                               OomState(model_cfg.batch_size, accum, amp_name(policy.amp_dtype)))
+        self.scaler = torch.amp.GradScaler(policy.device.type, enabled=self.amp == "fp16")
         self.replay = ReplayPoint(model, policy.device)
         self.updates = 0  # optimizer steps taken
 
     def _build_ema(self):
         from timm.utils import ModelEmaV3
 
-        return ModelEmaV3(self.model, decay=self.cfg.train.ema.decay)
+        ema = self.cfg.train.ema
+        return ModelEmaV3(self.model, decay=ema.decay, use_warmup=ema.warmup)
 
     # ------------------------------------------------------------------ what differs per model
     @abstractmethod
@@ -123,10 +132,27 @@ class TrainUnit(ABC):
     def weights_payload(self) -> Dict[str, Any]:
         """The eval weights in this model's checkpoint schema (best.pt, warm start, export read it)."""
 
-    # ------------------------------------------------------------------ one step
+    # ------------------------------------------------------------------ the knobs (owned by the OOM state)
+    @property
+    def batch_size(self) -> int:
+        """The micro-batch: the samples of one forward/backward."""
+        return self.oom.state.batch_size
+
+    @property
+    def accum(self) -> int:
+        return self.oom.state.grad_accum
+
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.accum
+        return self.oom.state.global_batch
+
+    @property
+    def amp(self) -> str:
+        return self.oom.state.amp_dtype
+
+    def set_batch(self, batch_size: int, accum: int) -> None:
+        """A batch plan: the run starts at these knobs (what OOM recovery already decided is kept)."""
+        self.oom.state = replace(self.oom.state, batch_size=batch_size, grad_accum=accum)
 
     @property
     def eval_module(self) -> torch.nn.Module:
@@ -142,22 +168,20 @@ class TrainUnit(ABC):
 
     def forward_backward(self, batch: Batch, weight: float) -> torch.Tensor:
         """Loss of one micro-batch (detached, no device sync); its gradient is added at `weight`."""
-        dev = self.policy.device
-        with torch.autocast(dev.type, dtype=self.policy.amp_dtype or torch.float32,
-                            enabled=self.policy.amp_dtype is not None):
+        dtype = AUTOCAST[self.amp]
+        with torch.autocast(self.policy.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = self.loss(batch)
         self.scaler.scale(loss * weight).backward()
         return loss.detach()
 
     def apply_update(self) -> None:
         """Clip after unscaling (so the threshold is in real gradient units), step, update the scaler, zero."""
-        tc = self.cfg.train
-        if tc.grad_clip:
+        if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=tc.zero_grad_set_to_none)
+        self.optimizer.zero_grad(set_to_none=self.cfg.train.zero_grad_set_to_none)
 
     def after_update(self) -> None:
         self.updates += 1
@@ -166,17 +190,11 @@ class TrainUnit(ABC):
             self.ema.update(self.model, step=self.updates)
 
     # ------------------------------------------------------------------ what OOM recovery changes
-    @property
-    def amp(self) -> str:
-        return amp_name(self.policy.amp_dtype)
-
     def escalate_precision(self) -> str:
-        """S1: fp16 autocast with a GradScaler, on a CPU as on a GPU (torch has both on a CPU)."""
-        if self.policy.amp_dtype != torch.float16:
-            was = self.amp
-            self.policy = replace(self.policy, amp_dtype=torch.float16, use_scaler=True)
+        """S1 (the OOM state now says fp16): fp16 autocast with a GradScaler, on a CPU as on a GPU."""
+        if not self.scaler.is_enabled():
             self.scaler = torch.amp.GradScaler(self.policy.device.type, enabled=True)
-            log.warning("%s: autocast now fp16 with a GradScaler (was %s)", self.name, was)
+            log.warning("%s: autocast now fp16 with a GradScaler", self.name)
         return "fp16 + GradScaler"
 
     def reset_scaler_stage(self) -> None:
@@ -198,8 +216,8 @@ class TrainUnit(ABC):
     def state_dict(self, with_model: bool = True) -> Dict[str, Any]:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
-                 "batch_size": self.batch_size, "grad_accum": self.accum, "eval_batch_size": self.eval_batch_size,
-                 "amp": self.amp, "updates": self.updates, "compile": self.train_model.state}
+                 "oom_state_json": json.dumps(asdict(self.oom.state)),
+                 "eval_batch_size": self.eval_batch_size, "updates": self.updates, "compile": self.train_model.state}
         if with_model:
             state["model"] = self.model.state_dict()
         return state
@@ -207,9 +225,9 @@ class TrainUnit(ABC):
     def load_state_dict(self, state: Dict[str, Any], model_weights: Optional[Dict[str, Any]] = None) -> None:
         """Weights, optimizer, schedule, scaler, EMA and the knobs the run had reached (not the config's)."""
         self.model.load_state_dict(model_weights if model_weights is not None else state["model"])
-        self.batch_size, self.accum = int(state["batch_size"]), int(state["grad_accum"])
+        self.oom.state = OomState(**json.loads(state["oom_state_json"]))
         self.eval_batch_size, self.updates = int(state["eval_batch_size"]), int(state["updates"])
-        if state["amp"] == "fp16":
+        if self.amp == "fp16":
             self.escalate_precision()  # before the scaler state is loaded into the (now enabled) scaler
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.core.checkpoints import load_checkpoint
@@ -31,9 +32,9 @@ class ClassifierUnit(TrainUnit):
     name, log_tag, config_key = "classifier", "[train]", "train.classification"
 
     def __init__(self, cfg: PillSnapConfig, labels: ClassMap, train_labels: List[int], policy: Policy,
-                 image_ids: List[str], init_checkpoint: Optional[Path] = None,
+                 image_ids: List[str], val_loader: DataLoader, init_checkpoint: Optional[Path] = None,
                  compile_backend: Optional[Callable] = None):
-        self.labels, self.image_ids = labels, image_ids
+        self.labels, self.image_ids, self.val_loader = labels, image_ids, val_loader
         # A warm start replaces the ImageNet weights anyway: no need to fetch them.
         fresh = build_classifier(cfg.classification, len(labels), pretrained=False if init_checkpoint else None)
         model = prepare_model(fresh, policy)
@@ -45,7 +46,6 @@ class ClassifierUnit(TrainUnit):
         self.criterion = build_criterion(cfg.loss, train_labels, len(labels), cfg.augment).to(policy.device)
         self.augment = BatchAugment(cfg.augment, cfg.classification.image_size, len(labels),
                                     cfg.loss.label_smoothing, crop_padding=cfg.classification.crop_padding)
-        self.val_loader = None  # set by the data builder (the loop owns no data)
 
     # ------------------------------------------------------------------ batches
     def to_device(self, batch: Batch, train: bool) -> Batch:

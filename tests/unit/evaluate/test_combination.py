@@ -83,7 +83,7 @@ def test_greedy_match_prefers_confident_detections():
 def test_trained_detector_every_crop_classified(sequential_run, det_data):  # noqa: F811
     from pillsnap.config import DetectionConfig
 
-    model = load_detector_checkpoint(sequential_run.result.best_checkpoint)
+    model = load_detector_checkpoint(sequential_run.result["detector"].best_checkpoint)
     # the mAP protocol's low threshold: this tiny detector's best confidence sits near 0.01 (0.0089 measured)
     detect = serving_detector(model, DetectionConfig(scale="n", image_size=160, conf_threshold=0.001, max_det=10))
     samples = combination_samples(det_data.rows("val"))

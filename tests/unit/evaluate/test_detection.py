@@ -83,13 +83,13 @@ def test_map_agrees_with_ultralytics_val(sequential_run, det_data, monkeypatch):
     from ultralytics.models.yolo.detect import DetectionValidator
 
     monkeypatch.setattr(data_utils, "check_font", lambda *a, **k: None)  # its dataset check fetches a font
-    model = load_detector_checkpoint(sequential_run.result.best_checkpoint)
+    model = load_detector_checkpoint(sequential_run.result["detector"].best_checkpoint)
     val_rows = detection_rows(det_data.manifest, include_single_images=False).query("split == 'val'")  # the photos the data yaml validates on
     ours = evaluate_detector(map_detector(model, 160, 8), detection_samples(val_rows))
-    validator = DetectionValidator(args=dict(data=sequential_run.result.data["data_yaml"], imgsz=160, batch=8,
+    validator = DetectionValidator(args=dict(data=sequential_run.result["detector"].data["data_yaml"], imgsz=160, batch=8,
                                              conf=0.001, iou=0.7, max_det=300, rect=False, plots=False,
                                              device="cpu", verbose=False, save_json=False))
-    theirs = validator(model=load_detector_checkpoint(sequential_run.result.best_checkpoint))
+    theirs = validator(model=load_detector_checkpoint(sequential_run.result["detector"].best_checkpoint))
     assert ours["n_images"] == len(val_rows) and ours["n_gt"] == validator.metrics.nt_per_class.sum()
     assert ours["mAP_0.5"] > 0.1, "the cross-check needs a model that finds pills"
     assert ours["mAP_0.5"] == pytest.approx(theirs["metrics/mAP50(B)"], abs=0.005)
@@ -98,7 +98,7 @@ def test_map_agrees_with_ultralytics_val(sequential_run, det_data, monkeypatch):
 
 @pytest.mark.slow
 def test_torch_and_onnx_paths_give_the_same_boxes(sequential_run, det_data, tmp_path):  # noqa: F811
-    model = load_detector_checkpoint(sequential_run.result.best_checkpoint)
+    model = load_detector_checkpoint(sequential_run.result["detector"].best_checkpoint)
     onnx_path = export_detector_onnx(model, tmp_path / "det.onnx", image_size=160)
     batch = np.stack([letterbox(load_bgr(p), 160)[0] for p in det_data.rows("val")["image_path"][:4]])
     raw_torch, raw_onnx = torch_raw_predictor(model)(batch), onnx_raw_predictor(onnx_path)(batch)

@@ -135,7 +135,7 @@ def before_final(tmp_path_factory, tiny_aihub, make_config):
     """Every pre-final-test step under the recorder: import, validation, subset, a tiny training, evaluation,
     and the refused final test. Returns (cfg, opened paths, refusal message)."""
     from pillsnap.evaluate.stage_eval import evaluate_classifier
-    from pillsnap.train import train_classifier
+    from pillsnap.train import train_stage
 
     cfg = make_config(tmp_path_factory.mktemp("final"), f"synth.out_dir={tiny_aihub}", f"paths.data_root={tiny_aihub}",
                       "logging.tensorboard=false", "train.classification.epochs=1")
@@ -146,7 +146,8 @@ def before_final(tmp_path_factory, tiny_aihub, make_config):
         run_subset(cfg, 1)
         subset, _ = read_subset(cfg.exp_dir, 1)
         class_map = ClassMap.load(class_map_path(cfg))
-        result = train_classifier(cfg, subset, class_map, layout.stage_dir(cfg.exp_dir, 1), show_progress=False)
+        result = train_stage(cfg, subset, class_map, 1, layout.stage_dir(cfg.exp_dir, 1), show_progress=False,
+                             models=("classifier",))["classifier"]
         reports = layout.stage_dir(cfg.exp_dir, 1) / "reports"
         evaluate_classifier(cfg, Path(result.best_checkpoint), subset, class_map, reports)
         with pytest.raises(FinalTestRefused) as refused:

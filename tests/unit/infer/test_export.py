@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from pillsnap.cli import main
+from flows.cli import main
 from pillsnap.infer import export as export_module
 from pillsnap.core import layout
 from pillsnap.infer.engines import TorchClassifierEngine

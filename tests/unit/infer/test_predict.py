@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pillsnap.cli import main
+from flows.cli import main
 from pillsnap.data.manifest import boxes_of
 from pillsnap.infer.detection import Detector, letterbox, load_bgr
 from pillsnap.infer.hard_cases import read_hard_cases

@@ -7,25 +7,20 @@ from typing import Dict
 import torch
 
 from pillsnap.core.checkpoints import load_checkpoint
-from pillsnap.train import train_classifier, train_interleaved
+from pillsnap.train import train_stage
 
 STRATEGIES = ("sequential", "interleaved")
 
 
 def run(make_config, tmp: Path, tiny_stage, strategy: str, *overrides: str, **kwargs):
-    """Train stage 1 with `strategy`: {"classifier": result[, "detector": result]}. The sequential strategy's
-    detector runs on ultralytics' trainer (tested on its own), so here it trains the classifier alone."""
+    """Train stage 1 with `strategy` through the one engine: {"detector": result, "classifier": result} (the
+    detector first when sequential). `models=("classifier",)` trains the classifier alone."""
     m, cmap = tiny_stage
     # The step arithmetic of these tests counts the detector's combination photos only; the resume-exactness test
     # switches the shipped single photos back on (mosaic partners must not depend on the load history).
     cfg = make_config(tmp, f"train.strategy={strategy}", "train.deterministic=true",
                       "detection.include_single_images=false", *overrides)
-    stage_dir = tmp / "stage_1"
-    if strategy == "interleaved":
-        return train_interleaved(cfg, m, cmap, 1, stage_dir, show_progress=False, **kwargs)
-    init = kwargs.pop("init_checkpoints", None)
-    return {"classifier": train_classifier(cfg, m, cmap, stage_dir, (init or {}).get("classifier"),
-                                           show_progress=False, **kwargs)}
+    return train_stage(cfg, m, cmap, 1, tmp / "stage_1", show_progress=False, **kwargs)
 
 
 def final_weights(stage_dir: Path) -> Dict[str, Dict[str, torch.Tensor]]:

@@ -1,20 +1,19 @@
-"""Detector training, both strategies: it learns, resume continues (never restarts), nothing is overwritten.
+"""Detector training in the one engine, both strategies: it learns, resume continues (never restarts), nothing is
+overwritten, metrics are complete.
 
 The earlier implementation called YOLO.train(epochs=1) once per outer epoch: it never progressed, results.csv
 was overwritten, resume treated epochs as a total and None metrics crashed comparisons. Each is checked here.
 """
-import csv
+import json
 import math
-from pathlib import Path
 
 import pytest
 
 from pillsnap.core.checkpoints import check_compatible, load_checkpoint
 from pillsnap.models.detector import DETECTOR_CLASS_MAP_HASH, load_detector_checkpoint
 from tests.unit.detection_support import (INT_CRASH_AT_STEP, INT_EPOCHS, SEQ_CRASH_AFTER, SEQ_EPOCHS,  # noqa: F401
-                                          SEQ_STEPS_PER_EPOCH,
-                                          SimulatedInterruption, det_config, det_data, interleaved_run, mean,
-                                          sequential_run)
+                                          SEQ_STEPS_PER_EPOCH, SimulatedInterruption, _train, det_config, det_data,
+                                          interleaved_run, mean, sequential_run)
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +22,14 @@ def test_sequential_learns(sequential_run):  # noqa: F811
     losses = sequential_run.losses["detector"]
     assert len(losses) == SEQ_EPOCHS * SEQ_STEPS_PER_EPOCH  # every batch of every epoch exactly once
     assert mean(losses[-5:]) < 0.7 * mean(losses[:5])
-    history = sequential_run.result.history
-    assert history[-1]["train"]["box_loss"] < history[0]["train"]["box_loss"]
-    assert sequential_run.result.best_metric > 0.1  # mAP@0.5 on the val images
+    det = sequential_run.result["detector"]
+    assert det.history[-1]["train"]["box_loss"] < det.history[0]["train"]["box_loss"]
+    assert det.best_metric > 0.1  # mAP@0.5 on the val images
+    assert sequential_run.result["classifier"].epochs_completed == 2  # then the classifier, in the same loop
 
 
 def test_sequential_resume_continues_the_epochs(sequential_run):  # noqa: F811
-    r = sequential_run.result
+    r = sequential_run.result["detector"]
     assert isinstance(sequential_run.first_error, SimulatedInterruption)
     assert sequential_run.epochs_after_resume == list(range(SEQ_CRASH_AFTER + 1, SEQ_EPOCHS + 1))
     assert r.resumed_from_step == SEQ_CRASH_AFTER * SEQ_STEPS_PER_EPOCH
@@ -37,17 +37,15 @@ def test_sequential_resume_continues_the_epochs(sequential_run):  # noqa: F811
     assert [h["epoch"] for h in r.history] == list(range(1, SEQ_EPOCHS + 1))
     total = SEQ_EPOCHS * SEQ_STEPS_PER_EPOCH
     assert sequential_run.steps == list(range(1, total + 1)) and r.global_step == total
-    runs = sorted(p.name for p in Path(r.run_dir).parent.iterdir())
-    assert runs == ["run001"], "the resume continued in place, no second run"
-    with open(Path(r.run_dir) / "results.csv") as f:
-        epochs = [int(float(row["epoch"])) for row in csv.DictReader(f)]
-    assert epochs == list(range(1, SEQ_EPOCHS + 1)), "results.csv appended, never overwritten"
+    metrics = json.loads((sequential_run.exp_dir / "stage_1/reports/metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["detection"]["history"]] == list(range(1, SEQ_EPOCHS + 1))  # appended
     for record in r.history:  # metrics complete: numbers, NaN-safe, never None
-        assert all(isinstance(v, float) and math.isfinite(v) for v in record["val"].values())
+        values = [record["val"][k] for k in ("mAP_0.5", "mAP_0.5_0.95", "precision", "recall")]
+        assert all(isinstance(v, float) and math.isfinite(v) for v in values) and not record["val"]["not_measured"]
 
 
 def test_sequential_checkpoints_use_our_schema(sequential_run):  # noqa: F811
-    r = sequential_run.result
+    r = sequential_run.result["detector"]
     best, last = load_checkpoint(r.best_checkpoint), load_checkpoint(r.last_checkpoint)
     for payload in (best, last):
         check_compatible(payload, "yolo11n-relu", 1, DETECTOR_CLASS_MAP_HASH)
@@ -59,12 +57,11 @@ def test_sequential_checkpoints_use_our_schema(sequential_run):  # noqa: F811
 
 
 def test_a_finished_run_is_returned_not_retrained(sequential_run, det_data):  # noqa: F811
-    from pillsnap.train import train_detector
-
-    again = train_detector(det_config(sequential_run.exp_dir, "train.strategy=sequential"), det_data.manifest, 1,
-                           sequential_run.exp_dir / "stage_1", step_hook=lambda *a: pytest.fail("trained again"),
-                           show_progress=False)
-    assert again.as_dict() == sequential_run.result.as_dict()
+    cfg = det_config(sequential_run.exp_dir, "train.strategy=sequential", "train.classification.epochs=2")
+    again = _train(cfg, det_data, sequential_run.exp_dir, step_hook=lambda *a: pytest.fail("trained again"))
+    for model, result in again.items():
+        first = sequential_run.result[model].as_dict()
+        assert {**result.as_dict(), "resumed_from_step": None} == {**first, "resumed_from_step": None}, model
 
 
 def test_interleaved_trains_both_models(interleaved_run):  # noqa: F811
@@ -100,43 +97,6 @@ def test_interleaved_checkpoints_hold_both_models(interleaved_run):  # noqa: F81
 
 
 def test_interleaved_needs_both_models_in_the_ratio(det_data, tmp_path):  # noqa: F811
-    from pillsnap.data.class_map import build_class_map
-    from pillsnap.train import train_interleaved
-
     cfg = det_config(tmp_path, "train.strategy=interleaved", "train.interleave_ratio=[1,0]")
     with pytest.raises(ValueError, match="interleave_ratio"):
-        train_interleaved(cfg, det_data.manifest, build_class_map(det_data.manifest), 1, tmp_path / "s")
-
-
-def test_a_sequential_detector_oom_halves_the_batch_keeps_the_nominal_batch_and_continues(det_data, tmp_path):  # noqa: F811
-    from pillsnap.train import train_detector
-    from pillsnap.train.services.oom import FaultInjector
-
-    cfg = det_config(tmp_path, "train.strategy=sequential", "train.detection.epochs=3", "train.oom.cooldown_sec=0")
-    steps = []
-    # 6 batches of 4 per epoch: the OOM at batch 8 hits epoch 2, after epoch 1's checkpoint was written.
-    result = train_detector(cfg, det_data.manifest, 1, tmp_path / "stage_1", injector=FaultInjector([8]),
-                            step_hook=lambda step, loss, model: steps.append(step), show_progress=False)
-    (event,) = result.oom_events
-    assert event["action"] == "microbatching" and event["epoch"] == 2
-    assert (event["batch_size"], event["accumulate"], event["nominal_batch"]) == (2, 2, 4)
-    assert result.batch_size == 2 and result.epochs_completed == 3 and result.resumed_from_step is None
-    assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.history[-1]["batch_size"] == 2
-    assert sorted(p.name for p in (tmp_path / "stage_1/detector/runs").iterdir()) == ["run001"]  # continued in place
-
-
-def test_an_exhausted_sequential_detector_stops_with_a_resumable_checkpoint(det_data, tmp_path):  # noqa: F811
-    from pillsnap.train import train_detector
-    from pillsnap.train.services.oom import FaultInjector
-    from pillsnap.train.services.oom_guard import OomExhaustedError
-
-    class Always(FaultInjector):
-        def maybe_raise(self, step):
-            if step >= 8:
-                raise __import__("torch").OutOfMemoryError("CUDA out of memory (test)")
-
-    cfg = det_config(tmp_path, "train.strategy=sequential", "train.detection.epochs=3", "train.oom.cooldown_sec=0",
-                     "train.oom.max_retries=2")
-    with pytest.raises(OomExhaustedError, match=r"exhausted after 3 retries.*runs/run001/weights/last\.pt.*"
-                                                r"train\.detection\.batch_size"):
-        train_detector(cfg, det_data.manifest, 1, tmp_path / "stage_1", injector=Always(), show_progress=False)
+        _train(cfg, det_data, tmp_path)

@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pillsnap.core.checkpoints import CheckpointMismatchError, find_resume_checkpoint, load_checkpoint
-from pillsnap.train import SimulatedCrash, train_classifier
+from pillsnap.train import SimulatedCrash, train_stage
 from pillsnap.train.services.policy import resolve_policy
 from pillsnap.train.services.telemetry import STEP_TAGS
 from tests.unit.train.support import STRATEGIES, assert_same_weights, final_weights, run
@@ -48,14 +48,13 @@ def test_trains_and_writes_checkpoints_metrics_log_lines_and_tags(make_config, t
     assert set(STEP_TAGS) | {"perf/host_mem", "val/accuracy", "val/macro_f1", "val/loss"} <= set(tags)
     assert "perf/cuda_mem" not in tags and min(tags["perf/host_mem"]) > 0  # measured memory, not a placeholder 0
     assert len(tags["train/loss"]) == 12
-    if strategy == "interleaved":
-        det = results["detector"]
-        assert det.epochs_completed == 2 and det.global_step == 2 and det.monitor == "mAP_0.5"
-        assert (tmp_path / "stage_1/detector/checkpoints/best.pt").is_file()
-        assert len(metrics["detection"]["history"]) == 2 and "mAP_0.5" in metrics["detection"]["latest"]["val"]
-        assert any(line.startswith("[train/det] e=2/2 s=1/1 loss=") for line in lines)
-        det_tags = _tags(tmp_path / "stage_1/detector/tb")
-        assert set(STEP_TAGS) | {"perf/host_mem", "val/mAP_0.5", "train/box_loss"} <= set(det_tags)
+    det = results["detector"]  # the same loop trains the detector in both strategies
+    assert det.epochs_completed == 2 and det.global_step == 2 and det.monitor == "mAP_0.5" and det.strategy == strategy
+    assert (tmp_path / "stage_1/detector/checkpoints/best.pt").is_file()
+    assert len(metrics["detection"]["history"]) == 2 and "mAP_0.5" in metrics["detection"]["latest"]["val"]
+    assert any(line.startswith("[train/det] e=2/2 s=1/1 loss=") for line in lines)
+    det_tags = _tags(tmp_path / "stage_1/detector/tb")
+    assert set(STEP_TAGS) | {"perf/host_mem", "val/mAP_0.5", "train/box_loss"} <= set(det_tags)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -84,13 +83,15 @@ def test_corrupt_checkpoint_falls_back_to_an_earlier_one(make_config, tmp_path, 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_a_rerun_with_new_settings_archives_and_starts_fresh(make_config, tmp_path, tiny_stage, strategy):
     run(make_config, tmp_path, tiny_stage, strategy)
-    again = run(make_config, tmp_path, tiny_stage, strategy)  # same settings: the finished run is continued
+    # Serving, reporting and run-control keys change nothing training computes: the finished run is continued.
+    again = run(make_config, tmp_path, tiny_stage, strategy, "serve.smoke_requests=5", "train.step_log_interval=1",
+                "evaluation.checks.multi_batch_size=4")
     assert again["classifier"].resumed_from_step is not None and again["classifier"].global_step == 12
+    assert not (tmp_path / "stage_1/checkpoints.previous").exists()
     optimized = run(make_config, tmp_path, tiny_stage, strategy, "train.classification.lr=0.001")
     assert optimized["classifier"].resumed_from_step is None and optimized["classifier"].global_step == 12
     (archive,) = (tmp_path / "stage_1/checkpoints.previous").iterdir()
-    expected = {"checkpoints", "detector__checkpoints"} if strategy == "interleaved" else {"checkpoints"}
-    assert {p.name for p in archive.iterdir()} == expected
+    assert {p.name for p in archive.iterdir()} == {"checkpoints", "detector__checkpoints"}
     old = load_checkpoint(archive / "checkpoints" / "last.pt")
     assert json.loads(old["config"])["train"]["classification"]["lr"] == 0.003  # the old run, kept
 
@@ -102,13 +103,14 @@ def test_a_different_label_space_names_both_sides(make_config, tmp_path, tiny_st
                       "detection.include_single_images=false")  # as run() trained: the same fingerprint
     fewer = m[m.k_code.isin(cmap.k_codes[:4]) | (m.kind == "combination")]
     with pytest.raises(CheckpointMismatchError, match="num_classes: checkpoint 6 vs current 4"):
-        train_classifier(cfg, fewer, cmap, tmp_path / "stage_1", show_progress=False)
+        train_stage(cfg, fewer, cmap, 1, tmp_path / "stage_1", show_progress=False)
 
 
 def test_warm_start_remaps_the_head_by_kcode(make_config, tmp_path, tiny_stage):
     m, cmap = tiny_stage
     cfg = make_config(tmp_path)
-    train_classifier(cfg, m[m.k_code.isin(cmap.k_codes[:4])], cmap, tmp_path / "s1", show_progress=False)
+    train_stage(cfg, m[m.k_code.isin(cmap.k_codes[:4])], cmap, 1, tmp_path / "s1", show_progress=False,
+                models=("classifier",))
     old = load_checkpoint(tmp_path / "s1/checkpoints/best.pt")
     second = cmap.restrict(cmap.k_codes[2:])  # keeps classes 2, 3; adds 4, 5
     from tests.unit.train.conftest import classifier_member
@@ -169,10 +171,18 @@ def test_each_model_keeps_its_own_epochs(make_config, tmp_path, tiny_stage):
     assert order[:2] == ["detector", "classifier"] and order[2:] == ["classifier"] * 17  # the detector stopped
 
 
+def test_sequential_is_the_same_loop_with_the_detectors_epochs_first(make_config, tmp_path, tiny_stage):
+    order = []
+    results = run(make_config, tmp_path, tiny_stage, "sequential", "train.detection.epochs=2",
+                  "train.classification.epochs=1", step_hook=lambda tick, loss, model: order.append(model))
+    assert order == ["detector"] * 2 + ["classifier"] * 6
+    assert results["detector"].epochs_completed == 2 and results["classifier"].epochs_completed == 1
+
+
 def test_batch_and_worker_plans_are_applied_and_scale_the_lr(make_config, tmp_path, tiny_stage):
     plan = {"batch_size": 4, "grad_accum": 1, "eval_batch_size": 16, "probed": True, "device": "test"}
-    result = run(make_config, tmp_path, tiny_stage, "sequential",
-                 plans={"batch": plan, "workers": {"num_workers": 0, "reason": "test"}})["classifier"]
+    result = run(make_config, tmp_path, tiny_stage, "sequential", models=("classifier",),
+                 plans={"classifier": {"batch": plan, "workers": {"num_workers": 0, "reason": "test"}}})["classifier"]
     assert (result.batch_size, result.grad_accum) == (4, 1) and result.global_step == 24
     assert result.auto_batch["applied_lr_scale"] == 0.5 and result.num_workers["reason"] == "test"
     history = result.history

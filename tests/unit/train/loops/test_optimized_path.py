@@ -6,6 +6,7 @@ model on 2 cores); one test compiles with inductor itself.
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -21,6 +22,7 @@ from tests.unit.train.support import RepeatedOom, assert_same_weights, final_wei
 
 SHIPPED_PATH = ("optimization.amp=true", "optimization.amp_dtype=bf16", "optimization.channels_last=true",
                 "optimization.torch_compile=reduce-overhead", "optimization.compile_backend=aot_eager")
+CLASSIFIER = ("classifier",)  # the tests that follow one model's compiled graphs
 SHORT = ("train.classification.epochs=1", "train.detection.epochs=1", "train.max_steps_per_epoch=3",
          "train.oom.cooldown_sec=0")
 
@@ -92,19 +94,19 @@ def test_an_oom_walks_s1_s2_s3_with_the_compiled_model_recompiling_at_the_new_ba
         make_config, tmp_path, tiny_stage):
     plain = RecordingBackend()
     policy_line = run(make_config, tmp_path / "plain", tiny_stage, "sequential", *SHIPPED_PATH, *SHORT,
-                      compile_backend=plain)["classifier"].policy
+                      compile_backend=plain, models=CLASSIFIER)["classifier"].policy
     assert plain.graphs and not any(plain.graphs)  # one batch size: static graphs only
     backend = RecordingBackend()
     # 3 OOMs at step 2: S1 (fp16 + GradScaler), S2 (bs 8 -> 4 x 2), S3 (max_grad_accum=2 reached: G 8 -> 4).
     result = run(make_config, tmp_path, tiny_stage, "sequential", *SHIPPED_PATH, *SHORT,
-                 "train.oom.max_grad_accum=2", compile_backend=backend,
+                 "train.oom.max_grad_accum=2", compile_backend=backend, models=CLASSIFIER,
                  injectors={"classifier": RepeatedOom(2, 3)})["classifier"]
     assert [e["action"] for e in result.oom_events] == [AMP_FP16, MICROBATCHING, GLOBAL_BATCH_CHANGE]
     assert result.oom_events[0]["autocast"] == "fp16 + GradScaler"
     assert result.compile == "compiled" and result.global_step >= 3 and "amp=bfloat16" in policy_line
     assert any(backend.graphs), "the micro-batch of 4 ran the graphs compiled for 8: no recompile seen"
-    state = load_checkpoint(tmp_path / "stage_1/checkpoints/last.pt")
-    assert state["units"]["classifier"]["amp"] == "fp16" and state["units"]["classifier"]["scaler"]["scale"] > 0
+    state = load_checkpoint(tmp_path / "stage_1/checkpoints/last.pt")["units"]["classifier"]
+    assert json.loads(state["oom_state_json"])["amp_dtype"] == "fp16" and state["scaler"]["scale"] > 0
 
 
 @pytest.mark.parametrize("when", ["any", "symbolic"], ids=["at-the-first-step", "after-the-s2-recompile"])
@@ -112,11 +114,11 @@ def test_a_compile_failure_falls_back_to_eager_once_and_replays_the_step(make_co
                                                                          when):
     oom = {"classifier": RepeatedOom(2, 2)}  # S1, then S2 (bs 8 -> 4 x 2): the recompile at step 2
     reference = run(make_config, tmp_path / "eager", tiny_stage, "sequential", *SHIPPED_PATH, *SHORT,
-                    "optimization.torch_compile=none", injectors=oom)["classifier"]
+                    "optimization.torch_compile=none", injectors=oom, models=CLASSIFIER)["classifier"]
     oom = {"classifier": RepeatedOom(2, 2)}
     with caplog.at_level(logging.WARNING, logger="pillsnap.train.services.policy"):
         result = run(make_config, tmp_path, tiny_stage, "sequential", *SHIPPED_PATH, *SHORT,
-                     compile_backend=RecordingBackend(fail_on=when), injectors=oom)["classifier"]
+                     compile_backend=RecordingBackend(fail_on=when), injectors=oom, models=CLASSIFIER)["classifier"]
     warnings = [r.getMessage() for r in caplog.records if "falling back to eager" in r.getMessage()]
     assert len(warnings) == 1 and "does not compile" in warnings[0]
     assert result.compile == "fell_back"
@@ -141,5 +143,5 @@ def test_a_compiled_bf16_run_killed_mid_epoch_resumes_exactly(make_config, tmp_p
 @pytest.mark.slow
 def test_inductor_compiles_the_classifier_step_on_a_cpu(make_config, tmp_path, tiny_stage):
     result = run(make_config, tmp_path, tiny_stage, "sequential", *SHIPPED_PATH[:-1], "train.classification.epochs=1",
-                 "train.max_steps_per_epoch=2")["classifier"]
+                 "train.max_steps_per_epoch=2", models=CLASSIFIER)["classifier"]
     assert "backend=inductor" in result.policy and result.compile == "compiled" and result.global_step == 2

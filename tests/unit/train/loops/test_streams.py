@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 from pillsnap.data.datasets import EpochSampler
 from pillsnap.train.data import UnitData
 from pillsnap.train.loops.streams import Stream, steps_per_epoch
-from pillsnap.train.services.checkpointer import improved
+from pillsnap.train.services.checkpoint_policy import improved
 
 
 class Numbers(Dataset):

@@ -32,12 +32,11 @@ def test_s1_escalates_to_fp16_once_then_s2_keeps_global_batch():
     rec = machine(64, 1, "bf16", sleeps)
     first = rec.decide("CUDA out of memory")
     assert first.action == AMP_FP16 and first.state.amp_dtype == "fp16" and first.state.did_amp_escalate
-    assert (first.state.batch_size, first.state.grad_accum) == (64, 1) and first.preserve_schedules
+    assert (first.state.batch_size, first.state.grad_accum) == (64, 1) and first.lr_scale == 1.0
     second = rec.decide("CUDA out of memory")
     assert second.action == MICROBATCHING
     assert (second.state.batch_size, second.state.grad_accum) == (32, 2)
     assert second.state.global_batch == 64 and second.lr_scale == 1.0
-    assert second.replay_batch and second.preserve_schedules and second.scheduler_mode is None
     assert sleeps == [2.0, 2.0]  # cooldown before each recovery step
 
 
@@ -56,10 +55,9 @@ def test_s2_doubles_accumulation_until_its_cap_then_s3():
 def test_s3_scales_lr_by_g_ratio():
     rec = machine(8, 8, "fp16", max_grad_accum=8)
     d = rec.decide()
-    assert d.action == GLOBAL_BATCH_CHANGE and not d.preserve_schedules
+    assert d.action == GLOBAL_BATCH_CHANGE
     g_old, g_new = 64, 4 * 8
     assert d.lr_scale == g_new / g_old == 0.5
-    assert d.scheduler_mode == "by_samples" and d.replay_batch
     assert d.audit["G_old"] == g_old and d.audit["G_new"] == g_new and d.audit["lr_scale"] == 0.5
 
 
@@ -102,7 +100,7 @@ def test_exhausted_retries_is_emergency_exit_without_cooldown():
     rec = machine(64, 1, "bf16", sleeps, max_retries=2)
     rec.decide(), rec.decide()
     d = rec.decide("CUDA out of memory")
-    assert d.action == EMERGENCY_EXIT and d.save_checkpoint and not d.replay_batch and d.is_exit
+    assert d.action == EMERGENCY_EXIT and d.is_exit
     assert d.state.retries == 3 and len(sleeps) == 2 and "max_retries" in d.audit["reason"]
 
 
@@ -166,15 +164,21 @@ def test_cpu_allocator_failure_is_oom():
 
 
 class FakeUnit:
-    """The guard's view of a unit, with a loss that raises what the test wants."""
-    name, config_key, amp = "classifier", "train.classification", "bf16"
+    """The guard's view of a unit (its own OOM recovery owns the knobs), with a loss that raises what the test
+    wants."""
+    name, config_key = "classifier", "train.classification"
 
-    def __init__(self, error=None):
-        self.batch_size, self.accum, self.error, self.calls = 64, 1, error, 0
+    def __init__(self, error=None, batch_size=64, **guard_rails):
+        self.oom = OomRecovery(policy(cooldown_sec=0, **guard_rails), OomState(batch_size, 1, "bf16"))
+        self.error, self.calls = error, 0
         self.replay = SimpleNamespace(capture=lambda: None, restore=lambda: None)
         self.train_model = SimpleNamespace(confirm=lambda: None, fall_back=lambda exc: False)
         self.optimizer = SimpleNamespace(zero_grad=lambda set_to_none=True: None)
         self.updated = 0
+
+    batch_size = property(lambda self: self.oom.state.batch_size)
+    accum = property(lambda self: self.oom.state.grad_accum)
+    global_batch = property(lambda self: self.oom.state.global_batch)
 
     def batch_len(self, batch):
         return 64
@@ -201,12 +205,14 @@ class FakeUnit:
         return "fp16"
 
 
-def _guard(unit, **kw):
+def _guard(unit):
     tb = SimpleNamespace(flush=lambda: None)
     telemetry = SimpleNamespace(scalars=lambda values, step: None, tb=tb)
-    guard = OomGuard(unit, policy(cooldown_sec=0, **kw), FaultInjector(), lambda: Path("emergency.pt"), telemetry,
-                     release_memory=lambda: None)
-    return guard
+    return OomGuard(unit, FaultInjector(), telemetry, release_memory=lambda: None)
+
+
+def _emergency():
+    return Path("emergency.pt")
 
 
 def test_illegal_memory_access_is_fatal_and_never_retried():
@@ -215,24 +221,23 @@ def test_illegal_memory_access_is_fatal_and_never_retried():
     unit = FakeUnit(exc)
     guard = _guard(unit)
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        guard.step([object()], 1, 1)
-    assert unit.calls == 1 and guard.recovery.history == [] and guard.events == []
+        guard.step([object()], 1, 1, _emergency)
+    assert unit.calls == 1 and unit.oom.state.retries == 0 and guard.events == []
 
 
 def test_other_errors_pass_through_the_guard():
     guard = _guard(FakeUnit(KeyError("missing")))
     with pytest.raises(KeyError):
-        guard.step([object()], 1, 1)
+        guard.step([object()], 1, 1, _emergency)
 
 
 def test_the_guard_records_each_decision_and_exits_with_a_named_key():
-    unit = FakeUnit(torch.OutOfMemoryError("CUDA out of memory"))
-    unit.batch_size = 2
-    guard = _guard(unit, max_retries=5, max_grad_accum=2)
+    unit = FakeUnit(torch.OutOfMemoryError("CUDA out of memory"), batch_size=2, max_retries=5, max_grad_accum=2)
+    guard = _guard(unit)
     with pytest.raises(OomExhaustedError, match="train.classification.batch_size") as info:
-        guard.step([object()], 3, 1)
+        guard.step([object()], 3, 1, _emergency)
     assert [e["action"] for e in guard.events] == [AMP_FP16, MICROBATCHING, EMERGENCY_EXIT]
-    assert info.value.decision.save_checkpoint and guard.events[-1]["checkpoint"] == "emergency.pt"
+    assert info.value.decision.is_exit and guard.events[-1]["checkpoint"] == "emergency.pt"
 
 
 def test_fault_injector_raises_once_at_listed_steps():

@@ -27,9 +27,8 @@ MICRO = ("train.classification.batch_size=4", "train.detection.batch_size=2", "t
 FP16 = ("optimization.amp=true", "optimization.amp_dtype=fp16")
 
 
-def _injectors(strategy, step=1, times=2):
-    models = ("classifier", "detector") if strategy == "interleaved" else ("classifier",)
-    return {m: RepeatedOom(step, times) for m in models}
+def _injectors(step=1, times=2):
+    return {m: RepeatedOom(step, times) for m in ("classifier", "detector")}
 
 
 def _tb_scalars(tb_dir):
@@ -53,7 +52,7 @@ def micro_reference(make_config, tmp_path_factory, tiny_stage):
 def test_s1_then_s2_keep_the_global_batch_and_match_a_run_configured_at_the_micro_batch(
         make_config, tmp_path, tiny_stage, micro_reference, caplog, strategy):
     with caplog.at_level(logging.INFO, logger="pillsnap"):
-        results = run(make_config, tmp_path, tiny_stage, strategy, *SHORT, injectors=_injectors(strategy))
+        results = run(make_config, tmp_path, tiny_stage, strategy, *SHORT, injectors=_injectors())
     ref_weights, ref_results = micro_reference[strategy]
     for model, result in results.items():
         assert [e["action"] for e in result.oom_events] == [AMP_FP16, MICROBATCHING], model
@@ -61,19 +60,19 @@ def test_s1_then_s2_keep_the_global_batch_and_match_a_run_configured_at_the_micr
         assert "grad_scaler=True" in ref_results[model].policy
         assert all(e["model"] == model for e in result.oom_events)
         assert result.global_step == ref_results[model].global_step
-    assert (results["classifier"].batch_size, results["classifier"].grad_accum) == (8, 1)  # loader keeps G = 8
+    # The micro-batch the OOM state settled on; the global batch of 8 is kept.
+    assert (results["classifier"].batch_size, results["classifier"].grad_accum) == (4, 2)
     # The failed attempts ran forward/backward (BatchNorm statistics, gradients): the replay undid all of it.
     assert_same_weights(final_weights(tmp_path / "stage_1"), ref_weights)
     scalars = _tb_scalars(tmp_path / "stage_1" / "tb")
     assert scalars["oom/retries"] == [1.0, 2.0] and scalars["oom/global_batch"] == [8.0, 8.0]
     assert scalars["oom/batch_size"] == [8.0, 4.0]
-    if strategy == "interleaved":
-        det = _tb_scalars(tmp_path / "stage_1" / "detector" / "tb")
-        assert det["oom/batch_size"] == [4.0, 2.0] and det["oom/global_batch"] == [4.0, 4.0]
-        lines = [r.getMessage() for r in caplog.records]
-        assert any("OOM recovery S2 (retry 2): micro-batching bs=2 accum=2 (global batch preserved: 4)" in x
-                   for x in lines)
-        assert any(x.startswith("detector: OOM event at step 1 recorded") for x in lines)
+    det = _tb_scalars(tmp_path / "stage_1" / "detector" / "tb")
+    assert det["oom/batch_size"] == [4.0, 2.0] and det["oom/global_batch"] == [4.0, 4.0]
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("OOM recovery S2 (retry 2): micro-batching bs=2 accum=2 (global batch preserved: 4)" in x
+               for x in lines)
+    assert any(x.startswith("detector: OOM event at step 1 recorded") for x in lines)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -81,10 +80,10 @@ def test_resume_keeps_the_reduced_batch_and_stays_exact(make_config, tmp_path, t
                                                         strategy):
     crash = "train.crash_at_step=4" if strategy == "interleaved" else "train.crash_at_step=3"
     with pytest.raises(SimulatedCrash):
-        run(make_config, tmp_path, tiny_stage, strategy, *SHORT, crash, injectors=_injectors(strategy))
+        run(make_config, tmp_path, tiny_stage, strategy, *SHORT, crash, injectors=_injectors())
     saved = load_checkpoint(tmp_path / "stage_1/checkpoints/recovery.pt")
-    meta = json.loads(saved["units"]["classifier"]["meta_json"])
-    assert (meta["oom_state"]["batch_size"], meta["oom_state"]["grad_accum"]) == (4, 2)
+    oom_state = json.loads(saved["units"]["classifier"]["oom_state_json"])
+    assert (oom_state["batch_size"], oom_state["grad_accum"]) == (4, 2)
     resumed = run(make_config, tmp_path, tiny_stage, strategy, *SHORT, crash)
     assert resumed["classifier"].resumed_from_step == (4 if strategy == "interleaved" else 2)  # recovery.pt ticks
     assert [e["action"] for e in resumed["classifier"].oom_events] == [AMP_FP16, MICROBATCHING]
@@ -98,9 +97,9 @@ def test_s3_scales_lr_by_the_global_batch_ratio_and_replays_the_same_samples(mak
 
     real_step = OomGuard.step
 
-    def recording_step(guard, window, step_number, epoch):
+    def recording_step(guard, window, step_number, epoch, emergency):
         lr = guard.unit.lr  # the LR this step trains with
-        loss = real_step(guard, window, step_number, epoch)
+        loss = real_step(guard, window, step_number, epoch, emergency)
         if loss is not None:
             seen.extend(int(i) for b in window for i in b["indices"])
             lrs.append(lr)
@@ -110,7 +109,7 @@ def test_s3_scales_lr_by_the_global_batch_ratio_and_replays_the_same_samples(mak
     try:
         result = run(make_config, tmp_path, tiny_stage, "sequential", *SHORT, "train.oom.max_grad_accum=1",
                      "train.oom.escalate_to_fp16=false", "train.oom.inject_at_steps=[2]",
-                     "train.warmup_steps=0")["classifier"]
+                     "train.warmup_steps=0", models=("classifier",))["classifier"]
     finally:
         OomGuard.step = real_step
     (event,) = result.oom_events
@@ -127,8 +126,9 @@ def test_s3_scales_lr_by_the_global_batch_ratio_and_replays_the_same_samples(mak
     assert lrs == pytest.approx(expected, rel=1e-12)
 
 
-def test_a_detector_s3_in_the_interleaved_loop_re_feeds_its_samples(make_config, tmp_path, tiny_stage):
-    results = run(make_config, tmp_path, tiny_stage, "interleaved", *SHORT, "train.oom.max_grad_accum=1",
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_detector_s3_re_feeds_its_samples_in_either_strategy(make_config, tmp_path, tiny_stage, strategy):
+    results = run(make_config, tmp_path, tiny_stage, strategy, *SHORT, "train.oom.max_grad_accum=1",
                   "train.oom.escalate_to_fp16=false", "train.oom.inject_detector_at_steps=[1]")
     det = results["detector"]
     (event,) = det.oom_events
@@ -148,8 +148,8 @@ def test_exhausted_recovery_leaves_an_emergency_checkpoint_and_a_clear_error(mak
         run(make_config, tmp_path, tiny_stage, strategy, *SHORT, "train.oom.max_retries=2", f"{key}=[1]",
             injectors={model: RepeatedOom(1, 3)})
     emergency = load_checkpoint(tmp_path / "stage_1/checkpoints/emergency.pt")
+    assert json.loads(emergency["units"][model]["oom_state_json"])["retries"] == 3
     meta = json.loads(emergency["units"][model]["meta_json"])
-    assert meta["oom_state"]["retries"] == 3
     assert [e["action"] for e in meta["oom_events"]] == [AMP_FP16, MICROBATCHING, EMERGENCY_EXIT]
 
 
@@ -166,7 +166,7 @@ def test_non_finite_loss_saves_an_emergency_checkpoint_and_names_step_and_batch(
 
     monkeypatch.setattr(ClassifierUnit, "loss", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 2 \(batch: .*'images': \[") as info:
-        run(make_config, tmp_path, tiny_stage, "sequential", *SHORT)
+        run(make_config, tmp_path, tiny_stage, "sequential", *SHORT, models=("classifier",))
     assert info.value.step == 2 and len(info.value.batch_info["images"]) == 8
     emergency = load_checkpoint(tmp_path / "stage_1/checkpoints/emergency.pt")
     assert emergency["global_step"] == 1
@@ -195,7 +195,7 @@ def test_an_oom_after_unscale_with_an_enabled_grad_scaler_replays_cleanly(make_c
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_once_oom)
     result = run(make_config, tmp_path, tiny_stage, "sequential", *SHORT, "train.oom.escalate_to_fp16=false",
-                 "train.max_steps_per_epoch=2")["classifier"]
+                 "train.max_steps_per_epoch=2", models=("classifier",))["classifier"]
     assert [e["action"] for e in result.oom_events] == [MICROBATCHING] and result.global_step == 2
 
 

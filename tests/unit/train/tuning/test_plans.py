@@ -76,9 +76,12 @@ def test_a_probed_plan_trains_at_its_batch(make_config, tmp_path, tiny_stage):
     plan = {"batch_size": 16, "grad_accum": 1, "eval_batch_size": 16, "probed": True, "device": "test probes"}
     seen = []
     result = run(make_config, tmp_path, tiny_stage, "sequential", "train.classification.epochs=1",
-                 plans={"batch": plan}, step_hook=lambda tick, loss, model: seen.append(tick))["classifier"]
+                 models=("classifier",), plans={"classifier": {"batch": plan}},
+                 step_hook=lambda tick, loss, model: seen.append(tick))["classifier"]
     assert result.batch_size == 16 and result.global_step == len(seen) == 3
     assert result.auto_batch["applied_lr_scale"] == 2.0
+    with pytest.raises(ValueError, match=r"plans for \['batch'\]: plans are keyed by the models"):
+        run(make_config, tmp_path / "old", tiny_stage, "sequential", plans={"batch": plan})
 
 
 def test_stage_config_returns_changes_and_logs_what_runs(make_config, tmp_path, caplog):

@@ -1,4 +1,4 @@
-"""`pillsnap predict` and `pillsnap export`: argument set-up and the commands (registered in pillsnap/cli.py).
+"""`pillsnap predict` and `pillsnap export`: argument set-up and the commands (registered in flows/cli.py).
 
     pillsnap predict [--mode single|combo|auto] [--engine torch|onnx] [--stage N] [--hard-cases F.jsonl]
                      [--profile P] IMAGE... [key=value ...]

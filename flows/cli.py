@@ -1,4 +1,5 @@
-"""`pillsnap …`: the command line for everything a user does. Thin: it calls the library or the flows.
+"""`pillsnap …`: the command line for everything a user does. Thin: it calls the library or starts the flows,
+which is why it lives with the orchestration, outside the library.
 
 Every command takes --config (base YAML), --profile (an overlay in configs/profiles/) and key=value overrides
 (CLI > profile > base), e.g. `pillsnap stage --stage 1 --profile cpu-demo train.classification.epochs=3`.
@@ -136,27 +137,19 @@ def cmd_final_test(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from pillsnap.infer.cli_commands import predict_command
+    from flows.cli_infer import predict_command
     return predict_command(args, _load)
 
 
 def cmd_export(args) -> int:
-    from pillsnap.infer.cli_commands import export_command
+    from flows.cli_infer import export_command
     return export_command(args, _load)
 
 
 def cmd_serve(args) -> int:
-    from pillsnap.environment import api_keys_from_environment
-    from pillsnap.serve.server import read_api_keys, serve_stage
+    from pillsnap.serve.command import serve_command
 
-    cfg = _load(args)
-    keys = read_api_keys(cfg, api_keys_from_environment())
-    try:
-        serve_stage(cfg, args.stage, args.engine, args.host or cfg.serve.host, args.port or cfg.serve.port, keys)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pillsnap serve: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return serve_command(args, _load(args))
 
 
 def cmd_stage(args) -> int:
@@ -258,13 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "final-test":
             p.add_argument("--force", action="store_true", help="evaluate again even if the final test already ran")
         if name in ("predict", "export"):
-            from pillsnap.infer.cli_commands import add_arguments
+            from flows.cli_infer import add_arguments
             add_arguments(name, p)
         if name == "serve":
-            p.add_argument("--stage", type=int, help="stage whose models to serve (default: the highest trained)")
-            p.add_argument("--engine", choices=["torch", "onnx"], help="default: inference.engine")
-            p.add_argument("--host", help="default: serve.host (127.0.0.1)")
-            p.add_argument("--port", type=int, help="default: serve.port (8000)")
+            from pillsnap.serve.command import add_arguments as serve_arguments
+            serve_arguments(p)
     return parser
 
 

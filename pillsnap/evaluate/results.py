@@ -1,0 +1,264 @@
+"""A stage's results: ONE typed object, built once (`stage_results`), read by Go/No-Go, the criteria, the advisor,
+the report and the ledger. Tasks exchange it as a dict (to_dict / from_dict) and nothing else reads that dict.
+
+Every figure was measured in this run or is None ("not measured"); nothing is filled in by default. The names the
+configuration's targets use ("detection.mAP_0.5", "production.inference_latency_ms", …) are the keys of METRICS,
+each a function of the typed object: a target naming anything else is a configuration error, not a silent gap.
+
+One status vocabulary for every verdict (stage checks, Go/No-Go rows, mandatory checks, targets): Status.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+
+class Status(str, Enum):
+    PASS = "pass"  # measured, within its bound (a target: met)
+    FAIL = "fail"  # measured, outside its bound (or a person said no to an attested check)
+    NOT_MEASURED = "not_measured"  # nothing to measure it from: it blocks like a failure
+    NOT_APPLICABLE = "not_applicable"  # the configuration rules it out: neither passes nor blocks
+    SKIPPED = "skipped"  # a Go/No-Go row with a recorded reason not to apply (Stage 1's regression guard)
+    ATTESTED = "attested"  # a check this pipeline cannot see, confirmed by a named person
+    UNATTESTED = "unattested"  # such a check nobody named confirmed: it blocks like a failure
+
+    @property
+    def passes(self) -> bool:
+        return self in (Status.PASS, Status.ATTESTED)
+
+    @property
+    def blocks(self) -> bool:
+        return self in (Status.FAIL, Status.NOT_MEASURED, Status.UNATTESTED)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class ClassifierResults:
+    """The stage's best classifier on its validation photos (evaluate_classifier)."""
+    accuracy: Optional[float] = None
+    macro_f1: Optional[float] = None
+    top5: Optional[float] = None
+    per_class_f1_min: Optional[float] = None
+    per_class_min_top1: Optional[float] = None
+    inference_time_ms: Optional[float] = None  # the model alone, batch 1, p50
+    latency_p95_ms: Optional[float] = None  # the single-photo pipeline, batch 1, end to end, p95 (Go/No-Go)
+    n: Optional[int] = None  # validation photos evaluated
+    class_coverage: Optional[float] = None  # share of classes whose validation recall reaches the bound
+    previous_stage_accuracy: Optional[float] = None  # this model on the previous stage's validation photos
+    multi_batch_size: Optional[int] = None  # the batch size whose top-1 matched batch 1 (when that check passed)
+    worst_classes: List[Dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DetectorResults:
+    """The stage's best detector on the validation combination photos (single photos are reported apart)."""
+    map50: Optional[float] = None
+    map50_95: Optional[float] = None
+    precision: Optional[float] = None
+    recall: Optional[float] = None
+    inference_time_ms: Optional[float] = None  # the model alone, batch 1, p50
+    pipeline_latency_p95_ms: Optional[float] = None  # auto mode: the detector and every crop, batch 1, p95
+
+
+@dataclass(frozen=True)
+class ApiResults:
+    """The stage's API check (`pillsnap serve` on the exports)."""
+    p95_ms: Optional[float] = None
+    throughput_img_s: Optional[float] = None
+    success_pct: Optional[float] = None  # requests answered (what a stage's check can show; not uptime over hours)
+    device: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TrainingResults:
+    """What the training run showed, over every model and epoch."""
+    throughput_img_s: Optional[float] = None  # the classifier's mean img/s
+    batch_size_achieved: Optional[int] = None  # the classifier's batch, when a probed plan chose it
+    gpu_memory_gb: Optional[float] = None  # the GPU allocator's peak (None on a CPU)
+    data_time_s: Optional[float] = None  # the classifier's mean data / compute time per step
+    compute_time_s: Optional[float] = None
+    repeated_oom: int = 0  # OOM recoveries over every model
+    loss: Optional[float] = None  # the classifier's best epoch's validation loss
+    loss_variance: Optional[float] = None  # variance of the classifier's later-half training losses
+    memory_peak_to_avg: Optional[float] = None  # the training device's memory: peak / mean over the epochs
+    memory_stable_hours: Optional[float] = None  # hours trained with memory in bounds (0 when the leak test failed)
+
+
+@dataclass(frozen=True)
+class DataResults:
+    corruption_rate: Optional[float] = None  # unreadable or mis-sized photos / photos (validation report)
+    class_imbalance_ratio: Optional[float] = None  # the stage's most / fewest training photos per class
+
+
+@dataclass(frozen=True)
+class StageResults:
+    stage: int
+    classifier: ClassifierResults = field(default_factory=ClassifierResults)
+    detector: Optional[DetectorResults] = None  # None: no detector trained (detection.enabled=false)
+    api: Optional[ApiResults] = None  # None: no API check ran
+    training: TrainingResults = field(default_factory=TrainingResults)
+    data: DataResults = field(default_factory=DataResults)
+    checks: Dict[str, Status] = field(default_factory=dict)  # every stage check's status (checks.json)
+
+    def check(self, name: str) -> Status:
+        return self.checks.get(name, Status.NOT_MEASURED)
+
+    def metric(self, name: str) -> Optional[float]:
+        """The measurement a target names (see METRICS); None when it was not measured."""
+        if name not in METRICS:
+            raise KeyError(f"no measurement named {name!r}; the measurements are {sorted(METRICS)}")
+        value = METRICS[name](self)
+        return None if value is None else float(value)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["checks"] = {k: Status(v).value for k, v in self.checks.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> "StageResults":
+        def part(kind, value):
+            return None if value is None else kind(**value)
+
+        return cls(stage=int(doc["stage"]), classifier=part(ClassifierResults, doc["classifier"]),
+                   detector=part(DetectorResults, doc.get("detector")), api=part(ApiResults, doc.get("api")),
+                   training=part(TrainingResults, doc["training"]), data=part(DataResults, doc["data"]),
+                   checks={k: Status(v) for k, v in (doc.get("checks") or {}).items()})
+
+
+def _detector(get: Callable[[DetectorResults], Optional[float]]) -> Callable[[StageResults], Optional[float]]:
+    return lambda r: get(r.detector) if r.detector is not None else None
+
+
+def _api(get: Callable[[ApiResults], Optional[float]]) -> Callable[[StageResults], Optional[float]]:
+    return lambda r: get(r.api) if r.api is not None else None
+
+
+def _pipeline_latency(r: StageResults) -> Optional[float]:
+    """The whole pipeline: auto mode with the detector; without a detector, single mode is the pipeline."""
+    return r.detector.pipeline_latency_p95_ms if r.detector is not None else r.classifier.latency_p95_ms
+
+
+# The names stage targets use (evaluation.stages.N.targets / advanced), each read from the typed results.
+METRICS: Dict[str, Callable[[StageResults], Optional[float]]] = {
+    "classification.accuracy": lambda r: r.classifier.accuracy,
+    "classification.macro_f1": lambda r: r.classifier.macro_f1,
+    "classification.top5": lambda r: r.classifier.top5,
+    "classification.per_class_f1_min": lambda r: r.classifier.per_class_f1_min,
+    "classification.per_class_min_top1": lambda r: r.classifier.per_class_min_top1,
+    "classification.inference_time_ms": lambda r: r.classifier.inference_time_ms,
+    "detection.mAP_0.5": _detector(lambda d: d.map50),
+    "detection.mAP_0.5_0.95": _detector(lambda d: d.map50_95),
+    "detection.precision": _detector(lambda d: d.precision),
+    "detection.recall": _detector(lambda d: d.recall),
+    "detection.inference_time_ms": _detector(lambda d: d.inference_time_ms),
+    "system.gpu_memory_gb": lambda r: r.training.gpu_memory_gb,
+    "system.data_loading_s": lambda r: r.training.data_time_s,  # the time a step waits for its batch
+    "system.data_time_s": lambda r: r.training.data_time_s,
+    "system.compute_time_s": lambda r: r.training.compute_time_s,
+    "optimization.throughput_img_s": lambda r: r.training.throughput_img_s,
+    "optimization.batch_size_achieved": lambda r: r.training.batch_size_achieved,
+    "scalability.multi_batch_size": lambda r: r.classifier.multi_batch_size,
+    "scalability.api_response_time_ms": _api(lambda a: a.p95_ms),
+    "scalability.memory_stable_hours": lambda r: r.training.memory_stable_hours,
+    "production.inference_latency_ms": _pipeline_latency,
+    "production.throughput_img_s": _api(lambda a: a.throughput_img_s),
+    "production.api_success_pct": _api(lambda a: a.success_pct),
+    "advanced.class_imbalance_ratio": lambda r: r.data.class_imbalance_ratio,
+    "advanced.loss_variance": lambda r: r.training.loss_variance,
+    "advanced.memory_peak_to_avg": lambda r: r.training.memory_peak_to_avg,
+}
+
+
+# ------------------------------------------------------------------------------------------------- building it
+def stage_results(stage: int, evaluation: Mapping[str, Any], trained: Mapping[str, Mapping[str, Any]],
+                  validation: Mapping[str, Any], subset: Mapping[str, Any], checks: Mapping[str, str],
+                  detection: Optional[Mapping[str, Any]] = None,
+                  api: Optional[Mapping[str, Any]] = None) -> StageResults:
+    """From what the stage's tasks returned: the classifier's evaluation, {model: TrainResult dict}, the data
+    validation report, the subset summary, {check: status}, the detector's results (detection_results) and the
+    API check."""
+    statuses = {name: Status(value) for name, value in checks.items()}
+    multi = evaluation.get("multi_batch") or {}
+    classifier = ClassifierResults(
+        **{k: evaluation.get(k) for k in ("accuracy", "macro_f1", "top5", "per_class_f1_min", "per_class_min_top1",
+                                          "inference_time_ms", "latency_p95_ms", "n", "class_coverage")},
+        previous_stage_accuracy=(evaluation.get("previous_stage_val") or {}).get("accuracy"),
+        multi_batch_size=multi.get("batch_size") if statuses.get("multi_batch_processing") == Status.PASS else None,
+        worst_classes=list(evaluation.get("worst_classes") or []))
+    return StageResults(stage=stage, classifier=classifier, detector=_detector_results(detection),
+                        api=_api_results(api), training=_training_results(trained, statuses),
+                        data=_data_results(validation, subset), checks=statuses)
+
+
+def _detector_results(detection: Optional[Mapping[str, Any]]) -> Optional[DetectorResults]:
+    if not detection:
+        return None
+    latency = ((detection.get("combination") or {}).get("pipeline_latency") or {}).get("p95")
+    return DetectorResults(detection.get("mAP_0.5"), detection.get("mAP_0.5_0.95"), detection.get("precision"),
+                           detection.get("recall"), detection.get("inference_time_ms"), latency)
+
+
+def _api_results(api: Optional[Mapping[str, Any]]) -> Optional[ApiResults]:
+    if not api:
+        return None
+    sent = api.get("requests")
+    success = 100.0 * (sent - api.get("errors", 0)) / sent if sent else None
+    return ApiResults(api.get("p95_ms"), api.get("throughput_img_s"), success, api.get("device"))
+
+
+def _training_results(trained: Mapping[str, Mapping[str, Any]], checks: Mapping[str, Status]) -> TrainingResults:
+    models = [t for t in trained.values() if t]
+    rows = [row for t in models for row in t.get("epochs") or []]
+    classifier = trained["classifier"]
+    own = [row for row in classifier.get("epochs") or [] if row.get("data_time_s") is not None]
+    peaks = [row["gpu_peak_mb"] for row in rows if row.get("gpu_peak_mb") is not None]
+    mean = (lambda key: statistics.fmean(row[key] for row in own)) if own else (lambda key: None)
+    probed = (classifier.get("auto_batch") or {}).get("probed")
+    return TrainingResults(
+        throughput_img_s=classifier.get("mean_throughput"),
+        batch_size_achieved=classifier.get("batch_size") if probed else None,
+        gpu_memory_gb=max(peaks) / 1024 if peaks else None,
+        data_time_s=mean("data_time_s"), compute_time_s=mean("compute_time_s"),
+        repeated_oom=sum(len(t.get("oom_events") or []) for t in models),
+        loss=(classifier.get("val_metrics") or {}).get("val_loss"),
+        loss_variance=_later_half_variance([row["train_loss"] for row in classifier.get("epochs") or []]),
+        memory_peak_to_avg=_peak_to_mean([row.get("gpu_peak_mb") or row.get("host_private_mb") for row in own]),
+        memory_stable_hours=_stable_hours(rows, checks.get("memory_leak_test")))
+
+
+def _later_half_variance(losses: List[float]) -> Optional[float]:
+    """Convergence stability: the spread of the training loss once it should have settled (needs 4 epochs)."""
+    later = losses[len(losses) // 2:]
+    return statistics.pvariance(later) if len(losses) >= 4 and all(math.isfinite(x) for x in later) else None
+
+
+def _peak_to_mean(values: List[Optional[float]]) -> Optional[float]:
+    measured = [v for v in values if v]
+    return max(measured) / statistics.fmean(measured) if len(measured) >= 2 else None
+
+
+def _stable_hours(rows: List[Mapping[str, Any]], leak_test: Optional[Status]) -> Optional[float]:
+    """Hours of training with memory within bounds (0 when the leak test failed; None when not measured)."""
+    if leak_test not in (Status.PASS, Status.FAIL):
+        return None
+    seconds = sum(r.get("steps", 0) * ((r.get("data_time_s") or 0.0) + (r.get("compute_time_s") or 0.0))
+                  for r in rows)
+    return seconds / 3600 if leak_test == Status.PASS else 0.0
+
+
+def _data_results(validation: Mapping[str, Any], subset: Mapping[str, Any]) -> DataResults:
+    counts = validation.get("counts") or {}
+    corrupt = sum(v for k, v in (validation.get("findings") or {}).items()
+                  if k in ("unreadable_image", "size_mismatch"))
+    images = counts.get("images")
+    return DataResults(corrupt / images if images else None, subset.get("imbalance_ratio"))
+
+
+def field_names(kind) -> List[str]:
+    return [f.name for f in fields(kind)]
