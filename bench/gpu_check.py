@@ -42,7 +42,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -218,7 +218,7 @@ class _SmokeOom:
 
 def row_real_oom(c: Check, row: Row) -> None:
     from pillsnap.train.loops.members import classifier_member, run_policy
-    from pillsnap.train.services.oom import FaultInjector
+    from pillsnap.train.services.oom_state_machine import FaultInjector
 
     cfg, subset, cmap = c.stage
     cfg = c.config("optimization.torch_compile=none")  # the state machine is what is measured, not the compiler

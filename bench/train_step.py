@@ -54,7 +54,7 @@ def build_member(args: argparse.Namespace, work: Path):
     from pillsnap.data.manifest import assign_splits
     from pillsnap.data.synth import synthesize
     from pillsnap.train.loops.members import classifier_member, run_policy
-    from pillsnap.train.services.oom import FaultInjector
+    from pillsnap.train.services.oom_state_machine import FaultInjector
 
     cuda = torch.cuda.is_available()
     cfg = load_config(profile="ci", overrides=[

@@ -136,6 +136,18 @@ def cmd_final_test(args) -> int:
     return 0
 
 
+def cmd_checks(args) -> int:
+    """Every stage check: its definition, whether a person attests it, the stages that make it mandatory."""
+    from pillsnap.evaluate.checks.registry import DEFINITIONS
+
+    cfg = _load(args)
+    for name, definition in DEFINITIONS.items():
+        stages = [str(n) for n, c in sorted(cfg.evaluation.stages.items()) if name in c.mandatory_checks]
+        kind = "attested by a named person" if name in cfg.evaluation.checks.attested else "measured"
+        print(f"{name} ({kind}; mandatory at stage {', '.join(stages) or 'none'})\n    {definition}")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from flows.cli_infer import predict_command
     return predict_command(args, _load)
@@ -212,6 +224,7 @@ COMMANDS: Dict[str, tuple[Callable, str]] = {
     "progress": (cmd_progress, "progressive flow: advance one stage by the ledger, or run stages in order"),
     "final-test": (cmd_final_test, "the final test on the sealed test split (after Stages 1-4 approved in order)"),
     "attest": (cmd_attest, "confirm an attested check as a named person, ahead of a stage's decision"),
+    "checks": (cmd_checks, "list every stage check: definition, attested or measured, the stages that require it"),
     "reopen": (cmd_reopen, "reopen Stage 4 for training after a final test (a named person, with a reason)"),
     "predict": (cmd_predict, "recognise pills in photos: single | combo | auto, torch or ONNX engine"),
     "export": (cmd_export, "export a stage's classifier (and detector) to ONNX with a torch parity check"),

@@ -13,12 +13,12 @@ from prefect import flow
 from flows.config import resolve
 from flows.hooks import notify_on_failure
 from pillsnap.core import layout
-from pillsnap.evaluate.stage_detection import detection_results
-from pillsnap.evaluate.stage_eval import assemble_stage_results
+from pillsnap.evaluate.detector_eval import detection_results
 from pillsnap.ledger import Ledger
 from tasks.common import result_storage
 from tasks.data import current_manifest_hash, subset_task, validate_task
-from tasks.evaluate import advisor_task, attest_task, checks_task, combination_task, evaluate_task, go_no_go_task
+from tasks.evaluate import (advisor_task, attest_task, checks_task, combination_task, evaluate_task, go_no_go_task,
+                            stage_results_task)
 from tasks.export import api_check_task, export_task
 from tasks.review import environment_check_task, pixel_cache_check_task, record_decision_task, report_task, review
 from tasks.train import train_task
@@ -49,10 +49,6 @@ def _train(config: Dict, plan: Dict, subset_hash: str, storage: Path) -> tuple[D
     return state.result(), state.name
 
 
-def _statuses(checks: Dict) -> Dict[str, str]:
-    return {n: c["status"] for n, c in checks.items()}
-
-
 @flow(name="pillsnap-stage", on_failure=[notify_on_failure])
 def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optional[List[str]] = None,
                config_path: Optional[str] = None, without_approved_predecessor: str = "") -> Dict:
@@ -80,23 +76,20 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
     api = api_check_task(config, stage)
     given = Ledger.of(exp_dir).pending_attestations(stage)
     checks = checks_task(config, stage, subset, trained, evaluation, export, api, given)
-    results = assemble_stage_results(evaluation, trained, validation, subset, _statuses(checks), detection, api)
+    results = stage_results_task(stage, evaluation, trained, validation, subset, checks, detection, api)
     go_no_go = go_no_go_task(config, stage, results, baseline, predecessor)
     advice = advisor_task(config, stage, results)
     decided = review(config, stage, go_no_go, advice, given)
     checks = attest_task(config, stage, decided.attestations)
-    results = assemble_stage_results(evaluation, trained, validation, subset, _statuses(checks), detection, api)
+    results = stage_results_task(stage, evaluation, trained, validation, subset, checks, detection, api)
     advice = advisor_task(config, stage, results)  # after the attestations: the word the ledger records
-    checkpoints = {"classifier": train["best_checkpoint"],
-                   **({"detector": det_train["best_checkpoint"]} if det_train else {})}
-    metrics = {k: evaluation.get(k) for k in ("accuracy", "macro_f1", "top5", "n")}
-    decision = record_decision_task(config, stage, go_no_go, advice, decided, metrics, checkpoints,
-                                    _statuses(checks), predecessor)
+    checkpoints = {model: result["best_checkpoint"] for model, result in trained.items()}
+    decision = record_decision_task(config, stage, go_no_go, advice, decided, results, checkpoints, predecessor)
     report = report_task(config, stage, subset, train, evaluation, go_no_go, advice, detection, checks, decision)
     return {"stage": stage, "report": report, "accuracy": evaluation["accuracy"],
             "macro_f1": evaluation["macro_f1"], "top5": evaluation["top5"], "n_val": evaluation["n"],
             "detection": detection, "export_ok": bool(export.get("ok")), "api": api,
-            "settings_changed": settings_changed, "checks": _statuses(checks),
+            "settings_changed": settings_changed, "checks": results["checks"],
             "go_no_go": go_no_go["decision"], "reasons": go_no_go["reasons"],
             "recommendation": advice["recommendation"], **decision, "exp_dir": config["paths"]["exp_dir"],
             "train_state": train_state, "global_step": train["global_step"],

@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -358,7 +358,7 @@ class AdvisorConfig:
 
 @dataclass
 class ChecksConfig:
-    """Bounds of the stage checks (pillsnap/evaluate/checks.py; definitions in the README)."""
+    """Bounds of the stage checks (pillsnap/evaluate/checks/registry.py; definitions in the README)."""
     max_host_memory_growth_mb: float = 1024.0  # private host memory, end of epoch 1 -> last epoch
     max_gpu_memory_growth_mb: float = 512.0  # the allocator's per-epoch peak, epoch 1 -> last epoch
     max_throughput_drop: float = 0.35  # late epochs' median throughput vs early epochs' (fraction lost)
@@ -558,3 +558,19 @@ def save_resolved(cfg: PillSnapConfig, exp_dir: Optional[Path] = None) -> Path:
     tmp.write_text(to_yaml(cfg))
     tmp.replace(out)
     return out
+
+
+def pick(config: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of a config dict (to_dict's form); KeyError names a key the schema lacks."""
+    node: Any = config
+    for part in dotted.split("."):
+        node = node[int(part) if isinstance(node, dict) and part.isdigit() and int(part) in node else part]
+    return node
+
+
+def config_fingerprint(config: Mapping[str, Any], keys: Sequence[str], *extra: Any) -> str:
+    """A short hash of the listed config keys (and `extra` values): what a cache key or a fingerprint depends on,
+    listed beside the code it keys."""
+    text = json.dumps({"config": {k: pick(config, k) for k in keys}, "extra": list(extra)}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,15 +1,14 @@
 """Data tasks: synthesize, import, validate (cached on the manifest hash), build the stage subset (cached)."""
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict
 from typing import Dict
 
 from prefect import task
 
+from pillsnap.config import config_fingerprint
 from pillsnap.data.manifest import manifest_hash, read_manifest
-from pillsnap.data.prepare import manifest_path, run_import, run_subset, run_validation, source_root
+from pillsnap.data.prepare import (VALIDATION_KEYS, manifest_path, run_import, run_subset, run_validation, source_root,
+                                   subset_keys)
 from pillsnap.data.synth import synthesize
 from tasks.common import cfg_of, library_logs_in_run
 
@@ -28,7 +27,8 @@ def synthesize_task(config: Dict) -> Dict:
 @task(name="import-data")
 def import_task(config: Dict) -> Dict:
     with library_logs_in_run():
-        return run_import(cfg_of(config), show_progress=cfg_of(config).logging.progress_bar)
+        cfg = cfg_of(config)
+        return run_import(cfg, show_progress=cfg.logging.progress_bar)
 
 
 def current_manifest_hash(config: Dict) -> str:
@@ -36,22 +36,20 @@ def current_manifest_hash(config: Dict) -> str:
 
 
 def _validation_key(context, parameters) -> str:
-    rules = json.dumps(parameters["config"]["data"]["validation"], sort_keys=True)
-    return f"validate-{parameters['manifest_hash']}-{hashlib.sha256(rules.encode()).hexdigest()[:8]}"
+    return f"validate-{parameters['manifest_hash']}-{config_fingerprint(parameters['config'], VALIDATION_KEYS)}"
 
 
 @task(name="validate-data", cache_key_fn=_validation_key, persist_result=True)
 def validate_task(config: Dict, manifest_hash: str) -> Dict:
     with library_logs_in_run():
-        return run_validation(cfg_of(config), show_progress=cfg_of(config).logging.progress_bar)
+        cfg = cfg_of(config)
+        return run_validation(cfg, show_progress=cfg.logging.progress_bar)
 
 
 def _subset_key(context, parameters) -> str:
-    """Everything the subset depends on: the manifest, the stage's row, the seed, the val fraction."""
-    cfg = cfg_of(parameters["config"])
     stage = parameters["stage"]
-    spec = json.dumps([asdict(cfg.stage(stage)), cfg.data.seed, cfg.data.val_fraction], sort_keys=True)
-    return f"subset-{parameters['manifest_hash']}-{stage}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    return (f"subset-{parameters['manifest_hash']}-{stage}-"
+            f"{config_fingerprint(parameters['config'], subset_keys(stage))}")
 
 
 @task(name="build-stage-subset", cache_key_fn=_subset_key, persist_result=True)

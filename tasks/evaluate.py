@@ -1,5 +1,5 @@
-"""Evaluation and decision tasks: evaluate on the stage's val split, combination accuracy, the stage checks,
-Go/No-Go and the advisor (each decision also written to stage_<n>/reports/)."""
+"""Evaluation and decision tasks: evaluate on the stage's val split, combination accuracy, the stage checks, the
+stage's typed results, Go/No-Go and the advisor (each decision also written to stage_<n>/reports/)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,12 +15,9 @@ from pillsnap.data.prepare import class_map_path
 from pillsnap.data.subsets import read_subset
 from pillsnap.evaluate.advisor import OptimizationAdvisor
 from pillsnap.evaluate.go_no_go import evaluate_go_no_go
-from pillsnap.evaluate.stage_eval import evaluate_classifier
+from pillsnap.evaluate.results import StageResults, stage_results
+from pillsnap.evaluate.classifier_eval import evaluate_classifier
 from tasks.common import cfg_of, library_logs_in_run
-
-
-def _reports(config: Dict, stage: int) -> Path:
-    return layout.reports_dir(cfg_of(config).exp_dir, stage)
 
 
 @task(name="evaluate-stage")
@@ -37,12 +34,12 @@ def evaluate_task(config: Dict, stage: int, checkpoint: str, batch_size: Optiona
             except FileNotFoundError as e:  # the regression guard then says "not evaluated on its photos"
                 get_run_logger().warning("regression guard: Stage %d's subset is gone (%s)", stage - 1, e)
         return evaluate_classifier(cfg, Path(checkpoint), subset, ClassMap.load(class_map_path(cfg)),
-                                   _reports(config, stage), batch_size, previous)
+                                   layout.reports_dir(cfg.exp_dir, stage), batch_size, previous)
 
 
 @task(name="combination-accuracy")
 def combination_task(config: Dict, stage: int) -> Dict:
-    from pillsnap.evaluate.stage_detection import combination_accuracy
+    from pillsnap.evaluate.detector_eval import combination_accuracy
     cfg = cfg_of(config)
     with library_logs_in_run():
         subset, _ = read_subset(cfg.exp_dir, stage)
@@ -54,7 +51,7 @@ def checks_task(config: Dict, stage: int, subset: Dict, train: Dict[str, Optiona
                 export: Optional[Dict], api: Optional[Dict], attestations: Optional[Dict] = None) -> Dict:
     """Every stage check measured from this run (checks.json); returns {name: {status, measured, definition, …}}.
     `attestations`: confirmations recorded ahead of the run with a person's name."""
-    from pillsnap.evaluate.stage_checks import measure_stage_checks, stage_evidence
+    from pillsnap.evaluate.checks.evidence import measure_stage_checks, stage_evidence
     cfg = cfg_of(config)
     with library_logs_in_run():
         rows, _ = read_subset(cfg.exp_dir, stage)
@@ -66,26 +63,36 @@ def checks_task(config: Dict, stage: int, subset: Dict, train: Dict[str, Optiona
     return doc
 
 
+@task(name="stage-results")
+def stage_results_task(stage: int, evaluation: Dict, trained: Dict[str, Dict], validation: Dict, subset: Dict,
+                       checks: Dict[str, Dict], detection: Optional[Dict], api: Optional[Dict]) -> Dict:
+    """The stage's typed results, built once from what its tasks returned (as a dict at the task boundary)."""
+    statuses = {name: c["status"] for name, c in checks.items()}
+    return stage_results(stage, evaluation, trained, validation, subset, statuses, detection, api).to_dict()
+
+
 @task(name="go-no-go")
 def go_no_go_task(config: Dict, stage: int, results: Dict, baseline: Optional[Dict] = None,
                   skip_reason: str = "") -> Dict:
-    decision = evaluate_go_no_go(cfg_of(config).stage(stage), results, baseline, stage=stage,
-                                 skip_reason=skip_reason or None).to_dict()
-    write_json_atomic(_reports(config, stage) / "go_no_go.json", decision)
+    cfg = cfg_of(config)
+    decision = evaluate_go_no_go(cfg.stage(stage), StageResults.from_dict(results), baseline,
+                                 stage=stage, skip_reason=skip_reason or None).to_dict()
+    write_json_atomic(layout.reports_dir(cfg.exp_dir, stage) / "go_no_go.json", decision)
     return decision
 
 
 @task(name="advisor-review")
 def advisor_task(config: Dict, stage: int, results: Dict) -> Dict:
-    advice = OptimizationAdvisor(cfg_of(config)).evaluate_and_recommend(stage, results).to_dict()
-    write_json_atomic(_reports(config, stage) / "advisor.json", advice)
-    return advice
+    cfg = cfg_of(config)
+    doc = OptimizationAdvisor(cfg).evaluate_and_recommend(stage, StageResults.from_dict(results)).to_dict()
+    write_json_atomic(layout.reports_dir(cfg.exp_dir, stage) / "advisor.json", doc)
+    return doc
 
 
 @task(name="record-attestations")
 def attest_task(config: Dict, stage: int, answers: Optional[Dict[str, Dict]]) -> Dict:
     """The named persons' confirmations of the attested checks (ahead of the run and in the review) folded into
     checks.json."""
-    from pillsnap.evaluate.stage_checks import apply_attestations
+    from pillsnap.evaluate.checks.evidence import apply_attestations
     with library_logs_in_run():
         return apply_attestations(cfg_of(config), stage, answers)

@@ -14,10 +14,11 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
 from pillsnap.core import layout
+from pillsnap.evaluate.results import StageResults
 from pillsnap.evaluate.stage_report import embedded, linked, render_stage_report
 from pillsnap.ledger import Ledger, decide, now
 from pillsnap.notify import notify
-from pillsnap.train import run_prechecks
+from pillsnap.train import run_preflight
 from tasks.common import cfg_of, library_logs_in_run
 
 
@@ -45,7 +46,7 @@ def environment_check_task(config: Dict, stage: int) -> Dict:
     cfg = cfg_of(config)
     with library_logs_in_run():
         path = class_map_path(cfg)
-        return run_prechecks(cfg, stage=stage,
+        return run_preflight(cfg, stage=stage,
                              class_map_size=len(ClassMap.load(path)) if path.is_file() else None).to_dict()
 
 
@@ -56,15 +57,15 @@ def pixel_cache_check_task(config: Dict, stage: int) -> Dict:
     from pillsnap.data.prepare import class_map_path
     from pillsnap.data.subsets import read_subset
     from pillsnap.train.data import stage_samples
-    from pillsnap.train.setup.prechecks import PrecheckError, PrecheckReport, check_pixel_cache
+    from pillsnap.train.preflight import PreflightError, PreflightReport, check_pixel_cache
 
     cfg = cfg_of(config)
     with library_logs_in_run():
         subset = read_subset(cfg.exp_dir, stage)[0]
         result = check_pixel_cache(cfg, stage_samples(cfg, subset, ClassMap.load(class_map_path(cfg))))
-        report = PrecheckReport([result])
+        report = PreflightReport([result])
         if not report.ok:
-            raise PrecheckError(report)
+            raise PreflightError(report)
         return report.to_dict()
 
 
@@ -113,9 +114,13 @@ def review(config: Dict, stage: int, go_no_go: Dict, advice: Dict, given: Dict[s
 
 
 @task(name="record-decision")
-def record_decision_task(config: Dict, stage: int, go_no_go: Dict, advice: Dict, decided: Review, metrics: Dict,
-                         checkpoints: Dict[str, str], checks: Dict[str, str], predecessor: str = "") -> Dict:
-    """`advice` is the advisor's word after the attestations; the ledger records what was really decided."""
+def record_decision_task(config: Dict, stage: int, go_no_go: Dict, advice: Dict, decided: Review, results: Dict,
+                         checkpoints: Dict[str, str], predecessor: str = "") -> Dict:
+    """`advice` is the advisor's word after the attestations; the ledger records what was really decided, with the
+    stage's figures and check statuses from its typed results."""
+    measured = StageResults.from_dict(results)
+    metrics = {k: getattr(measured.classifier, k) for k in ("accuracy", "macro_f1", "top5", "n")}
+    checks = {name: status.value for name, status in measured.checks.items()}
     ctx = get_run_context()
     flow_run_id = str(ctx.task_run.flow_run_id) if getattr(ctx, "task_run", None) else ""
     rec = decide(stage, go_no_go, advice, decided.choice, decided.chosen_by, decided.reviewer, checks=checks,
@@ -160,7 +165,7 @@ def report_task(config: Dict, stage: int, subset: Dict, train: Dict, evaluation:
     create_markdown_artifact(render(picture=embedded()), key=f"stage-{stage}-report",
                              description=f"Stage {stage} report")
     create_table_artifact([{k: str(c[k]) for k in ("name", "measured", "comparison", "target", "status")}
-                           for c in go_no_go["checks"]], key=f"stage-{stage}-targets",
+                           for c in go_no_go["rows"]], key=f"stage-{stage}-targets",
                           description=f"Stage {stage}: metrics vs targets")
     create_link_artifact(Path(out).resolve().as_uri(), link_text="stage report file", key=f"stage-{stage}-report-file")
     return str(out)

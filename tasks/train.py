@@ -26,14 +26,14 @@ from pillsnap.logs import attach_stage_files, detach
 from pillsnap.models.pretrained import PretrainedWeightsUnavailable
 from pillsnap.train import train_stage
 from pillsnap.train.services.checkpoint_policy import training_fingerprint
-from pillsnap.train.services.monitors import NonFiniteLossError
-from pillsnap.train.setup.prechecks import PrecheckError
+from pillsnap.train.services.loss_monitors import NonFiniteLossError
+from pillsnap.train.preflight import PreflightError
 from tasks.common import cfg_of, code_version, library_logs_in_run, progress_artifact, use_forkserver_workers
 
 TRAIN_RETRIES = 2
 # Errors that a retry would only repeat: wrong settings or data, missing files, a deterministic NaN.
 PERMANENT_ERRORS = (ConfigError, ValueError, TypeError, KeyError, FileNotFoundError, CheckpointMismatchError,
-                    PretrainedWeightsUnavailable, PrecheckError, CacheSpaceError, NonFiniteLossError, ExperimentBusy)
+                    PretrainedWeightsUnavailable, PreflightError, CacheSpaceError, NonFiniteLossError, ExperimentBusy)
 
 
 def retry_helps(task, task_run, state) -> bool:

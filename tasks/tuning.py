@@ -17,6 +17,7 @@ from pillsnap.data.class_map import ClassMap
 from pillsnap.data.prepare import class_map_path
 from pillsnap.data.subsets import read_subset
 from pillsnap.train import stage_config, tune_batch, tune_workers
+from pillsnap.train.tuning.plans import tuning_fingerprint
 from tasks.common import cfg_of, library_logs_in_run, use_forkserver_workers
 
 
@@ -59,16 +60,9 @@ def _machine() -> str:
 
 
 def _tuning_key(context, parameters) -> str:
-    cfg, model = cfg_of(parameters["config"]), parameters["model"]
-    if model == "classifier":
-        arch, size, mc = cfg.classification.backbone, cfg.classification.image_size, cfg.train.classification
-    else:
-        arch, size, mc = f"yolo11{cfg.detection.scale}-{cfg.detection.activation}", cfg.detection.image_size, \
-            cfg.train.detection
-    dl = cfg.dataloader
-    return (f"{context.task.name}-{model}-{_machine()}-{arch}-{size}-{cfg.optimization.amp}-{cfg.optimization.amp_dtype}-"
-            f"{mc.batch_size}-{mc.auto_batch_max}-{mc.auto_batch_tune}-{cfg.train.grad_accum_steps}-"
-            f"{dl.autotune_workers}-{list(dl.autotune_candidates)}-{parameters.get('batch_size')}")
+    model = parameters["model"]
+    return (f"{context.task.name}-{model}-"
+            f"{tuning_fingerprint(parameters['config'], model, _machine(), parameters.get('batch_size'))}")
 
 
 def _stage_data(config: Dict, stage: int):

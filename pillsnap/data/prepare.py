@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 import pandas as pd
 
@@ -78,6 +78,15 @@ def _import_issues(cfg: PillSnapConfig):
         return []
     frame = pd.read_json(path, orient="records", lines=True, dtype=str)
     return [ImportIssue(r["kind"], r["path"], r.get("detail", "")) for r in frame.to_dict("records")]
+
+
+# What each step's result depends on besides the manifest (the cache keys of the data tasks).
+VALIDATION_KEYS = ("data.validation",)
+
+
+def subset_keys(stage: int) -> Tuple[str, ...]:
+    """run_subset's result: these and the manifest (its quarantine comes from the validation rules)."""
+    return (f"data.stages.{stage}", "data.seed", "data.val_fraction", *VALIDATION_KEYS)
 
 
 def run_validation(cfg: PillSnapConfig, show_progress: bool = True) -> Dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Optional
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.evaluate.criteria import (
@@ -17,12 +17,11 @@ from pillsnap.evaluate.criteria import (
     WARN_STOP,
     CriteriaReport,
     evaluate_criteria,
-    read_metric,
     recommendation_for_score,
     ruled_out_targets,
 )
+from pillsnap.evaluate.results import StageResults
 from pillsnap.evaluate.suggestions import (
-    LOSS_KEYS,
     Suggestion,
     dedupe,
     diagnose,
@@ -47,7 +46,7 @@ class Option:
 @dataclass(frozen=True)
 class CriticalFailure:
     code: str  # REPEATED_OOM | NAN_LOSS | DATA_CORRUPTION
-    key: str  # the results key that showed it
+    key: str  # the measurement that showed it
     measured: float
     limit: Optional[float]
 
@@ -144,19 +143,17 @@ def _options(reason: str, stage: int) -> List[Option]:
     return table[reason]
 
 
-def detect_critical_failures(results: Mapping[str, Any], max_repeated_oom: int, max_corruption: float) -> List[CriticalFailure]:
+def detect_critical_failures(results: StageResults, max_repeated_oom: int,
+                             max_corruption: float) -> List[CriticalFailure]:
     """Stop criteria common to all stages: repeated OOM, a NaN/inf loss, too much corrupt data."""
     found = []
-    ooms = read_metric(results, "repeated_oom")
-    if ooms is not None and ooms > max_repeated_oom:
-        found.append(CriticalFailure(REPEATED_OOM, "repeated_oom", ooms, max_repeated_oom))
-    for key in LOSS_KEYS:
-        loss = read_metric(results, key)
-        if loss is not None and not math.isfinite(loss):
-            found.append(CriticalFailure(NAN_LOSS, key, loss, None))
-    corruption = read_metric(results, "data_corruption_rate")
-    if corruption is not None and corruption > max_corruption:
-        found.append(CriticalFailure(DATA_CORRUPTION, "data_corruption_rate", corruption, max_corruption))
+    t, d = results.training, results.data
+    if t.repeated_oom > max_repeated_oom:
+        found.append(CriticalFailure(REPEATED_OOM, "training.repeated_oom", t.repeated_oom, max_repeated_oom))
+    if t.loss is not None and not math.isfinite(t.loss):
+        found.append(CriticalFailure(NAN_LOSS, "training.loss", t.loss, None))
+    if d.corruption_rate is not None and d.corruption_rate > max_corruption:
+        found.append(CriticalFailure(DATA_CORRUPTION, "data.corruption_rate", d.corruption_rate, max_corruption))
     return found
 
 
@@ -164,9 +161,9 @@ class OptimizationAdvisor:
     def __init__(self, cfg: PillSnapConfig):
         self.cfg = cfg
 
-    def evaluate_and_recommend(self, stage: int, results: Mapping[str, Any]) -> Advice:
-        if not isinstance(results, Mapping):
-            raise TypeError(f"results must be a dict, got {type(results).__name__}")
+    def evaluate_and_recommend(self, stage: int, results: StageResults) -> Advice:
+        if not isinstance(results, StageResults):
+            raise TypeError(f"results must be StageResults, got {type(results).__name__}")
         limits = self.cfg.evaluation.advisor
         report = evaluate_criteria(self.cfg.evaluation, stage, results, ruled_out_targets(self.cfg))
         worst = worst_classes(results, limits.worst_classes)
@@ -183,7 +180,7 @@ class OptimizationAdvisor:
         reason, message = self._reason_for(stage, level, report)
         return self._advice(stage, level, reason, report, results, worst, message)
 
-    def diagnose_and_suggest(self, stage: int, results: Mapping[str, Any]) -> List[Suggestion]:
+    def diagnose_and_suggest(self, stage: int, results: StageResults) -> List[Suggestion]:
         report = evaluate_criteria(self.cfg.evaluation, stage, results, ruled_out_targets(self.cfg))
         return diagnose(self.cfg, results, report)
 
@@ -204,7 +201,7 @@ class OptimizationAdvisor:
                                                 f"recommended ({measured})")
         return "performance_too_low", f"Stage {stage}: performance is very low ({measured})"
 
-    def _advice(self, stage: int, level: str, reason: str, report: CriteriaReport, results: Mapping[str, Any],
+    def _advice(self, stage: int, level: str, reason: str, report: CriteriaReport, results: StageResults,
                 worst: List[Dict[str, Any]], message: str) -> Advice:
         return Advice(
             stage=stage, recommendation=level, reason=reason, message=message,
@@ -213,7 +210,7 @@ class OptimizationAdvisor:
             worst_classes=worst, criteria=report,
         )
 
-    def _critical_failure(self, stage: int, results: Mapping[str, Any], report: CriteriaReport,
+    def _critical_failure(self, stage: int, results: StageResults, report: CriteriaReport,
                           critical: List[CriticalFailure], worst: List[Dict[str, Any]]) -> Advice:
         fixes: List[Suggestion] = []
         for failure in critical:

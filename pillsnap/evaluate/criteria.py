@@ -1,15 +1,10 @@
 """D-14 stage criteria: mandatory checks, performance targets, and the performance score.
 
-The tables live in the config (`evaluation.stages[n]`), so this module holds only the rules.
-
-Results layout: a dict, nested by group, e.g.
-    {"mandatory_checks": {"pipeline_complete": "pass", ...},   (statuses from pillsnap.evaluate.checks)
-     "detection": {"mAP_0.5": 0.41, "mAP_0.5_0.95": 0.22, "precision": 0.5, "recall": 0.4, "inference_time_ms": 31},
-     "classification": {"accuracy": 0.7, "macro_f1": 0.6, "top5": 0.9, "per_class_f1_min": 0.2, ...},
-     "system": {"gpu_memory_gb": 11.2, "data_loading_s": 0.8, "data_time_s": 0.02, "compute_time_s": 0.11},
-     "optimization": {...}, "scalability": {...}, "production": {...}, "advanced": {...}}
-A target's `metric` is a dotted path into it ("detection.mAP_0.5"); a flat key spelled the same way works too.
-The "classification" group is what `pillsnap.metrics.classification.classification_metrics` returns.
+The tables live in the config (`evaluation.stages[n]`), so this module holds only the rules. They read the typed
+StageResults: a mandatory check's status (results.check), a target's measurement (results.metric, by the names in
+pillsnap.evaluate.results.METRICS; a target naming anything else is a configuration error, found when the config
+is loaded). Every verdict is a Status: pass (met) | fail | not_measured | not_applicable (| attested | unattested
+for the checks).
 
 Performance score (one number per stage, 0..1): the mean, over ALL the stage's targets, of
     min(measured / target, 1)   for ">=" targets (higher is better)
@@ -23,21 +18,15 @@ the score is None (callers must not read that as a pass).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
 
 from pillsnap.config import ConfigError, EvaluationConfig, RecommendationThresholds, StageCriteria, TargetSpec
+from pillsnap.evaluate.checks.registry import DEFINITIONS
+from pillsnap.evaluate.results import METRICS, StageResults, Status
 
 GE, LE = ">=", "<="
-MET, NOT_MET, NOT_MEASURED = "met", "not_met", "not_measured"
-PASSED, FAILED, UNATTESTED, NOT_APPLICABLE = "passed", "failed", "unattested", "not_applicable"
-# A check's status (pillsnap.evaluate.checks) -> its verdict here. "unattested" (an attested check no named person
-# confirmed) blocks like a failure; "not_applicable" (ruled out by the configuration) neither passes nor blocks.
-CHECK_STATUS = {"pass": PASSED, "attested": PASSED, "fail": FAILED, "not_measured": NOT_MEASURED,
-                "unattested": UNATTESTED, "not_applicable": NOT_APPLICABLE}
 RECOMMEND_PROCEED, SUGGEST_OPTIMIZE, WARN_STOP = "RECOMMEND_PROCEED", "SUGGEST_OPTIMIZE", "WARN_STOP"
-
-_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -46,14 +35,21 @@ class TargetResult:
     op: str
     target: float
     measured: Optional[float]
-    status: str  # met | not_met | not_measured | not_applicable
+    status: Status  # pass (met) | fail | not_measured | not_applicable
     score: Optional[float]  # contribution to the performance score; None when not measured or not applicable
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"metric": self.metric, "op": self.op, "target": self.target, "measured": self.measured,
+                "status": self.status.value, "score": self.score}
 
 
 @dataclass(frozen=True)
 class MandatoryResult:
     name: str
-    status: str  # passed | failed | not_measured | unattested | not_applicable
+    status: Status  # the stage check's own status
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "status": self.status.value}
 
 
 @dataclass(frozen=True)
@@ -70,29 +66,29 @@ class CriteriaReport:
 
     @property
     def failed_mandatory(self) -> List[str]:
-        return [m.name for m in self.mandatory if m.status in (FAILED, NOT_MEASURED, UNATTESTED)]
+        return [m.name for m in self.mandatory if m.status.blocks]
 
     @property
     def unattested(self) -> List[str]:
-        return [m.name for m in self.mandatory if m.status == UNATTESTED]
+        return [m.name for m in self.mandatory if m.status == Status.UNATTESTED]
 
     @property
     def not_applicable(self) -> List[str]:
-        return [m.name for m in self.mandatory if m.status == NOT_APPLICABLE] + \
-            [t.metric for t in self.targets if t.status == NOT_APPLICABLE]
+        return [m.name for m in self.mandatory if m.status == Status.NOT_APPLICABLE] + \
+            [t.metric for t in self.targets if t.status == Status.NOT_APPLICABLE]
 
     @property
     def targets_measured(self) -> int:
-        return sum(t.status not in (NOT_MEASURED, NOT_APPLICABLE) for t in self.targets)
+        return sum(t.status not in (Status.NOT_MEASURED, Status.NOT_APPLICABLE) for t in self.targets)
 
     @property
     def all_targets_met(self) -> bool:
-        return all(t.status in (MET, NOT_APPLICABLE) for t in self.targets)
+        return all(t.status in (Status.PASS, Status.NOT_APPLICABLE) for t in self.targets)
 
     @property
     def not_measured(self) -> List[str]:
-        checks = [m.name for m in self.mandatory if m.status == NOT_MEASURED]
-        return checks + [t.metric for t in (*self.targets, *self.advanced) if t.status == NOT_MEASURED]
+        checks = [m.name for m in self.mandatory if m.status == Status.NOT_MEASURED]
+        return checks + [t.metric for t in (*self.targets, *self.advanced) if t.status == Status.NOT_MEASURED]
 
     def target(self, metric: str) -> Optional[TargetResult]:
         return next((t for t in self.targets if t.metric == metric), None)
@@ -105,40 +101,13 @@ class CriteriaReport:
             "unattested": self.unattested,
             "not_applicable": self.not_applicable,
             "targets_measured": self.targets_measured,
-            "targets_total": sum(t.status != NOT_APPLICABLE for t in self.targets),
+            "targets_total": sum(t.status != Status.NOT_APPLICABLE for t in self.targets),
             "all_targets_met": self.all_targets_met,
             "not_measured": self.not_measured,
-            "mandatory": [asdict(m) for m in self.mandatory],
-            "targets": [asdict(t) for t in self.targets],
-            "advanced": [asdict(t) for t in self.advanced],
+            "mandatory": [m.to_dict() for m in self.mandatory],
+            "targets": [t.to_dict() for t in self.targets],
+            "advanced": [t.to_dict() for t in self.advanced],
         }
-
-
-def lookup_metric(results: Mapping[str, Any], key: str) -> Any:
-    """The value at dotted `key`, or None. Metric names contain dots too ("mAP_0.5"), so every split is tried."""
-    value = _walk(results, key)
-    return None if value is _ABSENT else value
-
-
-def _walk(node: Mapping[str, Any], key: str) -> Any:
-    if key in node:
-        return node[key]
-    for i, char in enumerate(key):
-        if char == "." and isinstance(node.get(key[:i]), Mapping):
-            found = _walk(node[key[:i]], key[i + 1 :])
-            if found is not _ABSENT:
-                return found
-    return _ABSENT
-
-
-def read_metric(results: Mapping[str, Any], key: str) -> Optional[float]:
-    """A numeric measurement at `key`, None if absent; anything else is an error naming the key."""
-    value = lookup_metric(results, key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "__float__")):
-        raise ValueError(f"results[{key!r}]={value!r} must be a number")
-    return float(value)
 
 
 def target_score(op: str, target: float, measured: float) -> float:
@@ -156,29 +125,20 @@ def target_score(op: str, target: float, measured: float) -> float:
     raise ValueError(f"target op {op!r} is not one of ['<=', '>=']")
 
 
-def _judge_target(spec: TargetSpec, results: Mapping[str, Any], ruled_out: Sequence[str] = ()) -> TargetResult:
+def _judge_target(spec: TargetSpec, results: StageResults, ruled_out: Sequence[str] = ()) -> TargetResult:
     if any(spec.metric.startswith(prefix) for prefix in ruled_out):
-        return TargetResult(spec.metric, spec.op, spec.value, None, NOT_APPLICABLE, None)
-    measured = read_metric(results, spec.metric)
+        return TargetResult(spec.metric, spec.op, spec.value, None, Status.NOT_APPLICABLE, None)
+    measured = results.metric(spec.metric)
     if measured is None:
-        return TargetResult(spec.metric, spec.op, spec.value, None, NOT_MEASURED, None)
+        return TargetResult(spec.metric, spec.op, spec.value, None, Status.NOT_MEASURED, None)
     met = measured >= spec.value if spec.op == GE else measured <= spec.value
-    return TargetResult(spec.metric, spec.op, spec.value, measured, MET if met else NOT_MET,
+    return TargetResult(spec.metric, spec.op, spec.value, measured, Status.PASS if met else Status.FAIL,
                         target_score(spec.op, spec.value, measured))
-
-
-def _judge_mandatory(name: str, checks: Mapping[str, Any]) -> MandatoryResult:
-    value = checks.get(name)
-    if value is None:
-        return MandatoryResult(name, NOT_MEASURED)
-    if value not in CHECK_STATUS:
-        raise ValueError(f"results['mandatory_checks'][{name!r}]={value!r} must be one of {sorted(CHECK_STATUS)}")
-    return MandatoryResult(name, CHECK_STATUS[value])
 
 
 def performance_score(targets: Sequence[TargetResult]) -> Optional[float]:
     """Mean over every applicable target, an unmeasured one counting 0; None when none was measured at all."""
-    applicable = [t for t in targets if t.status != NOT_APPLICABLE]
+    applicable = [t for t in targets if t.status != Status.NOT_APPLICABLE]
     if not any(t.score is not None for t in applicable):
         return None
     return sum(t.score or 0.0 for t in applicable) / len(applicable)
@@ -202,11 +162,13 @@ def _validate_targets(prefix: str, criteria: StageCriteria) -> None:
                 raise ConfigError(f"{key}.metric is empty")
             if not math.isfinite(spec.value):
                 raise ConfigError(f"{key}.value={spec.value!r} must be a finite number")
+            if spec.metric not in METRICS:
+                raise ConfigError(f"{key}.metric={spec.metric!r} is no measurement of a stage; the measurements are "
+                                  f"{sorted(METRICS)}")
 
 
 def validate_evaluation_config(evaluation: EvaluationConfig) -> None:
     """Every stage table and the thresholds; raises ConfigError naming the bad key."""
-    from pillsnap.evaluate.checks import DEFINITIONS
 
     for stage in evaluation.stages:
         stage_criteria(evaluation, stage)
@@ -225,18 +187,15 @@ def validate_evaluation_config(evaluation: EvaluationConfig) -> None:
         )
 
 
-def evaluate_criteria(evaluation: EvaluationConfig, stage: int, results: Mapping[str, Any],
+def evaluate_criteria(evaluation: EvaluationConfig, stage: int, results: StageResults,
                       ruled_out: Sequence[str] = ()) -> CriteriaReport:
     """Judge `results` against the stage's mandatory checks and targets (D-14). `ruled_out`: metric prefixes the
     configuration rules out (see ruled_out_targets)."""
     criteria = stage_criteria(evaluation, stage)
-    checks = results.get("mandatory_checks") or {}
-    if not isinstance(checks, Mapping):
-        raise ValueError(f"results['mandatory_checks'] must be a dict of name -> status, got {type(checks).__name__}")
     targets = [_judge_target(t, results, ruled_out) for t in criteria.targets]
     return CriteriaReport(
         stage=stage,
-        mandatory=[_judge_mandatory(name, checks) for name in criteria.mandatory_checks],
+        mandatory=[MandatoryResult(name, results.check(name)) for name in criteria.mandatory_checks],
         targets=targets,
         advanced=[_judge_target(t, results) for t in criteria.advanced],
         performance_score=performance_score(targets),

@@ -163,13 +163,13 @@ def _predictor(cfg: PillSnapConfig, plan: FinalTestPlan):
     from pillsnap.data.class_map import ClassMap
     from pillsnap.data.prepare import class_map_path
     from pillsnap.models.classifier import load_classifier
-    from pillsnap.infer.engines import TorchClassifierEngine, build_detector
+    from pillsnap.infer.engines import TorchClassifierEngine, detector_engine
     from pillsnap.infer.predict import Predictor
 
     class_map = ClassMap.load(class_map_path(cfg))
     device = evaluation_device(cfg)
     model, labels = load_classifier(cfg, plan.classifier, class_map, device)
-    loader = (lambda: build_detector(cfg, plan.detector, "torch", device=device)) if plan.detector else None
+    loader = (lambda: detector_engine(cfg, plan.detector, "torch", device=device)) if plan.detector else None
     predictor = Predictor(TorchClassifierEngine(model, device), labels, cfg.classification.image_size,
                           cfg.classification.crop_padding, cfg.inference.single_confidence_threshold, loader)
     return predictor, labels

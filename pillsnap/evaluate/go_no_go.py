@@ -1,7 +1,7 @@
-"""D-12 Go/No-Go: a stage passes only when every check passes; every failing check names its reason code.
+"""D-12 Go/No-Go: a stage passes only when every row passes; every blocking row names its reason code.
 
-Results are a flat dict of measurements (keys below). A measurement that is absent (or None) fails its
-check with status "not_measured": a stage never goes on because nobody measured the thing that would stop it.
+The rows read the typed StageResults (pillsnap.evaluate.results). A measurement that is None fails its row with
+status not_measured: a stage never goes on because nobody measured the thing that would stop it.
 
 The regression guard compares like with like: this stage's model on the previous stage's validation photos
 (`previous_stage_accuracy`) against the previous model's accuracy on those same photos (the baseline). It is
@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from pillsnap.config import StageSpec
+from pillsnap.evaluate.results import StageResults, Status
 
 GO, NO_GO = "GO", "NO_GO"
 
@@ -34,27 +35,16 @@ REASON_CODES = (
     MEMORY_UNSTABLE,
 )
 
-# Keys of the results dict this module reads.
-LATENCY_P95_MS = "latency_p95_ms"
-N_EVAL_SAMPLES = "n_eval_samples"
-CLASS_COVERAGE = "class_coverage"
-ACCURACY = "accuracy"
-PREVIOUS_STAGE_ACCURACY = "previous_stage_accuracy"
-NO_CRASHES = "no_crashes"
-MEMORY_STABLE = "memory_stable"
-
-PASS, FAIL, NOT_MEASURED, SKIPPED = "pass", "fail", "not_measured", "skipped"
-
 Measured = Union[float, bool, None]
 
 
 @dataclass(frozen=True)
-class CheckResult:
+class GateRow:
     """One row of the Go/No-Go table: what was measured, against what, and the verdict."""
 
     name: str
     reason_code: str
-    status: str  # pass | fail | not_measured | skipped
+    status: Status  # pass | fail | not_measured | skipped
     measured: Measured
     comparison: str  # how measured must relate to target: ">=", "<=" or "=="
     target: Measured
@@ -62,14 +52,14 @@ class CheckResult:
 
     @property
     def blocks_go(self) -> bool:
-        return self.status in (FAIL, NOT_MEASURED)
+        return self.status.blocks
 
 
 @dataclass(frozen=True)
 class GoNoGoDecision:
     decision: str  # GO | NO_GO
-    reasons: List[str]  # reason codes of every blocking check, in table order
-    checks: List[CheckResult] = field(default_factory=list)
+    reasons: List[str]  # reason codes of every blocking row, in table order
+    rows: List[GateRow] = field(default_factory=list)
     stage: Optional[int] = None
 
     @property
@@ -78,7 +68,7 @@ class GoNoGoDecision:
 
     @property
     def not_measured(self) -> List[str]:
-        return [c.name for c in self.checks if c.status == NOT_MEASURED]
+        return [c.name for c in self.rows if c.status == Status.NOT_MEASURED]
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -86,107 +76,80 @@ class GoNoGoDecision:
             "decision": self.decision,
             "reasons": list(self.reasons),
             "not_measured": self.not_measured,
-            "checks": [asdict(c) for c in self.checks],
+            "rows": [{**asdict(c), "status": c.status.value} for c in self.rows],
         }
 
 
-def _read_number(values: Mapping[str, Any], key: str, source: str = "results") -> Optional[float]:
-    value = values.get(key)
-    if value is None:
-        return None
-    is_number = isinstance(value, (int, float)) or hasattr(value, "__float__")  # numpy scalars too
-    if isinstance(value, bool) or not is_number:
-        raise ValueError(f"{source}[{key!r}]={value!r} must be a number")
-    return float(value)
-
-
-def _read_flag(values: Mapping[str, Any], key: str) -> Optional[bool]:
-    value = values.get(key)
-    if value is None:
-        return None
-    if type(value).__name__ not in ("bool", "bool_"):  # numpy booleans are fine, 0/1 or "yes" are not
-        raise ValueError(f"results[{key!r}]={value!r} must be true or false")
-    return bool(value)
-
-
-def _compare(name: str, code: str, measured: Optional[float], op: str, target: float, detail: str = "") -> CheckResult:
+def _compare(name: str, code: str, measured: Optional[float], op: str, target: float, detail: str = "") -> GateRow:
     if measured is None:
-        return CheckResult(name, code, NOT_MEASURED, None, op, target, detail or "not measured")
+        return GateRow(name, code, Status.NOT_MEASURED, None, op, target, detail or "not measured")
+    measured = float(measured)
     ok = measured >= target if op == ">=" else measured <= target  # NaN fails both
-    return CheckResult(name, code, PASS if ok else FAIL, measured, op, target, detail)
+    return GateRow(name, code, Status.PASS if ok else Status.FAIL, measured, op, target, detail)
 
 
-def _flag_check(name: str, code: str, measured: Optional[bool]) -> CheckResult:
-    if measured is None:
-        return CheckResult(name, code, NOT_MEASURED, None, "==", True, "not measured")
-    return CheckResult(name, code, PASS if measured else FAIL, measured, "==", True)
+def _flag_row(name: str, code: str, check: Status) -> GateRow:
+    """A stage check as a row: pass / fail as measured, anything else (not measured, unattested) not measured."""
+    if check not in (Status.PASS, Status.FAIL):
+        return GateRow(name, code, Status.NOT_MEASURED, None, "==", True, f"check status: {check.value}")
+    return GateRow(name, code, check, check == Status.PASS, "==", True)
 
 
-def _regression_check(spec: StageSpec, results: Mapping[str, Any], baseline: Optional[Mapping[str, Any]],
-                      stage: Optional[int], skip_reason: Optional[str]) -> CheckResult:
-    name = "accuracy_regression"
-    measured = _read_number(results, PREVIOUS_STAGE_ACCURACY)
+def _regression_row(spec: StageSpec, measured: Optional[float], baseline: Optional[Mapping[str, Any]],
+                    stage: Optional[int], skip_reason: Optional[str]) -> GateRow:
+    name, code = "accuracy_regression", REGRESSION_TOO_LARGE
     if stage == 1:
-        return CheckResult(name, REGRESSION_TOO_LARGE, SKIPPED, None, ">=", None, "Stage 1 has no previous stage")
+        return GateRow(name, code, Status.SKIPPED, None, ">=", None, "Stage 1 has no previous stage")
     if baseline is None:
         if skip_reason:
-            return CheckResult(name, REGRESSION_TOO_LARGE, SKIPPED, measured, ">=", None, skip_reason)
-        return CheckResult(name, REGRESSION_TOO_LARGE, NOT_MEASURED, measured, ">=", None,
-                           "no approved previous stage to compare with")
-    base_acc = _read_number(baseline, ACCURACY, source="baseline")
+            return GateRow(name, code, Status.SKIPPED, measured, ">=", None, skip_reason)
+        return GateRow(name, code, Status.NOT_MEASURED, measured, ">=", None,
+                       "no approved previous stage to compare with")
+    base_acc = baseline.get("accuracy")
     if base_acc is None:
-        return CheckResult(name, REGRESSION_TOO_LARGE, NOT_MEASURED, measured, ">=", None, "baseline has no accuracy")
-    floor = base_acc - spec.max_acc_drop
+        return GateRow(name, code, Status.NOT_MEASURED, measured, ">=", None, "baseline has no accuracy")
+    floor = float(base_acc) - spec.max_acc_drop
     prev = baseline.get("stage", "previous")
+    if measured is None:
+        return GateRow(name, code, Status.NOT_MEASURED, None, ">=", floor,
+                       f"this model was not evaluated on Stage {prev}'s validation photos")
     detail = (f"this model on Stage {prev}'s validation photos vs the Stage {prev} model's {base_acc:.4f} there "
               f"- max_acc_drop {spec.max_acc_drop}")
-    if measured is None:
-        return CheckResult(name, REGRESSION_TOO_LARGE, NOT_MEASURED, None, ">=", floor,
-                           f"this model was not evaluated on Stage {prev}'s validation photos")
-    return _compare(name, REGRESSION_TOO_LARGE, measured, ">=", floor, detail)
+    return _compare(name, code, measured, ">=", floor, detail)
 
 
-def evaluate_go_no_go(
-    spec: StageSpec,
-    results: Mapping[str, Any],
-    baseline: Optional[Mapping[str, Any]] = None,
-    stage: Optional[int] = None,
-    skip_reason: Optional[str] = None,
-) -> GoNoGoDecision:
+def evaluate_go_no_go(spec: StageSpec, results: StageResults, baseline: Optional[Mapping[str, Any]] = None,
+                      stage: Optional[int] = None, skip_reason: Optional[str] = None) -> GoNoGoDecision:
     """Judge one stage's results against its `cfg.data.stages[n]` targets (D-12).
 
-    `results` keys: latency_p95_ms, n_eval_samples, class_coverage (0..1), accuracy (0..1), previous_stage_accuracy
-    (this model on the previous stage's val photos), no_crashes (bool), memory_stable (bool). `baseline`: the
-    previous approved stage's {accuracy, stage}. `skip_reason`: why the regression guard is skipped (recorded).
+    `baseline`: the previous approved stage's {accuracy, stage}. `skip_reason`: why the regression guard is
+    skipped (recorded).
     """
-    if not isinstance(results, Mapping):
-        raise TypeError(f"results must be a dict of measurements, got {type(results).__name__}")
-    accuracy = _read_number(results, ACCURACY)
-    acc_floor = spec.min_accuracy - spec.epsilon_acc
-    checks = [
-        _compare("latency_p95_ms", LATENCY_P95_TOO_HIGH, _read_number(results, LATENCY_P95_MS), "<=", spec.max_latency_ms),
-        _compare("n_eval_samples", NOT_ENOUGH_SAMPLES, _read_number(results, N_EVAL_SAMPLES), ">=", spec.min_eval_samples),
-        _compare("class_coverage", COVERAGE_TOO_LOW, _read_number(results, CLASS_COVERAGE), ">=", spec.min_coverage),
-        _regression_check(spec, results, baseline, stage, skip_reason),
-        _compare(
-            "accuracy", ACC_BELOW_TARGET, accuracy, ">=", acc_floor,
-            f"min_accuracy {spec.min_accuracy} - epsilon_acc {spec.epsilon_acc} (hysteresis)",
-        ),
-        _flag_check("no_crashes", CRASH_DETECTED, _read_flag(results, NO_CRASHES)),
-        _flag_check("memory_stable", MEMORY_UNSTABLE, _read_flag(results, MEMORY_STABLE)),
+    if not isinstance(results, StageResults):
+        raise TypeError(f"results must be StageResults, got {type(results).__name__}")
+    c = results.classifier
+    rows = [
+        _compare("latency_p95_ms", LATENCY_P95_TOO_HIGH, c.latency_p95_ms, "<=", spec.max_latency_ms),
+        _compare("n_eval_samples", NOT_ENOUGH_SAMPLES, c.n, ">=", spec.min_eval_samples),
+        _compare("class_coverage", COVERAGE_TOO_LOW, c.class_coverage, ">=", spec.min_coverage),
+        _regression_row(spec, c.previous_stage_accuracy, baseline, stage, skip_reason),
+        _compare("accuracy", ACC_BELOW_TARGET, c.accuracy, ">=", spec.min_accuracy - spec.epsilon_acc,
+                 f"min_accuracy {spec.min_accuracy} - epsilon_acc {spec.epsilon_acc} (hysteresis)"),
+        _flag_row("no_crashes", CRASH_DETECTED, results.check("no_crashes")),
+        _flag_row("memory_stable", MEMORY_UNSTABLE, results.check("memory_stable")),
     ]
-    reasons = [c.reason_code for c in checks if c.blocks_go]
-    return GoNoGoDecision(NO_GO if reasons else GO, reasons, checks, stage)
+    reasons = [r.reason_code for r in rows if r.blocks_go]
+    return GoNoGoDecision(NO_GO if reasons else GO, reasons, rows, stage)
 
 
 def format_table(decision: GoNoGoDecision) -> str:
     """A plain-text table (for logs and report artifacts)."""
     lines = [f"Go/No-Go{'' if decision.stage is None else f' stage {decision.stage}'}: {decision.decision}"]
     lines.append(f"{'check':<22} {'status':<13} {'measured':>12}    {'target':>12}  detail")
-    for c in decision.checks:
+    for c in decision.rows:
         measured = "-" if c.measured is None else _fmt(c.measured)
         target = "-" if c.target is None else _fmt(c.target)
-        lines.append(f"{c.name:<22} {c.status:<13} {measured:>12} {c.comparison:>2} {target:>12}  {c.detail}")
+        lines.append(f"{c.name:<22} {c.status.value:<13} {measured:>12} {c.comparison:>2} {target:>12}  {c.detail}")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pillsnap.evaluate.curves import MacroCurves, curves_summary, macro_ovr_curves
 from pillsnap.core.jsonio import write_json_atomic
-from pillsnap.evaluate.reports import most_confused_pairs
+from pillsnap.metrics.classification import most_confused_pairs
 
 PathLike = Union[str, Path]
 ImageLike = Union[np.ndarray, Image.Image, PathLike]

@@ -3,7 +3,7 @@ the report and the ledger. Tasks exchange it as a dict (to_dict / from_dict) and
 
 Every figure was measured in this run or is None ("not measured"); nothing is filled in by default. The names the
 configuration's targets use ("detection.mAP_0.5", "production.inference_latency_ms", …) are the keys of METRICS,
-each a function of the typed object: a target naming anything else is a configuration error, not a silent gap.
+each the path of a typed field: a target naming anything else is a configuration error, not a silent gap.
 
 One status vocabulary for every verdict (stage checks, Go/No-Go rows, mandatory checks, targets): Status.
 """
@@ -13,7 +13,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 
 class Status(str, Enum):
@@ -62,7 +62,6 @@ class DetectorResults:
     precision: Optional[float] = None
     recall: Optional[float] = None
     inference_time_ms: Optional[float] = None  # the model alone, batch 1, p50
-    pipeline_latency_p95_ms: Optional[float] = None  # auto mode: the detector and every crop, batch 1, p95
 
 
 @dataclass(frozen=True)
@@ -104,6 +103,9 @@ class StageResults:
     training: TrainingResults = field(default_factory=TrainingResults)
     data: DataResults = field(default_factory=DataResults)
     checks: Dict[str, Status] = field(default_factory=dict)  # every stage check's status (checks.json)
+    # The whole pipeline, batch 1, p95 on the serving device: auto mode (the detector and every crop) with a
+    # detector, single mode without one.
+    pipeline_latency_p95_ms: Optional[float] = None
 
     def check(self, name: str) -> Status:
         return self.checks.get(name, Status.NOT_MEASURED)
@@ -112,7 +114,9 @@ class StageResults:
         """The measurement a target names (see METRICS); None when it was not measured."""
         if name not in METRICS:
             raise KeyError(f"no measurement named {name!r}; the measurements are {sorted(METRICS)}")
-        value = METRICS[name](self)
+        value: Any = self
+        for attribute in METRICS[name]:
+            value = getattr(value, attribute) if value is not None else None
         return None if value is None else float(value)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -122,56 +126,45 @@ class StageResults:
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> "StageResults":
+        """From to_dict's form (the task boundary); a value of the wrong kind is an error naming its field."""
         def part(kind, value):
-            return None if value is None else kind(**value)
+            return None if value is None else kind(**_checked(kind, value))
 
         return cls(stage=int(doc["stage"]), classifier=part(ClassifierResults, doc["classifier"]),
                    detector=part(DetectorResults, doc.get("detector")), api=part(ApiResults, doc.get("api")),
                    training=part(TrainingResults, doc["training"]), data=part(DataResults, doc["data"]),
-                   checks={k: Status(v) for k, v in (doc.get("checks") or {}).items()})
+                   checks={k: Status(v) for k, v in (doc.get("checks") or {}).items()},
+                   pipeline_latency_p95_ms=_number("pipeline_latency_p95_ms", doc.get("pipeline_latency_p95_ms")))
 
 
-def _detector(get: Callable[[DetectorResults], Optional[float]]) -> Callable[[StageResults], Optional[float]]:
-    return lambda r: get(r.detector) if r.detector is not None else None
-
-
-def _api(get: Callable[[ApiResults], Optional[float]]) -> Callable[[StageResults], Optional[float]]:
-    return lambda r: get(r.api) if r.api is not None else None
-
-
-def _pipeline_latency(r: StageResults) -> Optional[float]:
-    """The whole pipeline: auto mode with the detector; without a detector, single mode is the pipeline."""
-    return r.detector.pipeline_latency_p95_ms if r.detector is not None else r.classifier.latency_p95_ms
-
-
-# The names stage targets use (evaluation.stages.N.targets / advanced), each read from the typed results.
-METRICS: Dict[str, Callable[[StageResults], Optional[float]]] = {
-    "classification.accuracy": lambda r: r.classifier.accuracy,
-    "classification.macro_f1": lambda r: r.classifier.macro_f1,
-    "classification.top5": lambda r: r.classifier.top5,
-    "classification.per_class_f1_min": lambda r: r.classifier.per_class_f1_min,
-    "classification.per_class_min_top1": lambda r: r.classifier.per_class_min_top1,
-    "classification.inference_time_ms": lambda r: r.classifier.inference_time_ms,
-    "detection.mAP_0.5": _detector(lambda d: d.map50),
-    "detection.mAP_0.5_0.95": _detector(lambda d: d.map50_95),
-    "detection.precision": _detector(lambda d: d.precision),
-    "detection.recall": _detector(lambda d: d.recall),
-    "detection.inference_time_ms": _detector(lambda d: d.inference_time_ms),
-    "system.gpu_memory_gb": lambda r: r.training.gpu_memory_gb,
-    "system.data_loading_s": lambda r: r.training.data_time_s,  # the time a step waits for its batch
-    "system.data_time_s": lambda r: r.training.data_time_s,
-    "system.compute_time_s": lambda r: r.training.compute_time_s,
-    "optimization.throughput_img_s": lambda r: r.training.throughput_img_s,
-    "optimization.batch_size_achieved": lambda r: r.training.batch_size_achieved,
-    "scalability.multi_batch_size": lambda r: r.classifier.multi_batch_size,
-    "scalability.api_response_time_ms": _api(lambda a: a.p95_ms),
-    "scalability.memory_stable_hours": lambda r: r.training.memory_stable_hours,
-    "production.inference_latency_ms": _pipeline_latency,
-    "production.throughput_img_s": _api(lambda a: a.throughput_img_s),
-    "production.api_success_pct": _api(lambda a: a.success_pct),
-    "advanced.class_imbalance_ratio": lambda r: r.data.class_imbalance_ratio,
-    "advanced.loss_variance": lambda r: r.training.loss_variance,
-    "advanced.memory_peak_to_avg": lambda r: r.training.memory_peak_to_avg,
+# The names stage targets use (evaluation.stages.N.targets / advanced): each the attribute path of a measurement.
+METRICS: Dict[str, Tuple[str, ...]] = {
+    "classification.accuracy": ("classifier", "accuracy"),
+    "classification.macro_f1": ("classifier", "macro_f1"),
+    "classification.top5": ("classifier", "top5"),
+    "classification.per_class_f1_min": ("classifier", "per_class_f1_min"),
+    "classification.per_class_min_top1": ("classifier", "per_class_min_top1"),
+    "classification.inference_time_ms": ("classifier", "inference_time_ms"),
+    "detection.mAP_0.5": ("detector", "map50"),
+    "detection.mAP_0.5_0.95": ("detector", "map50_95"),
+    "detection.precision": ("detector", "precision"),
+    "detection.recall": ("detector", "recall"),
+    "detection.inference_time_ms": ("detector", "inference_time_ms"),
+    "system.gpu_memory_gb": ("training", "gpu_memory_gb"),
+    "system.data_loading_s": ("training", "data_time_s"),  # the time a step waits for its batch
+    "system.data_time_s": ("training", "data_time_s"),
+    "system.compute_time_s": ("training", "compute_time_s"),
+    "optimization.throughput_img_s": ("training", "throughput_img_s"),
+    "optimization.batch_size_achieved": ("training", "batch_size_achieved"),
+    "scalability.multi_batch_size": ("classifier", "multi_batch_size"),
+    "scalability.api_response_time_ms": ("api", "p95_ms"),
+    "scalability.memory_stable_hours": ("training", "memory_stable_hours"),
+    "production.inference_latency_ms": ("pipeline_latency_p95_ms",),
+    "production.throughput_img_s": ("api", "throughput_img_s"),
+    "production.api_success_pct": ("api", "success_pct"),
+    "advanced.class_imbalance_ratio": ("data", "class_imbalance_ratio"),
+    "advanced.loss_variance": ("training", "loss_variance"),
+    "advanced.memory_peak_to_avg": ("training", "memory_peak_to_avg"),
 }
 
 
@@ -191,17 +184,18 @@ def stage_results(stage: int, evaluation: Mapping[str, Any], trained: Mapping[st
         previous_stage_accuracy=(evaluation.get("previous_stage_val") or {}).get("accuracy"),
         multi_batch_size=multi.get("batch_size") if statuses.get("multi_batch_processing") == Status.PASS else None,
         worst_classes=list(evaluation.get("worst_classes") or []))
+    pipeline = ((detection or {}).get("combination") or {}).get("pipeline_latency") or {}
     return StageResults(stage=stage, classifier=classifier, detector=_detector_results(detection),
                         api=_api_results(api), training=_training_results(trained, statuses),
-                        data=_data_results(validation, subset), checks=statuses)
+                        data=_data_results(validation, subset), checks=statuses,
+                        pipeline_latency_p95_ms=pipeline.get("p95") if detection else classifier.latency_p95_ms)
 
 
 def _detector_results(detection: Optional[Mapping[str, Any]]) -> Optional[DetectorResults]:
     if not detection:
         return None
-    latency = ((detection.get("combination") or {}).get("pipeline_latency") or {}).get("p95")
     return DetectorResults(detection.get("mAP_0.5"), detection.get("mAP_0.5_0.95"), detection.get("precision"),
-                           detection.get("recall"), detection.get("inference_time_ms"), latency)
+                           detection.get("recall"), detection.get("inference_time_ms"))
 
 
 def _api_results(api: Optional[Mapping[str, Any]]) -> Optional[ApiResults]:
@@ -260,5 +254,17 @@ def _data_results(validation: Mapping[str, Any], subset: Mapping[str, Any]) -> D
     return DataResults(corrupt / images if images else None, subset.get("imbalance_ratio"))
 
 
-def field_names(kind) -> List[str]:
-    return [f.name for f in fields(kind)]
+def _number(name: str, value: Any) -> Any:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"results {name}={value!r} must be a number")
+    return value
+
+
+def _checked(kind, values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Numbers must be numbers: a string, a bool or a list where a measurement belongs names its field."""
+    section = {ClassifierResults: "classifier", DetectorResults: "detector", ApiResults: "api",
+               TrainingResults: "training", DataResults: "data"}[kind]
+    for f in fields(kind):
+        if "float" in f.type or f.type in ("int", "Optional[int]"):
+            _number(f"{section}.{f.name}", values.get(f.name))
+    return values

@@ -29,7 +29,7 @@ def _num(v, digits: int = 4) -> str:
 
 def targets_table(go_no_go: Dict) -> str:
     rows = ["| check | measured | target | status |", "|---|---|---|---|"]
-    for c in go_no_go.get("checks", []):
+    for c in go_no_go.get("rows", []):
         rows.append(f"| {c['name']} | {_num(c['measured'])} | {c['comparison']} {_num(c['target'])} | {c['status']} |")
     return "\n".join(rows)
 
@@ -94,7 +94,7 @@ def _decision_line(decision: Dict) -> str:
 
 
 def _regression_line(evaluation: Dict, go_no_go: Dict) -> List[str]:
-    row = next((c for c in go_no_go.get("checks") or [] if c.get("name") == "accuracy_regression"), None)
+    row = next((c for c in go_no_go.get("rows") or [] if c.get("name") == "accuracy_regression"), None)
     previous = evaluation.get("previous_stage_val") or {}
     if row is None:
         return []

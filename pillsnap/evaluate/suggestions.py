@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Optional
 
 from pillsnap.config import PillSnapConfig
-from pillsnap.evaluate.criteria import CriteriaReport, read_metric
-
-LOSS_KEYS = ("loss", "classification.loss", "detection.loss")
+from pillsnap.evaluate.criteria import CriteriaReport
+from pillsnap.evaluate.results import StageResults
 
 
 @dataclass(frozen=True)
@@ -40,24 +39,16 @@ def _round(value: float) -> float:
     return float(f"{value:.6g}")  # 0.001 * 0.5 prints as 0.0005, not 0.00049999
 
 
-def _first_metric(results: Mapping[str, Any], *keys: str) -> Optional[float]:
-    for key in keys:
-        value = read_metric(results, key)
-        if value is not None:
-            return value
-    return None
-
-
 def _next_worker_count(cfg: PillSnapConfig) -> int:
     current = cfg.dataloader.num_workers
     larger = sorted(c for c in cfg.dataloader.autotune_candidates if c > current)
     return larger[0] if larger else current + 4
 
 
-def memory_suggestions(cfg: PillSnapConfig, results: Mapping[str, Any], why: str = "") -> List[Suggestion]:
+def memory_suggestions(cfg: PillSnapConfig, results: StageResults, why: str = "") -> List[Suggestion]:
     """Halve the classifier batch and double accumulation, so the effective batch stays the same."""
     if not why:
-        gpu_gb = read_metric(results, "system.gpu_memory_gb")
+        gpu_gb = results.training.gpu_memory_gb
         limit = cfg.evaluation.advisor.gpu_memory_high_gb
         if gpu_gb is None or gpu_gb <= limit:
             return []
@@ -70,16 +61,14 @@ def memory_suggestions(cfg: PillSnapConfig, results: Mapping[str, Any], why: str
     return out
 
 
-def input_pipeline_suggestions(cfg: PillSnapConfig, results: Mapping[str, Any]) -> List[Suggestion]:
+def input_pipeline_suggestions(cfg: PillSnapConfig, results: StageResults) -> List[Suggestion]:
     limits = cfg.evaluation.advisor
-    data_t = read_metric(results, "system.data_time_s")
-    comp_t = read_metric(results, "system.compute_time_s")
-    loading = read_metric(results, "system.data_loading_s")
+    data_t, comp_t = results.training.data_time_s, results.training.compute_time_s
     reasons = []
     if data_t is not None and comp_t is not None and data_t > limits.max_data_to_compute_ratio * comp_t:
         reasons.append(f"data_time {data_t:.3f}s > {limits.max_data_to_compute_ratio}×compute_time ({comp_t:.3f}s)")
-    if loading is not None and loading > limits.max_data_loading_s:
-        reasons.append(f"data loading {loading:.2f}s > {limits.max_data_loading_s}s")
+    if data_t is not None and data_t > limits.max_data_loading_s:
+        reasons.append(f"data loading {data_t:.2f}s > {limits.max_data_loading_s}s")
     if not reasons:
         return []
     why = "; ".join(reasons)
@@ -122,8 +111,8 @@ def classification_suggestions(cfg: PillSnapConfig, report: Optional[CriteriaRep
     return out
 
 
-def imbalance_suggestions(cfg: PillSnapConfig, results: Mapping[str, Any]) -> List[Suggestion]:
-    ratio = _first_metric(results, "advanced.class_imbalance_ratio", "class_imbalance_ratio")
+def imbalance_suggestions(cfg: PillSnapConfig, results: StageResults) -> List[Suggestion]:
+    ratio = results.data.class_imbalance_ratio
     limit = cfg.evaluation.advisor.max_class_imbalance_ratio
     if ratio is None or ratio <= limit:
         return []
@@ -146,7 +135,7 @@ def nan_loss_suggestions(cfg: PillSnapConfig) -> List[Suggestion]:
     return out
 
 
-def diagnose(cfg: PillSnapConfig, results: Mapping[str, Any], report: Optional[CriteriaReport]) -> List[Suggestion]:
+def diagnose(cfg: PillSnapConfig, results: StageResults, report: Optional[CriteriaReport]) -> List[Suggestion]:
     """Every suggestion the measured results support, one per config key (first reason wins)."""
     found = [
         *memory_suggestions(cfg, results),
@@ -165,17 +154,7 @@ def dedupe(suggestions: List[Suggestion]) -> List[Suggestion]:
     return list(seen.values())
 
 
-def worst_classes(results: Mapping[str, Any], n: int) -> List[Dict[str, Any]]:
-    """The n classes with the lowest F1: from classification.per_class_f1 (class -> F1) when given, else from
-    classification.worst_classes ([{"class", "f1"}], as `metrics.classification_metrics` returns it)."""
-    classification = results.get("classification") or {}
-    if not isinstance(classification, Mapping):
-        raise ValueError("results['classification'] must be a dict")
-    per_class = classification.get("per_class_f1")
-    if per_class is not None:
-        if not isinstance(per_class, Mapping):
-            raise ValueError("results['classification']['per_class_f1'] must be a dict of class -> F1")
-        rows = [{"class": str(k), "f1": float(v)} for k, v in per_class.items()]
-    else:
-        rows = [{"class": str(r["class"]), "f1": float(r["f1"])} for r in classification.get("worst_classes") or []]
+def worst_classes(results: StageResults, n: int) -> List[Dict[str, Any]]:
+    """The n classes with the lowest F1 (as `metrics.classification_metrics` lists them)."""
+    rows = [{"class": str(r["class"]), "f1": float(r["f1"])} for r in results.classifier.worst_classes]
     return sorted(rows, key=lambda r: (r["f1"], r["class"]))[:n]

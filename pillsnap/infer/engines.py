@@ -111,7 +111,7 @@ def detector_available(cfg: PillSnapConfig, stage: int, engine: str) -> Optional
     return path if path.is_file() else None
 
 
-def build_detector(cfg: PillSnapConfig, path: Path, engine: str, batch_size: int = 8,
+def detector_engine(cfg: PillSnapConfig, path: Path, engine: str, batch_size: int = 8,
                    device: Optional[torch.device] = None) -> Detector:
     """A serving Detector (detection.{conf,iou}_threshold, max_det) over a torch checkpoint or an ONNX file."""
     device = device or serving_device(cfg)

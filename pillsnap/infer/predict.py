@@ -33,7 +33,7 @@ from pillsnap.infer.preprocess import CropCountError, crop_detections
 from pillsnap.infer.detection import Detector
 from pillsnap.infer.hard_cases import HardCase, write_hard_cases
 from pillsnap.core import layout
-from pillsnap.infer.engines import (ClassifierEngine, InferenceSetupError, build_detector, check_engine,
+from pillsnap.infer.engines import (ClassifierEngine, InferenceSetupError, detector_engine, check_engine,
                                     detector_available, load_classifier_engine)
 from pillsnap.infer.gating import Route, count_blobs, decide
 from pillsnap.infer.preprocess import crop_pixels, load_rgb, normalise_batch, to_bgr
@@ -221,7 +221,7 @@ def load_predictor(cfg: PillSnapConfig, stage: Optional[int] = None, engine: Opt
     class_map = ClassMap.load(class_map_path(cfg))
     classifier, labels = load_classifier_engine(cfg, stage, engine, class_map)
     det_path = detector_available(cfg, stage, engine)
-    loader = (lambda: build_detector(cfg, det_path, engine)) if det_path is not None else None
+    loader = (lambda: detector_engine(cfg, det_path, engine)) if det_path is not None else None
     if loader is None:
         log.info("stage %d: no %s detector; combo mode unavailable, auto mode uses the image heuristic",
                  stage, engine)

@@ -1,7 +1,7 @@
 """Classification metrics from logits: accuracy, macro-F1, top-5, per-class F1 and top-1 (worst classes named)."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from sklearn.metrics import f1_score
@@ -44,3 +44,59 @@ def class_coverage(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, min
     covered = int(((support > 0) & (recall >= min_recall)).sum())
     return {"class_coverage": covered / max(1, num_classes), "classes_covered": covered,
             "classes_without_val": int((support == 0).sum()), "coverage_min_recall": min_recall}
+
+
+def most_confused_pairs(
+    y_true: Sequence[int],
+    y_pred: Sequence[int],
+    class_names: Optional[Sequence[str]] = None,
+    top_n: int = 20,
+) -> List[Dict[str, Any]]:
+    """The top_n unordered class pairs by mistakes either way, without building an N×N matrix.
+
+    Each row: class_a, class_b (names), index_a, index_b, a_as_b, b_as_a, total, and the share of each class's
+    samples lost to the other (rate_a_as_b, rate_b_as_a) so a pair of rare classes is not hidden by counts alone.
+    """
+    t, p = _as_labels(y_true, "y_true"), _as_labels(y_pred, "y_pred")
+    if t.shape != p.shape:
+        raise ValueError(f"y_true has {t.size} labels but y_pred has {p.size}")
+    wrong = t != p
+    if not wrong.any():
+        return []
+    width = int(max(t.max(), p.max())) + 1
+    codes, counts = np.unique(t[wrong].astype(np.int64) * width + p[wrong], return_counts=True)
+    directed = {(int(c // width), int(c % width)): int(n) for c, n in zip(codes, counts)}
+    support = np.bincount(t, minlength=width)
+    pairs: Dict[tuple, Dict[str, Any]] = {}
+    for (a, b), n in directed.items():
+        lo, hi = min(a, b), max(a, b)
+        row = pairs.setdefault((lo, hi), {"index_a": lo, "index_b": hi, "a_as_b": 0, "b_as_a": 0})
+        row["a_as_b" if a == lo else "b_as_a"] += n
+    rows = []
+    for row in pairs.values():
+        a, b = row["index_a"], row["index_b"]
+        row.update(
+            class_a=_name(a, class_names), class_b=_name(b, class_names), total=row["a_as_b"] + row["b_as_a"],
+            rate_a_as_b=row["a_as_b"] / support[a] if support[a] else 0.0,
+            rate_b_as_a=row["b_as_a"] / support[b] if support[b] else 0.0,
+        )
+        rows.append(row)
+    rows.sort(key=lambda r: (-r["total"], r["index_a"], r["index_b"]))
+    return rows[:top_n]
+
+
+def _as_labels(values: Sequence[int], name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name} must be a 1-D sequence of integer class indices, got shape {arr.shape} {arr.dtype}")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{name} has a negative class index {int(arr.min())}")
+    return arr.astype(np.int64)
+
+
+def _name(index: int, class_names: Optional[Sequence[str]]) -> str:
+    if class_names is None:
+        return str(index)
+    if index >= len(class_names):
+        raise ValueError(f"class index {index} is outside class_names (len {len(class_names)})")
+    return str(class_names[index])

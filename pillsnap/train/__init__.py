@@ -15,9 +15,9 @@ What the orchestration tasks call is re-exported here.
 from pillsnap.train.loops.engine import SimulatedCrash
 from pillsnap.train.results import TrainResult
 from pillsnap.train.run import stage_models, train_stage
-from pillsnap.train.setup.prechecks import run_prechecks
-from pillsnap.train.setup.stage_settings import stage_config
+from pillsnap.train.preflight import run_preflight
+from pillsnap.train.stage_settings import stage_config
 from pillsnap.train.tuning.plans import tune_batch, tune_workers
 
-__all__ = ["SimulatedCrash", "TrainResult", "run_prechecks", "stage_config", "stage_models", "train_stage",
+__all__ = ["SimulatedCrash", "TrainResult", "run_preflight", "stage_config", "stage_models", "train_stage",
            "tune_batch", "tune_workers"]

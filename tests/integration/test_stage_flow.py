@@ -9,7 +9,7 @@ from prefect.client.orchestration import get_client
 
 from flows.data import data_flow
 from flows.stage import stage_flow
-from pillsnap.evaluate.checks import DEFINITIONS
+from pillsnap.evaluate.checks.registry import DEFINITIONS
 from pillsnap.ledger import Ledger
 
 pytestmark = pytest.mark.integration

@@ -107,3 +107,14 @@ def test_a_refused_stage_exits_with_its_own_code_and_the_reason(tmp_path, monkey
     monkeypatch.setattr(flows.stage, "stage_flow", refuse)
     assert main(["stage", "--stage", "2", "--profile", "ci"]) == EXIT_REFUSED
     assert "Stage 1 has no decision" in capsys.readouterr().err
+
+
+def test_checks_lists_every_check_with_its_definition_and_stages(capsys):
+    from pillsnap.evaluate.checks.registry import DEFINITIONS
+
+    assert main(["checks"]) == 0
+    out = capsys.readouterr().out
+    for name, definition in DEFINITIONS.items():
+        assert f"{name} (" in out and definition in out
+    assert "cloudflare_tunnel_setup (attested by a named person; mandatory at stage 4)" in out
+    assert "pipeline_complete (measured; mandatory at stage 1)" in out

@@ -6,7 +6,7 @@
     for tick in ...:                     # one tick = one optimizer step of one member
         member = the member whose turn it is (one that finished its epochs or stopped early is skipped)
         window = member.stream.next_window(...)      # the samples of one global batch
-        loss = member.guard.step(window, ...)        # OOM recovery, compile fallback, non-finite guard (oom_guard.py)
+        loss = member.guard.step(window, ...)        # OOM recovery, compile fallback, non-finite guard (guarded_step.py)
         D-10 line + Annex 7 tags, health monitors; recovery.pt when the checkpoint policy says so
         at the end of the member's epoch: validate, best.pt / last.pt (checkpoint_policy.py), early stopping,
         reports/metrics.json
@@ -40,8 +40,8 @@ from pillsnap.train.services.checkpoint_policy import (CheckpointPolicy, restore
                                                        training_fingerprint)
 from pillsnap.train.services.early_stopping import EarlyStopping
 from pillsnap.train.services.health import TrainingHealth
-from pillsnap.train.services.oom import FaultInjector
-from pillsnap.train.services.oom_guard import OomGuard
+from pillsnap.train.services.oom_state_machine import FaultInjector
+from pillsnap.train.services.guarded_step import StepGuard
 from pillsnap.train.services.schedule import scale_optimizer_hparams
 from pillsnap.train.services.telemetry import TBWriter, Telemetry
 from pillsnap.train.units.base import TrainUnit
@@ -85,7 +85,7 @@ class Member:
         self.telemetry = Telemetry(self.tb, unit.log_tag, unit.epochs, cfg.train.step_log_interval,
                                    unit.policy.device)
         self.health = TrainingHealth(cfg, self.tb, unit.monitor, unit.mode)
-        self.guard = OomGuard(unit, injector, self.telemetry)
+        self.guard = StepGuard(unit, injector, self.telemetry)
         self.plans: Dict[str, Optional[Dict[str, Any]]] = {"batch": None, "workers": None}
 
     @property

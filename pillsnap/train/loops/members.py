@@ -13,7 +13,7 @@ from pillsnap.data.class_map import ClassMap
 from pillsnap.data.yolo_dataset import detector_facts
 from pillsnap.train.data import classifier_data, detector_data, stage_label_space
 from pillsnap.train.loops.engine import Member
-from pillsnap.train.services.oom import FaultInjector
+from pillsnap.train.services.oom_state_machine import FaultInjector
 from pillsnap.train.services.policy import Policy, apply_global_settings, resolve_policy, set_seed
 from pillsnap.train.units.classifier import ClassifierUnit
 from pillsnap.train.units.detector import DetectorUnit, detector_hyperparameters

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
+from pillsnap.config import pick
 from pillsnap.core.checkpoints import find_resume_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,6 @@ def improved(value: Optional[float], best: Optional[float], mode: str = "max", m
     if best is None or not math.isfinite(best):
         return True
     return (value - best if mode == "max" else best - value) >= min_delta
-
-
-def pick(config: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def training_config(config: Mapping[str, Any]) -> Dict[str, Any]:

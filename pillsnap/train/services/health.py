@@ -10,8 +10,8 @@ from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 from pillsnap.config import PillSnapConfig
-from pillsnap.train.services.memory import MemoryMonitor
-from pillsnap.train.services.monitors import LossSpikeMonitor, PlateauMonitor
+from pillsnap.train.services.gpu_memory import MemoryMonitor
+from pillsnap.train.services.loss_monitors import LossSpikeMonitor, PlateauMonitor
 from pillsnap.train.services.telemetry import TBWriter
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Dict, Mapping, Optional
 import psutil
 import torch
 
-from pillsnap.train.services.memory import NvmlReader
+from pillsnap.train.services.gpu_memory import NvmlReader
 
 log = logging.getLogger("pillsnap.train")
 STEP_TAGS = ("train/loss", "train/lr", "perf/data_time", "perf/compute_time", "perf/throughput")

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
-from pillsnap.train.services.oom import is_fatal_cuda_error, is_oom_error, release_cached_memory
+from pillsnap.train.services.oom_state_machine import is_fatal_cuda_error, is_oom_error, release_cached_memory
 
 logger = logging.getLogger(__name__)
 

@@ -15,18 +15,18 @@ import copy
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 import psutil
 import torch
 
-from pillsnap.config import PillSnapConfig
+from pillsnap.config import PillSnapConfig, config_fingerprint
 from pillsnap.data.class_map import ClassMap
 from pillsnap.data.datasets import Collate
 from pillsnap.train.data import UnitData
 from pillsnap.train.loops.streams import steps_per_epoch
-from pillsnap.train.services.oom import FaultInjector
+from pillsnap.train.services.oom_state_machine import FaultInjector
 from pillsnap.train.services.policy import resolve_policy
 from pillsnap.train.tuning.autobatch import (HOST_REASON, AutoBatchResult, ProbeFn, auto_find_batch_size,
                                              find_eval_batch_size)
@@ -38,6 +38,25 @@ MODELS = ("classifier", "detector")
 MIN_TRAIN_BATCH = 2  # batch norm (both models) cannot train on a batch of one sample
 EVAL_MAX_FACTOR = 4  # Annex 1: search up to 4x; evaluation keeps no gradients, so it usually fits more
 WORKER_WARMUP_STEPS, WORKER_MEASURE_STEPS = 30, 100
+
+
+# What a batch or worker plan depends on (with the machine it was measured on): the cache key of the tuning tasks.
+TUNING_KEYS = {
+    "classifier": ("classification.backbone", "classification.image_size", "classification.crop_padding",
+                   "train.classification.batch_size", "train.classification.auto_batch_max",
+                   "train.classification.auto_batch_tune"),
+    "detector": ("detection.scale", "detection.activation", "detection.image_size", "train.detection.batch_size",
+                 "train.detection.auto_batch_max", "train.detection.auto_batch_tune"),
+}
+SHARED_TUNING_KEYS = ("optimization.amp", "optimization.amp_dtype", "optimization.channels_last",
+                      "train.grad_accum_steps", "train.auto_batch_vram_headroom", "train.oom.max_grad_accum",
+                      "train.oom.min_batch", "train.oom.escalate_to_fp16", "train.ema", "train.detection.ema",
+                      "dataloader.num_workers", "dataloader.autotune_workers", "dataloader.autotune_candidates")
+
+
+def tuning_fingerprint(config: Mapping[str, Any], model: str, *extra: Any) -> str:
+    """The plan's config keys (config as a dict) and `extra` (the machine, the batch a worker plan runs at)."""
+    return config_fingerprint(config, (*TUNING_KEYS[model], *SHARED_TUNING_KEYS), *extra)
 
 
 def _model_cfg(cfg: PillSnapConfig, model: str):

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 
 from pillsnap.config import ModelTrainConfig, PillSnapConfig
-from pillsnap.train.services.oom import OomDecision, OomPolicy, OomRecovery, OomState
+from pillsnap.train.services.oom_state_machine import OomDecision, OomPolicy, OomRecovery, OomState
 from pillsnap.train.services.policy import CompiledModel, Policy
 from pillsnap.train.services.schedule import lr_schedule, scale_optimizer_hparams, switch_to_samples
 
@@ -205,7 +205,7 @@ class TrainUnit(ABC):
             self.scaler.load_state_dict(saved)
 
     def change_global_batch(self, decision: OomDecision) -> Dict[str, Any]:
-        """S3: LR rescaled (weight decay kept: see oom.py), the schedule counted in samples from here on."""
+        """S3: LR rescaled (weight decay kept: see oom_state_machine.py), the schedule counted in samples from here on."""
         lr_before = self.lr
         scale_optimizer_hparams(self.optimizer, self.scheduler, decision.lr_scale)
         switch_to_samples(self.scheduler, decision.state.global_batch)

@@ -78,3 +78,17 @@ def test_all_photos_of_classes_without_val_photos_say_so():
     _, summary = build_stage_subset(m, 4, StageSpec(classes=None, images=None, min_eval_samples=10), seed=3)
     assert summary.val_single == 0 and summary.train_single == 20 * 16
     assert any("fewer than min_eval_samples=10" in n for n in summary.notes)
+
+
+def test_a_subset_is_keyed_by_its_stage_row_seed_split_and_validation_rules():
+    from pillsnap.config import config_fingerprint, load_config, to_dict
+    from pillsnap.data.prepare import subset_keys
+
+    def key(stage, *overrides):
+        return config_fingerprint(to_dict(load_config(profile="ci", overrides=list(overrides))), subset_keys(stage))
+
+    assert key(1, "train.classification.lr=0.5", "serve.port=9") == key(1)
+    assert key(1, "data.stages.2.images=7") == key(1) != key(2, "data.stages.2.images=7")
+    for changed in ("data.stages.1.images=7", "data.seed=3", "data.val_fraction=0.3",
+                    "data.validation.min_images_per_class=5"):
+        assert key(1, changed) != key(1), changed

@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 from omegaconf import OmegaConf
@@ -18,6 +19,7 @@ from pillsnap.evaluate.advisor import (
     OptimizationAdvisor,
 )
 from pillsnap.evaluate.criteria import RECOMMEND_PROCEED, SUGGEST_OPTIMIZE, WARN_STOP
+from tests.unit.evaluate.support import measuring
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +32,18 @@ def advisor(cfg):
     return OptimizationAdvisor(cfg)
 
 
-def results_at(cfg, stage, fraction=1.0, **extra):
-    """All mandatory checks passed; every target measured so that the performance score is exactly `fraction`."""
+def results_at(cfg, stage, fraction=1.0, checks=None, training=None, data=None, drop=(), classifier=None,
+               **values):
+    """Every mandatory check passed (or `checks`); every target measured so that the performance score is exactly
+    `fraction`, then `values` (target names) and the typed `training` / `data` / `classifier` fields set; `drop`:
+    target names left unmeasured."""
     criteria = cfg.evaluation.stages[stage]
-    results = {"mandatory_checks": {name: "pass" for name in criteria.mandatory_checks}}
-    for t in criteria.targets:
-        group, _, metric = t.metric.partition(".")
-        results.setdefault(group, {})[metric] = t.value * fraction if t.op == ">=" else t.value / fraction
-    for key, value in extra.items():
-        group, _, metric = key.partition(".")
-        if metric:
-            results.setdefault(group, {})[metric] = value
-        else:
-            results[key] = value
-    return results
+    targets = {t.metric: t.value * fraction if t.op == ">=" else t.value / fraction for t in criteria.targets}
+    measured = measuring({k: v for k, v in {**targets, **values}.items() if k not in drop}, stage,
+                         checks or {name: "pass" for name in criteria.mandatory_checks})
+    return replace(measured, training=replace(measured.training, **(training or {})),
+                   data=replace(measured.data, **(data or {})),
+                   classifier=replace(measured.classifier, **(classifier or {})))
 
 
 def suggested(advice):
@@ -83,10 +83,10 @@ def test_last_stage_proceeds_to_the_final_test(cfg, advisor):
 @pytest.mark.parametrize(
     "extra, code",
     [
-        ({"repeated_oom": 6}, REPEATED_OOM),
-        ({"loss": math.nan}, NAN_LOSS),
-        ({"classification.loss": math.inf}, NAN_LOSS),
-        ({"data_corruption_rate": 0.02}, DATA_CORRUPTION),
+        ({"training": {"repeated_oom": 6}}, REPEATED_OOM),
+        ({"training": {"loss": math.nan}}, NAN_LOSS),
+        ({"training": {"loss": math.inf}}, NAN_LOSS),
+        ({"data": {"corruption_rate": 0.02}}, DATA_CORRUPTION),
     ],
 )
 def test_critical_failures_stop_even_when_targets_are_met(cfg, advisor, extra, code):
@@ -97,12 +97,13 @@ def test_critical_failures_stop_even_when_targets_are_met(cfg, advisor, extra, c
 
 
 def test_limits_are_not_critical(cfg, advisor):
-    advice = advisor.evaluate_and_recommend(1, results_at(cfg, 1, repeated_oom=5, data_corruption_rate=0.01, loss=0.3))
+    advice = advisor.evaluate_and_recommend(1, results_at(cfg, 1, training={"repeated_oom": 5, "loss": 0.3},
+                                                          data={"corruption_rate": 0.01}))
     assert advice.critical_failures == [] and advice.recommendation == RECOMMEND_PROCEED
 
 
 def test_critical_failures_come_with_fixes(cfg, advisor):
-    advice = advisor.evaluate_and_recommend(1, results_at(cfg, 1, repeated_oom=9, loss=math.nan))
+    advice = advisor.evaluate_and_recommend(1, results_at(cfg, 1, training={"repeated_oom": 9, "loss": math.nan}))
     fixes = suggested(advice)
     assert fixes["train.classification.batch_size"] == cfg.train.classification.batch_size // 2
     assert fixes["train.grad_accum_steps"] == cfg.train.grad_accum_steps * 2
@@ -110,10 +111,10 @@ def test_critical_failures_come_with_fixes(cfg, advisor):
 
 
 def test_failed_or_unmeasured_mandatory_check_stops(cfg, advisor):
-    results = results_at(cfg, 3)
-    results["mandatory_checks"]["memory_leak_test"] = "fail"
-    del results["mandatory_checks"]["stability_test_pass"]
-    advice = advisor.evaluate_and_recommend(3, results)
+    checks = {n: "pass" for n in cfg.evaluation.stages[3].mandatory_checks}
+    checks["memory_leak_test"] = "fail"
+    del checks["stability_test_pass"]
+    advice = advisor.evaluate_and_recommend(3, results_at(cfg, 3, checks=checks))
     assert advice.recommendation == WARN_STOP and advice.reason == "mandatory_checks_failed"
     assert advice.failed_mandatory == ["memory_leak_test", "stability_test_pass"]
     assert advice.option_ids == [RERUN_OPTIMIZED, STOP]
@@ -121,7 +122,7 @@ def test_failed_or_unmeasured_mandatory_check_stops(cfg, advisor):
 
 def test_nothing_measured_never_proceeds(cfg, advisor):
     criteria = cfg.evaluation.stages[1]
-    advice = advisor.evaluate_and_recommend(1, {"mandatory_checks": {n: "pass" for n in criteria.mandatory_checks}})
+    advice = advisor.evaluate_and_recommend(1, measuring({}, 1, {n: "pass" for n in criteria.mandatory_checks}))
     assert advice.recommendation == WARN_STOP and advice.reason == "nothing_measured"
     assert advice.performance_score is None
 
@@ -139,9 +140,9 @@ def test_input_bound_run_suggests_more_workers_and_the_cache():
 
 
 def test_low_metrics_and_imbalance_suggestions(cfg, advisor):
-    results = results_at(cfg, 2, **{"advanced.class_imbalance_ratio": 25.0, "system.gpu_memory_gb": 15.5})
-    results["classification"]["accuracy"] = 0.30  # < 0.8 × 0.60
-    results["detection"]["mAP_0.5"] = 0.20  # < 0.8 × 0.50
+    results = results_at(cfg, 2, **{"advanced.class_imbalance_ratio": 25.0, "system.gpu_memory_gb": 15.5,
+                                    "classification.accuracy": 0.30,  # < 0.8 × 0.60
+                                    "detection.mAP_0.5": 0.20})  # < 0.8 × 0.50
     fixes = suggested(advisor.evaluate_and_recommend(2, results))
     assert fixes["loss.label_smoothing"] == pytest.approx(0.15)
     assert fixes["loss.weighted_sampler"] is True
@@ -153,7 +154,7 @@ def test_low_metrics_and_imbalance_suggestions(cfg, advisor):
 def test_imbalance_with_class_weights_on_switches_the_weighting(cfg):
     weighted = copy.deepcopy(cfg)
     weighted.loss.use_class_weights = True
-    advice = OptimizationAdvisor(weighted).evaluate_and_recommend(2, results_at(weighted, 2, class_imbalance_ratio=25.0))
+    advice = OptimizationAdvisor(weighted).evaluate_and_recommend(2, results_at(weighted, 2, **{"advanced.class_imbalance_ratio": 25.0}))
     assert suggested(advice) == {"loss.class_weight_mode": "effective_number"}
 
 
@@ -163,8 +164,9 @@ def test_no_suggestions_when_all_is_well(cfg, advisor):
 
 
 def test_suggestions_are_valid_config_overrides(cfg, advisor):
-    results = results_at(cfg, 2, 0.3, repeated_oom=8, loss=math.nan, class_imbalance_ratio=30.0,
-                         **{"system.data_time_s": 1.0, "system.compute_time_s": 0.1, "system.gpu_memory_gb": 20.0})
+    results = results_at(cfg, 2, 0.3, training={"repeated_oom": 8, "loss": math.nan},
+                         **{"advanced.class_imbalance_ratio": 30.0, "system.data_time_s": 1.0,
+                            "system.compute_time_s": 0.1, "system.gpu_memory_gb": 20.0})
     advice = advisor.evaluate_and_recommend(2, results)
     schema = OmegaConf.structured(PillSnapConfig)
     missing = object()
@@ -179,14 +181,9 @@ def test_suggestions_are_valid_config_overrides(cfg, advisor):
 def test_worst_classes_are_listed(cfg):
     few = copy.deepcopy(cfg)
     few.evaluation.advisor.worst_classes = 2
-    results = results_at(few, 1)
-    results["classification"]["per_class_f1"] = {"K-000003": 0.9, "K-000001": 0.05, "K-000002": 0.4}
-    advice = OptimizationAdvisor(few).evaluate_and_recommend(1, results)
+    worst = [{"class": "K-000003", "f1": 0.9}, {"class": "K-000001", "f1": 0.05}, {"class": "K-000002", "f1": 0.4}]
+    advice = OptimizationAdvisor(few).evaluate_and_recommend(1, results_at(few, 1, classifier={"worst_classes": worst}))
     assert advice.worst_classes == [{"class": "K-000001", "f1": 0.05}, {"class": "K-000002", "f1": 0.4}]
-    del results["classification"]["per_class_f1"]
-    results["classification"]["worst_classes"] = [{"class": "K-9", "f1": 0.3}, {"class": "K-8", "f1": 0.1}]
-    advice = OptimizationAdvisor(few).evaluate_and_recommend(1, results)
-    assert [row["class"] for row in advice.worst_classes] == ["K-8", "K-9"]
 
 
 def test_advice_is_data_only(cfg, advisor, capsys):
@@ -203,10 +200,9 @@ def test_a_user_without_boxes_can_pass_stage_1_with_the_detector_ruled_out():
     """A CSV of ordinary photos trained with detection.enabled=false: 0.98 accuracy, GO. Before, the advisor said
     WARN_STOP forever (detection_model_loading not measured) or scored the detector's targets 0."""
     no_boxes = load_config(overrides=["detection.enabled=false"])
-    results = results_at(no_boxes, 1)
-    for key in ("mAP_0.5", "inference_time_ms"):
-        results["detection"].pop(key)
-    results["mandatory_checks"]["detection_model_loading"] = "not_applicable"
+    checks = {n: "pass" for n in no_boxes.evaluation.stages[1].mandatory_checks}
+    detector = ("detection.mAP_0.5", "detection.inference_time_ms")
+    results = results_at(no_boxes, 1, checks={**checks, "detection_model_loading": "not_applicable"}, drop=detector)
     advice = OptimizationAdvisor(no_boxes).evaluate_and_recommend(1, results)
     assert advice.recommendation == RECOMMEND_PROCEED and advice.reason == "all_targets_met"
     report = advice.criteria.to_dict()
@@ -215,7 +211,7 @@ def test_a_user_without_boxes_can_pass_stage_1_with_the_detector_ruled_out():
     assert report["targets_total"] == 4 and report["targets_measured"] == 4
     # With the shipped config (detector on) the registry says not_measured for a detector nobody probed, and the
     # detector's targets count 0: a missing detector is never ruled out there.
-    results["mandatory_checks"]["detection_model_loading"] = "not_measured"
+    results = results_at(no_boxes, 1, checks={**checks, "detection_model_loading": "not_measured"}, drop=detector)
     shipped = OptimizationAdvisor(load_config()).evaluate_and_recommend(1, results)
     assert shipped.recommendation == WARN_STOP and "detection_model_loading" in shipped.failed_mandatory
     assert shipped.performance_score == pytest.approx(4 / 6)

@@ -3,7 +3,7 @@ import numpy as np
 
 from pillsnap.config import load_config
 from pillsnap.evaluate.batch_consistency import top1_flips
-from pillsnap.evaluate.checks import FAIL, PASS, StageEvidence, run_checks
+from pillsnap.evaluate.checks.registry import FAIL, PASS, StageEvidence, run_checks
 
 RNG = np.random.default_rng(0)
 BASE = RNG.normal(size=(64, 10)).astype(np.float32)

@@ -5,20 +5,20 @@ import pytest
 
 from pillsnap.config import ConfigError, RecommendationThresholds, load_config
 from pillsnap.evaluate.criteria import (
-    MET,
-    NOT_MEASURED,
-    NOT_MET,
     RECOMMEND_PROCEED,
     SUGGEST_OPTIMIZE,
     WARN_STOP,
     evaluate_criteria,
-    lookup_metric,
     performance_score,
     recommendation_for_score,
     stage_criteria,
     target_score,
     validate_evaluation_config,
 )
+from pillsnap.evaluate.results import StageResults, Status
+from tests.unit.evaluate.support import measuring
+
+MET, NOT_MET, NOT_MEASURED = Status.PASS, Status.FAIL, Status.NOT_MEASURED
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +26,18 @@ def cfg():
     return load_config()
 
 
-def results_meeting(cfg, stage, fraction=1.0):
+def values_meeting(cfg, stage, fraction=1.0):
     """Every target of the stage measured at `fraction` of the way to its target (1.0 = exactly met)."""
-    criteria = cfg.evaluation.stages[stage]
-    results = {"mandatory_checks": {name: "pass" for name in criteria.mandatory_checks}}
-    for t in criteria.targets:
-        group, _, metric = t.metric.partition(".")
-        results.setdefault(group, {})[metric] = t.value * fraction if t.op == ">=" else t.value / fraction
-    return results
+    return {t.metric: t.value * fraction if t.op == ">=" else t.value / fraction
+            for t in cfg.evaluation.stages[stage].targets}
+
+
+def passing_checks(cfg, stage):
+    return {name: "pass" for name in cfg.evaluation.stages[stage].mandatory_checks}
+
+
+def results_meeting(cfg, stage, fraction=1.0, **values):
+    return measuring({**values_meeting(cfg, stage, fraction), **values}, stage, passing_checks(cfg, stage))
 
 
 def test_config_holds_the_spec_tables(cfg):
@@ -81,9 +85,8 @@ def test_all_targets_met_scores_one(cfg):
 
 
 def test_score_is_the_mean_of_capped_ratios(cfg):
-    results = results_meeting(cfg, 1)
-    results["detection"]["mAP_0.5"] = 0.15  # half of 0.30
-    results["system"]["gpu_memory_gb"] = 28.0  # twice the 14 GB limit
+    # mAP half of 0.30, GPU memory twice the 14 GB limit
+    results = results_meeting(cfg, 1, **{"detection.mAP_0.5": 0.15, "system.gpu_memory_gb": 28.0})
     report = evaluate_criteria(cfg.evaluation, 1, results)
     assert report.performance_score == pytest.approx((4 + 0.5 + 0.5) / 6)
     assert [t.status for t in report.targets].count(NOT_MET) == 2
@@ -91,10 +94,9 @@ def test_score_is_the_mean_of_capped_ratios(cfg):
 
 
 def test_unmeasured_targets_count_zero_and_the_report_says_how_many_were_measured(cfg):
-    results = results_meeting(cfg, 1)
-    del results["system"]
-    results["classification"]["accuracy"] = 0.2
-    report = evaluate_criteria(cfg.evaluation, 1, results)
+    values = {k: v for k, v in values_meeting(cfg, 1).items() if not k.startswith("system.")}
+    values["classification.accuracy"] = 0.2
+    report = evaluate_criteria(cfg.evaluation, 1, measuring(values, 1, passing_checks(cfg, 1)))
     assert report.performance_score == pytest.approx((3 + 0.5) / 6)  # 2 of 6 unmeasured: 0 each
     assert report.targets_measured == 4 and report.to_dict()["targets_total"] == 6
     assert set(report.not_measured) == {"system.gpu_memory_gb", "system.data_loading_s"}
@@ -105,12 +107,10 @@ def test_unmeasured_targets_count_zero_and_the_report_says_how_many_were_measure
 def test_the_issue_s_flattering_stage_3_score_no_longer_recommends_proceeding(cfg):
     """Stage 3: 3 of 11 targets unmeasured, 4 at 60 %, 4 met: the old mean over measured targets said 0.80."""
     targets = cfg.evaluation.stages[3].targets
-    results: dict = {}
+    values = {}
     for i, t in enumerate(targets[3:]):  # the first three are left unmeasured
-        value = t.value * (0.6 if i < 4 else 1.0) if t.op == ">=" else t.value / (0.6 if i < 4 else 1.0)
-        group, _, key = t.metric.partition(".")
-        results.setdefault(group, {})[key] = value
-    report = evaluate_criteria(cfg.evaluation, 3, results)
+        values[t.metric] = t.value * (0.6 if i < 4 else 1.0) if t.op == ">=" else t.value / (0.6 if i < 4 else 1.0)
+    report = evaluate_criteria(cfg.evaluation, 3, measuring(values, 3))
     assert report.targets_measured == 8
     assert report.performance_score == pytest.approx((4 * 0.6 + 4) / 11)  # 0.58: not 0.80
     from pillsnap.evaluate.criteria import recommendation_for_score
@@ -118,7 +118,7 @@ def test_the_issue_s_flattering_stage_3_score_no_longer_recommends_proceeding(cf
 
 
 def test_nothing_measured_has_no_score(cfg):
-    report = evaluate_criteria(cfg.evaluation, 3, {})
+    report = evaluate_criteria(cfg.evaluation, 3, StageResults(3))
     assert report.performance_score is None
     assert performance_score([]) is None
     assert not report.mandatory_passed
@@ -126,36 +126,30 @@ def test_nothing_measured_has_no_score(cfg):
 
 
 def test_mandatory_checks(cfg):
-    results = results_meeting(cfg, 1)
-    results["mandatory_checks"]["onnx_conversion_success"] = "fail"
-    del results["mandatory_checks"]["pipeline_complete"]
-    report = evaluate_criteria(cfg.evaluation, 1, results)
+    checks = passing_checks(cfg, 1)
+    checks["onnx_conversion_success"] = "fail"
+    del checks["pipeline_complete"]
+    report = evaluate_criteria(cfg.evaluation, 1, measuring(values_meeting(cfg, 1), 1, checks))
     assert report.failed_mandatory == ["pipeline_complete", "onnx_conversion_success"]
     assert {m.name: m.status for m in report.mandatory}["pipeline_complete"] == NOT_MEASURED
 
 
 def test_advanced_metrics_are_judged_but_not_scored(cfg):
-    results = results_meeting(cfg, 2)
-    results["advanced"] = {"class_imbalance_ratio": 40.0}
-    report = evaluate_criteria(cfg.evaluation, 2, results)
+    report = evaluate_criteria(cfg.evaluation, 2, results_meeting(cfg, 2, **{"advanced.class_imbalance_ratio": 40.0}))
     assert report.performance_score == pytest.approx(1.0)
     row = next(a for a in report.advanced if a.metric == "advanced.class_imbalance_ratio")
     assert row.status == NOT_MET and row.score == pytest.approx(0.25)
 
 
-def test_lookup_handles_dots_inside_metric_names():
-    nested = {"detection": {"mAP_0.5": 0.3, "mAP_0.5_0.95": 0.2}}
-    assert lookup_metric(nested, "detection.mAP_0.5") == 0.3
-    assert lookup_metric(nested, "detection.mAP_0.5_0.95") == 0.2
-    assert lookup_metric({"detection.mAP_0.5": 0.4}, "detection.mAP_0.5") == 0.4
-    assert lookup_metric(nested, "detection.recall") is None
-
-
-def test_bad_measurements_name_the_key(cfg):
-    with pytest.raises(ValueError, match="classification.accuracy"):
-        evaluate_criteria(cfg.evaluation, 1, {"classification": {"accuracy": "high"}})
-    with pytest.raises(ValueError, match="pipeline_complete"):
-        evaluate_criteria(cfg.evaluation, 1, {"mandatory_checks": {"pipeline_complete": "yes"}})
+def test_every_shipped_target_names_a_measurement_and_a_typo_is_a_config_error():
+    cfg = load_config()
+    measured = measuring({"detection.mAP_0.5": 0.3, "detection.mAP_0.5_0.95": 0.2})
+    assert measured.metric("detection.mAP_0.5") == 0.3 and measured.metric("detection.mAP_0.5_0.95") == 0.2
+    assert measured.metric("detection.recall") is None and measured.metric("production.api_success_pct") is None
+    cfg.evaluation.stages[2].targets[0].metric = "detection.mAP50"
+    with pytest.raises(ConfigError, match=r"evaluation\.stages\.2\.targets\[0\]\.metric='detection.mAP50' is no "
+                                          r"measurement"):
+        validate_evaluation_config(cfg.evaluation)
 
 
 @pytest.mark.parametrize(
@@ -190,11 +184,10 @@ def test_met_status_at_exact_target(cfg):
 
 
 def test_an_unattested_check_blocks_like_a_failure_until_a_person_attests_it(cfg):
-    results = results_meeting(cfg, 4)
     for status, passed, unattested in (("unattested", False, ["cloudflare_tunnel_setup"]), ("attested", True, []),
                                        ("fail", False, [])):
-        results["mandatory_checks"]["cloudflare_tunnel_setup"] = status
-        report = evaluate_criteria(cfg.evaluation, 4, results)
+        checks = {**passing_checks(cfg, 4), "cloudflare_tunnel_setup": status}
+        report = evaluate_criteria(cfg.evaluation, 4, measuring(values_meeting(cfg, 4), 4, checks))
         assert (report.mandatory_passed, report.unattested) == (passed, unattested), status
 
 
@@ -210,8 +203,7 @@ def test_check_names_must_exist_in_the_registry():
 
 
 def test_a_check_ruled_out_by_the_configuration_neither_passes_nor_blocks_and_is_named(cfg):
-    results = results_meeting(cfg, 1)
-    results["mandatory_checks"]["detection_model_loading"] = "not_applicable"
-    report = evaluate_criteria(cfg.evaluation, 1, results)
+    checks = {**passing_checks(cfg, 1), "detection_model_loading": "not_applicable"}
+    report = evaluate_criteria(cfg.evaluation, 1, measuring(values_meeting(cfg, 1), 1, checks))
     assert report.mandatory_passed and report.not_applicable == ["detection_model_loading"]
     assert report.to_dict()["not_applicable"] == ["detection_model_loading"]

@@ -134,7 +134,7 @@ def test_after_an_override_the_verdict_is_ready_with_override_naming_who_and_wha
 def before_final(tmp_path_factory, tiny_aihub, make_config):
     """Every pre-final-test step under the recorder: import, validation, subset, a tiny training, evaluation,
     and the refused final test. Returns (cfg, opened paths, refusal message)."""
-    from pillsnap.evaluate.stage_eval import evaluate_classifier
+    from pillsnap.evaluate.classifier_eval import evaluate_classifier
     from pillsnap.train import train_stage
 
     cfg = make_config(tmp_path_factory.mktemp("final"), f"synth.out_dir={tiny_aihub}", f"paths.data_root={tiny_aihub}",

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from pillsnap.config import load_config
+from pillsnap.evaluate.results import StageResults, Status
 from pillsnap.evaluate.go_no_go import (
     ACC_BELOW_TARGET,
     COVERAGE_TOO_LOW,
@@ -14,13 +15,12 @@ from pillsnap.evaluate.go_no_go import (
     MEMORY_UNSTABLE,
     NO_GO,
     NOT_ENOUGH_SAMPLES,
-    NOT_MEASURED,
     REASON_CODES,
     REGRESSION_TOO_LARGE,
-    SKIPPED,
     evaluate_go_no_go,
     format_table,
 )
+from tests.unit.evaluate.support import results
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +28,14 @@ def cfg():
     return load_config()
 
 
-def good_results(**changes):
-    results = {
-        "latency_p95_ms": 150.0,
-        "n_eval_samples": 2500,
-        "class_coverage": 0.5,
-        "accuracy": 0.80,
-        "no_crashes": True,
-        "memory_stable": True,
-    }
-    results.update(changes)
-    return results
+GOOD = {"latency_p95_ms": 150.0, "n": 2500, "class_coverage": 0.5, "accuracy": 0.80}
+
+
+def good_results(no_crashes="pass", memory_stable="pass", **changes):
+    """A passing Stage 1 classifier with `changes`; the two flags are stage checks (None: not measured)."""
+    checks = {name: status for name, status in (("no_crashes", no_crashes), ("memory_stable", memory_stable))
+              if status is not None}
+    return results(checks=checks, **{**GOOD, **changes})
 
 
 def test_all_checks_pass_is_go(cfg):
@@ -46,20 +43,20 @@ def test_all_checks_pass_is_go(cfg):
                                  baseline={"accuracy": 0.79, "stage": 1}, stage=2)
     assert decision.decision == GO and decision.go
     assert decision.reasons == []
-    assert {c.status for c in decision.checks} == {"pass"}
-    assert len(decision.checks) == len(REASON_CODES)
+    assert {c.status for c in decision.rows} == {"pass"}
+    assert len(decision.rows) == len(REASON_CODES)
 
 
 # Each row changes one thing against stage 1 (min_accuracy 0.78, p95 220 ms, 2000 samples, coverage 0.2,
 # max_acc_drop 0.02): exactly that reason code must come out, and nothing else.
 REASON_TABLE = [
     (LATENCY_P95_TOO_HIGH, {"latency_p95_ms": 221.0}, None),
-    (NOT_ENOUGH_SAMPLES, {"n_eval_samples": 1999}, None),
+    (NOT_ENOUGH_SAMPLES, {"n": 1999}, None),
     (COVERAGE_TOO_LOW, {"class_coverage": 0.19}, None),
     (REGRESSION_TOO_LARGE, {"previous_stage_accuracy": 0.80}, {"accuracy": 0.83, "stage": 1}),
     (ACC_BELOW_TARGET, {"accuracy": 0.777}, None),
-    (CRASH_DETECTED, {"no_crashes": False}, None),
-    (MEMORY_UNSTABLE, {"memory_stable": False}, None),
+    (CRASH_DETECTED, {"no_crashes": "fail"}, None),
+    (MEMORY_UNSTABLE, {"memory_stable": "fail"}, None),
 ]
 
 
@@ -69,7 +66,7 @@ def test_each_reason_code_alone(cfg, code, changes, baseline):
                                  stage=2 if baseline else 1)
     assert decision.decision == NO_GO
     assert decision.reasons == [code]
-    failing = [c for c in decision.checks if c.blocks_go]
+    failing = [c for c in decision.rows if c.blocks_go]
     assert len(failing) == 1 and failing[0].status == "fail" and failing[0].reason_code == code
 
 
@@ -78,53 +75,51 @@ def test_reason_table_covers_every_code():
 
 
 def test_all_failures_are_reported_together(cfg):
-    bad = {"latency_p95_ms": 999, "n_eval_samples": 1, "class_coverage": 0.0, "accuracy": 0.1,
-           "previous_stage_accuracy": 0.1, "no_crashes": False, "memory_stable": False}
+    bad = good_results(latency_p95_ms=999, n=1, class_coverage=0.0, accuracy=0.1, previous_stage_accuracy=0.1,
+                       no_crashes="fail", memory_stable="fail")
     decision = evaluate_go_no_go(cfg.stage(1), bad, baseline={"accuracy": 0.9}, stage=2)
     assert decision.reasons == list(REASON_CODES)
 
 
 MEASUREMENT_KEYS = [
-    ("latency_p95_ms", LATENCY_P95_TOO_HIGH),
-    ("n_eval_samples", NOT_ENOUGH_SAMPLES),
-    ("class_coverage", COVERAGE_TOO_LOW),
-    ("no_crashes", CRASH_DETECTED),
-    ("memory_stable", MEMORY_UNSTABLE),
+    ("latency_p95_ms", {"latency_p95_ms": None}, LATENCY_P95_TOO_HIGH),
+    ("n_eval_samples", {"n": None}, NOT_ENOUGH_SAMPLES),
+    ("class_coverage", {"class_coverage": None}, COVERAGE_TOO_LOW),
+    ("no_crashes", {"no_crashes": None}, CRASH_DETECTED),
+    ("memory_stable", {"memory_stable": "unattested"}, MEMORY_UNSTABLE),  # only a measured check counts
 ]
 
 
-@pytest.mark.parametrize("key, code", MEASUREMENT_KEYS)
-def test_missing_measurement_blocks_go_and_says_so(cfg, key, code):
-    results = good_results()
-    del results[key]
-    decision = evaluate_go_no_go(cfg.stage(1), results, stage=1)
+@pytest.mark.parametrize("key, missing, code", MEASUREMENT_KEYS, ids=[row[0] for row in MEASUREMENT_KEYS])
+def test_missing_measurement_blocks_go_and_says_so(cfg, key, missing, code):
+    decision = evaluate_go_no_go(cfg.stage(1), good_results(**missing), stage=1)
     assert decision.reasons == [code]
     assert decision.not_measured == [key]
-    row = next(c for c in decision.checks if c.reason_code == code)
-    assert row.status == NOT_MEASURED and row.measured is None
+    row = next(c for c in decision.rows if c.reason_code == code)
+    assert row.status == Status.NOT_MEASURED and row.measured is None
 
 
 def test_missing_accuracies_block_their_checks(cfg):
-    results = good_results(accuracy=None)  # and this model was never evaluated on the previous stage's photos
-    decision = evaluate_go_no_go(cfg.stage(1), results, baseline={"accuracy": 0.8, "stage": 1}, stage=2)
+    measured = good_results(accuracy=None)  # and this model was never evaluated on the previous stage's photos
+    decision = evaluate_go_no_go(cfg.stage(1), measured, baseline={"accuracy": 0.8, "stage": 1}, stage=2)
     assert decision.reasons == [REGRESSION_TOO_LARGE, ACC_BELOW_TARGET]
     assert decision.not_measured == ["accuracy_regression", "accuracy"]
-    row = next(c for c in decision.checks if c.name == "accuracy_regression")
+    row = next(c for c in decision.rows if c.name == "accuracy_regression")
     assert "not evaluated on Stage 1's validation photos" in row.detail
 
 
 def _regression(decision):
-    return next(c for c in decision.checks if c.reason_code == REGRESSION_TOO_LARGE)
+    return next(c for c in decision.rows if c.reason_code == REGRESSION_TOO_LARGE)
 
 
 def test_the_regression_guard_is_skipped_only_at_stage_1_or_on_a_recorded_decision(cfg):
     first = evaluate_go_no_go(cfg.stage(1), good_results(), stage=1)
-    assert first.go and _regression(first).status == SKIPPED
+    assert first.go and _regression(first).status == Status.SKIPPED
     silent = evaluate_go_no_go(cfg.stage(1), good_results(previous_stage_accuracy=0.9), stage=2)
-    assert silent.reasons == [REGRESSION_TOO_LARGE] and _regression(silent).status == NOT_MEASURED
+    assert silent.reasons == [REGRESSION_TOO_LARGE] and _regression(silent).status == Status.NOT_MEASURED
     forced = evaluate_go_no_go(cfg.stage(1), good_results(), stage=2,
                                skip_reason="run without an approved Stage 1: kim: rebuilding the baseline")
-    assert forced.go and _regression(forced).status == SKIPPED and "kim" in _regression(forced).detail
+    assert forced.go and _regression(forced).status == Status.SKIPPED and "kim" in _regression(forced).detail
     empty_baseline = evaluate_go_no_go(cfg.stage(1), good_results(previous_stage_accuracy=0.9), baseline={},
                                        stage=2)
     assert empty_baseline.reasons == [REGRESSION_TOO_LARGE]
@@ -158,19 +153,28 @@ def test_regression_allows_the_configured_drop(cfg):
 
 
 def test_targets_come_from_the_stage(cfg):
-    results = good_results(latency_p95_ms=210.0, n_eval_samples=20000, class_coverage=0.8, accuracy=0.9)
-    assert evaluate_go_no_go(cfg.stage(1), results, stage=1).go
-    assert evaluate_go_no_go(cfg.stage(3), results, stage=1).reasons == [LATENCY_P95_TOO_HIGH]
+    measured = good_results(latency_p95_ms=210.0, n=20000, class_coverage=0.8, accuracy=0.9)
+    assert evaluate_go_no_go(cfg.stage(1), measured, stage=1).go
+    assert evaluate_go_no_go(cfg.stage(3), measured, stage=1).reasons == [LATENCY_P95_TOO_HIGH]
 
 
 def test_nan_accuracy_fails(cfg):
     assert evaluate_go_no_go(cfg.stage(1), good_results(accuracy=math.nan), stage=1).reasons == [ACC_BELOW_TARGET]
 
 
-@pytest.mark.parametrize("key, value", [("accuracy", "0.9"), ("n_eval_samples", True), ("no_crashes", 1)])
-def test_bad_value_names_the_key(cfg, key, value):
-    with pytest.raises(ValueError, match=key):
-        evaluate_go_no_go(cfg.stage(1), good_results(**{key: value}))
+@pytest.mark.parametrize("key, value", [("accuracy", "0.9"), ("n", True), ("latency_p95_ms", [1.0])])
+def test_a_bad_value_at_the_task_boundary_names_its_field(key, value):
+    doc = good_results().to_dict()
+    doc["classifier"][key] = value
+    with pytest.raises(ValueError, match=rf"results classifier\.{key}="):
+        StageResults.from_dict(doc)
+    with pytest.raises(ValueError, match="'bogus' is not a valid Status"):
+        StageResults.from_dict({**good_results().to_dict(), "checks": {"no_crashes": "bogus"}})
+
+
+def test_only_typed_results_are_judged(cfg):
+    with pytest.raises(TypeError, match="StageResults"):
+        evaluate_go_no_go(cfg.stage(1), dict(GOOD), stage=1)
 
 
 def test_report_forms(cfg):
@@ -179,6 +183,6 @@ def test_report_forms(cfg):
     data = json.loads(json.dumps(decision.to_dict()))
     assert data["decision"] == NO_GO and data["stage"] == 2
     assert data["reasons"] == [NOT_ENOUGH_SAMPLES, ACC_BELOW_TARGET]
-    assert {row["name"] for row in data["checks"]} >= {"latency_p95_ms", "accuracy"}
+    assert {row["name"] for row in data["rows"]} >= {"latency_p95_ms", "accuracy"}
     table = format_table(decision)
     assert "NO_GO" in table and "n_eval_samples" in table and "5000" in table

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from pillsnap.evaluate import plots, reports
+from pillsnap.evaluate import plots
+from pillsnap.metrics.classification import most_confused_pairs
 from pillsnap.infer import hard_cases
 from pillsnap.infer.hard_cases import HardCase
 
@@ -24,21 +25,21 @@ def confused_labels():
 def test_most_confused_pairs_counts_both_directions():
     y_true, y_pred = confused_labels()
     names = [f"K-{i:06d}" for i in range(200)]
-    pairs = reports.most_confused_pairs(y_true, y_pred, names, top_n=3)
+    pairs = most_confused_pairs(y_true, y_pred, names, top_n=3)
     assert [(p["class_a"], p["class_b"], p["a_as_b"], p["b_as_a"], p["total"]) for p in pairs[:2]] == [
         ("K-000000", "K-000001", 5, 2, 7),
         ("K-000003", "K-000007", 0, 3, 3),
     ]
     assert len(pairs) == 3 and pairs[2]["total"] == 1
     assert pairs[0]["rate_a_as_b"] == pytest.approx(5 / 10)
-    assert reports.most_confused_pairs([1, 2], [1, 2]) == []
+    assert most_confused_pairs([1, 2], [1, 2]) == []
 
 
 def test_confused_pairs_scale_to_thousands_of_classes():
     rng = np.random.default_rng(0)
     y_true = rng.integers(0, 5000, 50_000)
     y_pred = np.where(rng.random(50_000) < 0.9, y_true, rng.integers(0, 5000, 50_000))
-    pairs = reports.most_confused_pairs(y_true, y_pred, top_n=25)
+    pairs = most_confused_pairs(y_true, y_pred, top_n=25)
     assert len(pairs) == 25 and pairs[0]["total"] >= pairs[-1]["total"]
 
 

@@ -17,7 +17,7 @@ from pillsnap.train import SimulatedCrash
 from pillsnap.infer.onnx_files import export_classifier_onnx
 from pillsnap.models.classifier import load_classifier
 from pillsnap.models.detector import load_detector_checkpoint
-from pillsnap.train.services.oom import AMP_FP16, GLOBAL_BATCH_CHANGE, MICROBATCHING
+from pillsnap.train.services.oom_state_machine import AMP_FP16, GLOBAL_BATCH_CHANGE, MICROBATCHING
 from tests.unit.train.support import RepeatedOom, assert_same_weights, final_weights, run
 
 SHIPPED_PATH = ("optimization.amp=true", "optimization.amp_dtype=bf16", "optimization.channels_last=true",

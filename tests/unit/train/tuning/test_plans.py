@@ -94,3 +94,21 @@ def test_stage_config_returns_changes_and_logs_what_runs(make_config, tmp_path, 
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("stage 3 runs with"))
     assert "classifier batch 16" in line and "detector batch 4" in line and "2 workers" in line
     assert "channels_last=True" in line and "strategy interleaved" in line
+
+
+def test_a_plan_is_keyed_by_what_its_probes_depend_on_and_nothing_else():
+    from pillsnap.config import load_config, to_dict
+    from pillsnap.train.tuning.plans import tuning_fingerprint
+
+    def key(model, *overrides):
+        return tuning_fingerprint(to_dict(load_config(profile="ci", overrides=list(overrides))), model, "this-box")
+
+    for model in ("classifier", "detector"):
+        base = key(model)
+        assert key(model, "serve.smoke_requests=3", "train.classification.epochs=9", "logging.tensorboard=false",
+                   "evaluation.checks.multi_batch_size=4") == base
+        assert key(model, "optimization.channels_last=true") != base  # memory format changes the peak
+        assert key(model, "train.auto_batch_vram_headroom=0.5") != base
+    assert key("classifier", "classification.image_size=48") != key("classifier")
+    assert key("detector", "classification.image_size=48") == key("detector")
+    assert key("detector", "detection.scale=s") != key("detector")

@@ -64,7 +64,7 @@ def combination_accuracy(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, 
     from pillsnap.core.devices import device_name, evaluation_device, serving_device
     from pillsnap.evaluate.combination import combination_samples, evaluate_combinations
     from pillsnap.infer.detection import torch_raw_predictor
-    from pillsnap.infer.engines import TorchClassifierEngine, build_detector
+    from pillsnap.infer.engines import TorchClassifierEngine, detector_engine
     from pillsnap.infer.latency import detector_model_latency, pipeline_latency
     from pillsnap.infer.preprocess import normalise_batch
     from pillsnap.models.classifier import load_classifier
@@ -82,7 +82,7 @@ def combination_accuracy(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, 
     model, labels = load_classifier(cfg, layout.classifier_checkpoint(cfg.exp_dir, stage), class_map, device)
     photos = [*val["image_path"][:LATENCY_PHOTOS], *all_val[all_val["kind"] == "single"]["image_path"][:LATENCY_PHOTOS]]
     pipeline = pipeline_latency(cfg, TorchClassifierEngine(copy.deepcopy(model), serving), labels, photos, "auto",
-                                lambda: build_detector(cfg, detector_ckpt, "torch", device=serving))
+                                lambda: detector_engine(cfg, detector_ckpt, "torch", device=serving))
     det_model = load_detector_checkpoint(detector_ckpt, device)
     timing = {"detector_inference_time_ms": latency["p50"], "latency_device": device_name(serving),
               "evaluation_device": device_name(device), "pipeline_latency": pipeline,
@@ -91,7 +91,7 @@ def combination_accuracy(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, 
     if val.empty:
         return {"measured": False, "reason": "no validation combination photos", **timing}
     timing["detector_on_combinations"] = _detector_on(cfg, det_model, val)
-    detector = build_detector(cfg, detector_ckpt, "torch", device=device)
+    detector = detector_engine(cfg, detector_ckpt, "torch", device=device)
     engine = TorchClassifierEngine(model, device)
     classify = lambda crops: engine.logits(normalise_batch(list(crops)))  # noqa: E731
     drawn = Drawings(layout.reports_dir(cfg.exp_dir, stage) / "detections")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pillsnap.train.services.monitors import LossSpikeMonitor, NonFiniteLossError, PlateauMonitor, check_finite_loss
+from pillsnap.train.services.loss_monitors import LossSpikeMonitor, NonFiniteLossError, PlateauMonitor, check_finite_loss
 
 
 def test_loss_spike_warns_above_1_5x_running_average(caplog):
@@ -15,7 +15,7 @@ def test_loss_spike_warns_above_1_5x_running_average(caplog):
     events = [monitor.update(step, 1.0) for step in range(10)]
     assert events == [None] * 10 and monitor.ema == pytest.approx(1.0)
     assert monitor.update(10, 1.4) is None  # below 1.5x
-    with caplog.at_level(logging.WARNING, logger="pillsnap.train.services.monitors"):
+    with caplog.at_level(logging.WARNING, logger="pillsnap.train.services.loss_monitors"):
         spike = monitor.update(11, 3.0)
     assert spike is not None and spike.step == 11 and spike.ratio > 1.5
     assert "loss spike at step 11" in caplog.text

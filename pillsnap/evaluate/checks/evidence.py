@@ -11,9 +11,9 @@ import pandas as pd
 from pillsnap.config import PillSnapConfig
 from pillsnap.core import layout
 from pillsnap.core.jsonio import read_json, write_json_atomic
-from pillsnap.evaluate.checks import (PASSING, UNATTESTED, StageEvidence, attestation, checks_document,
-                                      read_tensorboard_tags, run_checks)
-from pillsnap.evaluate.stage_detection import detector_answers
+from pillsnap.evaluate.checks.registry import (PASSING, UNATTESTED, StageEvidence, attestation, checks_document,
+                                               read_tensorboard_tags, run_checks)
+from pillsnap.evaluate.detector_eval import detector_answers
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def apply_attestations(cfg: PillSnapConfig, stage: int,
     doc = read_json(path)
     for name in cfg.evaluation.checks.attested:
         outcome = attestation(name, (answers or {}).get(name))
-        doc[name].update(status=outcome.status, measured=outcome.measured, detail=outcome.detail)
+        doc[name].update(status=outcome.status.value, measured=outcome.measured, detail=outcome.detail)
     write_json_atomic(path, doc)
     unattested = [n for n, c in doc.items() if c["status"] == UNATTESTED]
     if unattested:

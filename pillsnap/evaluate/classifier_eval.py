@@ -1,7 +1,7 @@
 """Evaluate a stage's best classifier on the stage's validation split (never the test split).
 
-Produces the measured results that Go/No-Go, the stage criteria and the advisor read, and the report files
-(metrics, most-confused pairs, ROC/PR curves). The validation pass runs batched on evaluation.device (auto = the
+Produces the classifier's measured results (pillsnap.evaluate.results builds the stage's typed results from them)
+and the report files (metrics, most-confused pairs, ROC/PR curves). The validation pass runs batched on evaluation.device (auto = the
 training device); the latency the gates read is batch-1 end to end (decode, preprocess, model, top-k) through the
 serving pipeline on inference.device, and is reported with that device's name.
 """
@@ -106,81 +106,3 @@ def _on_previous_val(cfg: PillSnapConfig, model: torch.nn.Module, labels: ClassM
         return {"photos": 0, "accuracy": None}
     _, y_true, logits = _val_logits(cfg, model, labels, val, device, batch_size)
     return {"photos": int(len(y_true)), "accuracy": float((logits.argmax(1) == y_true).mean())}
-
-
-def assemble_stage_results(evaluation: Dict, train: Dict[str, Dict], validation: Dict, subset: Dict,
-                           checks: Dict[str, str], detection: Dict | None = None, api: Dict | None = None) -> Dict:
-    """The one results dict that Go/No-Go (flat keys) and the criteria/advisor (nested keys) read.
-
-    `checks` is {name: status} from pillsnap.evaluate.checks. Nothing is filled in that was not measured: absent
-    detector, API or GPU figures stay absent (None), and the gates report them as not measured.
-    """
-    counts = validation.get("counts", {})
-    corrupt = sum(v for k, v in validation.get("findings", {}).items() if k in ("unreadable_image", "size_mismatch"))
-    classifier = train["classifier"]
-    api = api or {}
-    multi_batch = evaluation.get("multi_batch") or {}
-    pipeline = ((detection or {}).get("combination") or {}).get("pipeline_latency") or {}
-    probed = (classifier.get("auto_batch") or {}).get("probed")
-    results = {
-        "accuracy": evaluation.get("accuracy"),
-        "previous_stage_accuracy": (evaluation.get("previous_stage_val") or {}).get("accuracy"),
-        "n_eval_samples": evaluation.get("n"),
-        "class_coverage": evaluation.get("class_coverage"),
-        "latency_p95_ms": evaluation.get("latency_p95_ms"),
-        "no_crashes": _flag(checks.get("no_crashes")),
-        "memory_stable": _flag(checks.get("memory_stable")),
-        "loss": (classifier.get("val_metrics") or {}).get("val_loss"),  # the best epoch's validation loss
-        "repeated_oom": sum(len(t.get("oom_events") or []) for t in train.values() if t),
-        "data_corruption_rate": corrupt / max(1, counts.get("images", 0)),
-        "classification": {k: evaluation.get(k) for k in
-                           ("accuracy", "macro_f1", "top5", "per_class_f1_min", "per_class_min_top1",
-                            "inference_time_ms")},
-        "worst_classes": evaluation.get("worst_classes", []),
-        "system": _system(train),
-        "optimization": {"throughput_img_s": classifier.get("mean_throughput"),
-                         "batch_size_achieved": classifier.get("batch_size") if probed else None},
-        "scalability": {"multi_batch_size": multi_batch.get("batch_size") if checks.get("multi_batch_processing")
-                        == "pass" else None, "api_response_time_ms": api.get("p95_ms"),
-                        "memory_stable_hours": _stable_hours(train, checks)},
-        # The whole pipeline: auto mode with the detector (p95); without a detector single mode is the pipeline.
-        "production": {"inference_latency_ms": pipeline.get("p95") if detection else evaluation.get("latency_p95_ms"),
-                       "throughput_img_s": api.get("throughput_img_s"), "api_success_pct": _success_pct(api),
-                       "device": api.get("device")},
-        "advanced": {"class_imbalance_ratio": subset.get("imbalance_ratio")},
-        "mandatory_checks": dict(checks),
-    }
-    if detection:
-        results["detection"] = detection
-    return results
-
-
-def _flag(status: Optional[str]) -> Optional[bool]:
-    return None if status in (None, "not_measured", "unattested") else status == "pass"
-
-
-def _success_pct(api: Dict) -> Optional[float]:
-    """The share of the API check's requests answered: what 48 requests can show (not uptime over hours)."""
-    sent = api.get("requests")
-    return 100.0 * (sent - api.get("errors", 0)) / sent if sent else None
-
-
-def _stable_hours(train: Dict[str, Dict], checks: Dict[str, str]) -> Optional[float]:
-    """Hours of training with memory within bounds (0 when the leak test failed; None when not measured)."""
-    status = checks.get("memory_leak_test")
-    if status not in ("pass", "fail"):
-        return None
-    rows = [r for t in train.values() if t for r in t.get("epochs") or []]
-    seconds = sum(r.get("steps", 0) * ((r.get("data_time_s") or 0.0) + (r.get("compute_time_s") or 0.0)) for r in rows)
-    return seconds / 3600 if status == "pass" else 0.0
-
-
-def _system(train: Dict[str, Dict]) -> Dict[str, Optional[float]]:
-    """GPU peak (GiB) and the classifier's mean data / compute time per step (data_loading_s: the time a step
-    waits for its batch), from the per-epoch records."""
-    rows = [r for t in train.values() if t for r in t.get("epochs") or []]
-    peaks = [r["gpu_peak_mb"] for r in rows if r.get("gpu_peak_mb") is not None]
-    mine = [r for r in (train["classifier"].get("epochs") or []) if r.get("data_time_s") is not None]
-    mean = lambda key: float(np.mean([r[key] for r in mine])) if mine else None  # noqa: E731
-    return {"gpu_memory_gb": max(peaks) / 1024 if peaks else None, "data_loading_s": mean("data_time_s"),
-            "data_time_s": mean("data_time_s"), "compute_time_s": mean("compute_time_s")}

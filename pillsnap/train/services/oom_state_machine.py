@@ -16,7 +16,7 @@ Every non-exit decision replays the failed batch. `retries` counts OOMs over the
 each decision lowers memory for good, so a run that keeps hitting OOM must stop.
 
 Each training unit owns its OomRecovery: the state is the ONE record of the unit's micro-batch, accumulation and
-autocast dtype, which the unit reads. The loop applies decisions through `oom_guard.OomGuard` (one optimizer step
+autocast dtype, which the unit reads. The loop applies decisions through `guarded_step.StepGuard` (one optimizer step
 of a unit, replayed after each OOM).
 """
 from __future__ import annotations

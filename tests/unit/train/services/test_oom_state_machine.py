@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pillsnap.train.services.oom import (
+from pillsnap.train.services.oom_state_machine import (
     AMP_FP16, EMERGENCY_EXIT, GLOBAL_BATCH_CHANGE, MICROBATCHING, FaultInjector, OomPolicy, OomRecovery, OomState,
     is_fatal_cuda_error, is_oom_error,
 )
-from pillsnap.train.services.oom_guard import OomExhaustedError, OomGuard
+from pillsnap.train.services.guarded_step import OomExhaustedError, StepGuard
 from pillsnap.train.services.schedule import scale_optimizer_hparams
 
 
@@ -208,7 +208,7 @@ class FakeUnit:
 def _guard(unit):
     tb = SimpleNamespace(flush=lambda: None)
     telemetry = SimpleNamespace(scalars=lambda values, step: None, tb=tb)
-    return OomGuard(unit, FaultInjector(), telemetry, release_memory=lambda: None)
+    return StepGuard(unit, FaultInjector(), telemetry, release_memory=lambda: None)
 
 
 def _emergency():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pillsnap.train.services.memory import MemoryMonitor, NvmlReader
+from pillsnap.train.services.gpu_memory import MemoryMonitor, NvmlReader
 
 GIB = 2**30
 
@@ -52,7 +52,7 @@ def no_gpu_monitor(nvml) -> MemoryMonitor:
 def test_no_gpu_returns_none_and_logs_once(caplog):
     nvml = MissingNvml()
     monitor = no_gpu_monitor(nvml)
-    with caplog.at_level(logging.INFO, logger="pillsnap.train.services.memory"):
+    with caplog.at_level(logging.INFO, logger="pillsnap.train.services.gpu_memory"):
         assert monitor.check(0) is None and monitor.check(1) is None and monitor.check(2) is None
     lines = [r for r in caplog.records if "monitoring off" in r.getMessage()]
     assert len(lines) == 1 and "NVML Shared Library Not Found" in lines[0].getMessage()
@@ -72,7 +72,7 @@ def test_warns_above_80_percent(caplog):
     nvml = FakeNvml(used=14 * GIB, total=16 * GIB)
     monitor = MemoryMonitor(nvml_reader=NvmlReader(0, nvml), cuda_usage=lambda: None,
                             torch_stats=lambda: {"torch_allocated_bytes": 10 * GIB})
-    with caplog.at_level(logging.WARNING, logger="pillsnap.train.services.memory"):
+    with caplog.at_level(logging.WARNING, logger="pillsnap.train.services.gpu_memory"):
         report = monitor.check(3)
     assert report["warning"] and report["fraction"] == pytest.approx(14 / 16) and report["source"] == "nvml"
     assert report["torch_allocated_bytes"] == 10 * GIB and report["epoch"] == 3
@@ -84,7 +84,7 @@ def test_warns_above_80_percent(caplog):
 def test_below_threshold_no_warning_and_torch_fallback(caplog):
     monitor = MemoryMonitor(nvml_reader=NvmlReader(0, MissingNvml()), cuda_usage=lambda: (4 * GIB, 16 * GIB),
                             torch_stats=lambda: None)
-    with caplog.at_level(logging.WARNING, logger="pillsnap.train.services.memory"):
+    with caplog.at_level(logging.WARNING, logger="pillsnap.train.services.gpu_memory"):
         report = monitor.check(0)
     assert report["source"] == "torch" and not report["warning"] and report["fraction"] == 0.25
     assert caplog.text == ""

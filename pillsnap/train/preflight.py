@@ -3,7 +3,7 @@ stage's pixel cache), then the config. The stage flow runs them before any data 
 needs the stage's subset, is checked as soon as the subset exists).
 
 Everything is checked and reported together, so one run names every shortfall instead of the first one.
-`run_prechecks` raises PrecheckError whose message lists each problem with the numbers behind it.
+`run_preflight` raises PreflightError whose message lists each problem with the numbers behind it.
 """
 from __future__ import annotations
 
@@ -33,15 +33,15 @@ class PrecheckRequirements:
 
 
 @dataclass
-class CheckResult:
+class PreflightItem:
     name: str
     ok: bool
     detail: str
 
 
 @dataclass
-class PrecheckReport:
-    results: List[CheckResult] = field(default_factory=list)
+class PreflightReport:
+    results: List[PreflightItem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -55,8 +55,8 @@ class PrecheckReport:
         return {"ok": self.ok, "results": [asdict(r) for r in self.results]}
 
 
-class PrecheckError(RuntimeError):
-    def __init__(self, report: PrecheckReport):
+class PreflightError(RuntimeError):
+    def __init__(self, report: PreflightReport):
         self.report = report
         super().__init__("pre-training checks failed: " + "; ".join(report.problems))
 
@@ -70,18 +70,18 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_disk(name: str, path: Path, min_free_gb: float,
-               disk_usage: Callable[[Path], Any] = shutil.disk_usage) -> CheckResult:
+               disk_usage: Callable[[Path], Any] = shutil.disk_usage) -> PreflightItem:
     free_gb = disk_usage(_nearest_existing(path)).free / GB
     ok = free_gb >= min_free_gb
     relation = ">=" if ok else "<"
-    return CheckResult(name, ok, f"free disk at {path}: {free_gb:.1f} GB {relation} required {min_free_gb:g} GB")
+    return PreflightItem(name, ok, f"free disk at {path}: {free_gb:.1f} GB {relation} required {min_free_gb:g} GB")
 
 
-def check_ram(min_available_gb: float, virtual_memory: Callable[[], Any] = psutil.virtual_memory) -> CheckResult:
+def check_ram(min_available_gb: float, virtual_memory: Callable[[], Any] = psutil.virtual_memory) -> PreflightItem:
     available_gb = virtual_memory().available / GB
     ok = available_gb >= min_available_gb
     relation = ">=" if ok else "<"
-    return CheckResult("ram", ok, f"available RAM: {available_gb:.1f} GB {relation} required {min_available_gb:g} GB")
+    return PreflightItem("ram", ok, f"available RAM: {available_gb:.1f} GB {relation} required {min_available_gb:g} GB")
 
 
 def _cuda_free_total() -> Optional[Tuple[int, int]]:
@@ -92,16 +92,16 @@ def _cuda_free_total() -> Optional[Tuple[int, int]]:
 
 
 def check_gpu(min_free_gb: Optional[float],
-              gpu_free_total: Callable[[], Optional[Tuple[int, int]]] = _cuda_free_total) -> CheckResult:
+              gpu_free_total: Callable[[], Optional[Tuple[int, int]]] = _cuda_free_total) -> PreflightItem:
     usage = gpu_free_total()
     if usage is None:
         ok = min_free_gb is None
-        return CheckResult("gpu", ok, "no GPU: training runs on CPU" if ok else
+        return PreflightItem("gpu", ok, "no GPU: training runs on CPU" if ok else
                            f"no GPU, but {min_free_gb:g} GB of free GPU memory is required")
     free_gb, total_gb = usage[0] / GB, usage[1] / GB
     ok = min_free_gb is None or free_gb >= min_free_gb
     required = "" if min_free_gb is None else f" ({'>=' if ok else '<'} required {min_free_gb:g} GB)"
-    return CheckResult("gpu", ok, f"free GPU memory: {free_gb:.1f} of {total_gb:.1f} GB{required}")
+    return PreflightItem("gpu", ok, f"free GPU memory: {free_gb:.1f} of {total_gb:.1f} GB{required}")
 
 
 def data_dir_of(cfg: Any) -> Path:
@@ -114,7 +114,7 @@ def data_dir_of(cfg: Any) -> Path:
 
 
 def check_config(cfg: Any, stage: Optional[int] = None, class_map_size: Optional[int] = None,
-                 model_num_classes: Optional[int] = None) -> List[CheckResult]:
+                 model_num_classes: Optional[int] = None) -> List[PreflightItem]:
     """Sanity of values whose type is right but whose meaning is not (phase 2)."""
     problems: List[str] = []
     if cfg.classification.image_size <= 0:
@@ -140,11 +140,11 @@ def check_config(cfg: Any, stage: Optional[int] = None, class_map_size: Optional
         problems.append(f"classifier has {model_num_classes} outputs but the class map has {class_map_size} "
                         "classes (one global class map: never remap)")
     if not problems:
-        return [CheckResult("config", True, "config values consistent")]
-    return [CheckResult("config", False, p) for p in problems]
+        return [PreflightItem("config", True, "config values consistent")]
+    return [PreflightItem("config", False, p) for p in problems]
 
 
-def check_pretrained_weights(cfg: Any, reachable: Optional[Callable[[str], bool]] = None) -> List[CheckResult]:
+def check_pretrained_weights(cfg: Any, reachable: Optional[Callable[[str], bool]] = None) -> List[PreflightItem]:
     """Each model's pretrained weights can be had (a local file, the download cache, or a reachable hub)."""
     from pillsnap.models.classifier import classifier_weights_source
     from pillsnap.models.detector import detector_weights_source
@@ -153,23 +153,23 @@ def check_pretrained_weights(cfg: Any, reachable: Optional[Callable[[str], bool]
     for name, source in (("weights_classifier", lambda: classifier_weights_source(cfg.classification, reachable)),
                          ("weights_detector", lambda: detector_weights_source(cfg.detection, reachable))):
         try:
-            results.append(CheckResult(name, True, f"pretrained weights: {source()}"))
+            results.append(PreflightItem(name, True, f"pretrained weights: {source()}"))
         except (RuntimeError, OSError, ValueError) as e:  # the message names the key and the ways out
-            results.append(CheckResult(name, False, str(e)))
+            results.append(PreflightItem(name, False, str(e)))
     return results
 
 
-def check_pixel_cache(cfg: Any, samples: Sequence[Any]) -> CheckResult:
+def check_pixel_cache(cfg: Any, samples: Sequence[Any]) -> PreflightItem:
     """The decode-once pixel store must hold this stage's samples: the rows it lacks x S x S x 3 bytes."""
     if not cfg.dataloader.cache.enabled:
-        return CheckResult("pixel_cache", True, "dataloader.cache.enabled=false: images are decoded on the fly")
+        return PreflightItem("pixel_cache", True, "dataloader.cache.enabled=false: images are decoded on the fly")
     store = pixel_store(cfg)
     plan = store.plan(samples)
     verdict = "fits" if plan.fits else "does NOT fit (set dataloader.cache.dir to a larger disk or free space)"
-    return CheckResult("pixel_cache", plan.fits, f"pixel cache at {store.dir}: {plan.describe()}: {verdict}")
+    return PreflightItem("pixel_cache", plan.fits, f"pixel cache at {store.dir}: {plan.describe()}: {verdict}")
 
 
-def run_prechecks(
+def run_preflight(
     cfg: Any,
     *,
     stage: Optional[int] = None,
@@ -182,10 +182,10 @@ def run_prechecks(
     gpu_free_total: Callable[[], Optional[Tuple[int, int]]] = _cuda_free_total,
     reachable: Optional[Callable[[str], bool]] = None,
     weights: bool = True,
-) -> PrecheckReport:
-    """All checks; returns the report when everything passes, else raises PrecheckError naming each shortfall."""
+) -> PreflightReport:
+    """All checks; returns the report when everything passes, else raises PreflightError naming each shortfall."""
     req = requirements or PrecheckRequirements()
-    report = PrecheckReport([
+    report = PreflightReport([
         *(check_pretrained_weights(cfg, reachable) if weights else []),
         check_gpu(req.min_free_gpu_gb, gpu_free_total),
         check_ram(req.min_available_ram_gb, virtual_memory),
@@ -197,5 +197,5 @@ def run_prechecks(
     for result in report.results:
         (logger.info if result.ok else logger.error)("precheck %s: %s", result.name, result.detail)
     if not report.ok:
-        raise PrecheckError(report)
+        raise PreflightError(report)
     return report

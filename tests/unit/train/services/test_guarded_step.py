@@ -13,9 +13,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pillsnap.core.checkpoints import load_checkpoint
 from pillsnap.train import SimulatedCrash
-from pillsnap.train.services.monitors import NonFiniteLossError
-from pillsnap.train.services.oom import AMP_FP16, EMERGENCY_EXIT, GLOBAL_BATCH_CHANGE, MICROBATCHING, FaultInjector
-from pillsnap.train.services.oom_guard import OomExhaustedError
+from pillsnap.train.services.loss_monitors import NonFiniteLossError
+from pillsnap.train.services.oom_state_machine import AMP_FP16, EMERGENCY_EXIT, GLOBAL_BATCH_CHANGE, MICROBATCHING, FaultInjector
+from pillsnap.train.services.guarded_step import OomExhaustedError
 from pillsnap.train.services.schedule import SampleProgressFactor
 from tests.unit.train.support import RepeatedOom, STRATEGIES, assert_same_weights, final_weights, run
 
@@ -93,9 +93,9 @@ def test_resume_keeps_the_reduced_batch_and_stays_exact(make_config, tmp_path, t
 def test_s3_scales_lr_by_the_global_batch_ratio_and_replays_the_same_samples(make_config, tmp_path, tiny_stage):
     # max_grad_accum=1: halving the batch cannot keep the global batch, so the first OOM is S3 (8 -> 4).
     seen, lrs = [], []
-    from pillsnap.train.services.oom_guard import OomGuard
+    from pillsnap.train.services.guarded_step import StepGuard
 
-    real_step = OomGuard.step
+    real_step = StepGuard.step
 
     def recording_step(guard, window, step_number, epoch, emergency):
         lr = guard.unit.lr  # the LR this step trains with
@@ -105,13 +105,13 @@ def test_s3_scales_lr_by_the_global_batch_ratio_and_replays_the_same_samples(mak
             lrs.append(lr)
         return loss
 
-    OomGuard.step = recording_step
+    StepGuard.step = recording_step
     try:
         result = run(make_config, tmp_path, tiny_stage, "sequential", *SHORT, "train.oom.max_grad_accum=1",
                      "train.oom.escalate_to_fp16=false", "train.oom.inject_at_steps=[2]",
                      "train.warmup_steps=0", models=("classifier",))["classifier"]
     finally:
-        OomGuard.step = real_step
+        StepGuard.step = real_step
     (event,) = result.oom_events
     assert event["action"] == GLOBAL_BATCH_CHANGE and event["G_old"] == 8 and event["G_new"] == 4
     assert event["lr_after"] == event["lr_before"] * 0.5 and event["base_lrs"] == [0.003 * 0.5]

@@ -6,7 +6,7 @@ import copy
 import pytest
 
 from pillsnap.config import ConfigError, StageOverride, load_config
-from pillsnap.train.setup.stage_settings import apply_stage_overrides
+from pillsnap.train.stage_settings import apply_stage_overrides
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ memory_stable), is measured here from what the stage produced (`StageEvidence`).
                   confirmed it (in the review, or ahead of the run with `pillsnap attest`)
   unattested      an attested check nobody named confirmed: it blocks approval like `fail`
 
-The result is written to stage_<n>/reports/checks.json as {name: {status, measured, definition, mandatory}}.
-The README's table of definitions is generated from DEFINITIONS (a test keeps it in sync).
+The result is written to stage_<n>/reports/checks.json as {name: {status, measured, definition, mandatory}};
+`pillsnap checks` lists every check with its definition and the stages that make it mandatory. A new check is a
+measurement registered here (with `@check`) and, to gate a stage, its name in evaluation.stages.N.mandatory_checks.
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from pillsnap.config import ChecksConfig, PillSnapConfig
+from pillsnap.evaluate.results import Status
 
-PASS, FAIL, NOT_MEASURED, ATTESTED, UNATTESTED = "pass", "fail", "not_measured", "attested", "unattested"
-NOT_APPLICABLE = "not_applicable"
+PASS, FAIL, NOT_MEASURED, ATTESTED, UNATTESTED = (Status.PASS, Status.FAIL, Status.NOT_MEASURED, Status.ATTESTED,
+                                                  Status.UNATTESTED)
+NOT_APPLICABLE = Status.NOT_APPLICABLE
 PASSING = (PASS, ATTESTED)
 STEP_TAGS = ("train/loss", "train/lr", "perf/data_time", "perf/compute_time", "perf/throughput")
 MEMORY_TAGS = ("perf/cuda_mem", "perf/host_mem")  # the training device's memory: the GPU's, or the host's on a CPU
@@ -51,7 +54,7 @@ class StageEvidence:
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str
+    status: Status
     measured: Any  # the numbers the verdict rests on
     detail: str = ""
 
@@ -355,9 +358,9 @@ def _memory_stable(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
 
 # ---------------------------------------------------------------------------------------------- running them
 @dataclass(frozen=True)
-class CheckResult:
+class MeasuredCheck:
     name: str
-    status: str
+    status: Status
     measured: Any
     definition: str
     mandatory: bool
@@ -365,7 +368,7 @@ class CheckResult:
 
 
 def run_checks(cfg: PillSnapConfig, evidence: StageEvidence,
-               attestations: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, CheckResult]:
+               attestations: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, MeasuredCheck]:
     """Measure every check; `attestations` holds the named persons' answers for the attested ones (see
     `attestation`; absent = unattested)."""
     mandatory = set(cfg.evaluation.stages[evidence.stage].mandatory_checks) if evidence.stage in \
@@ -380,7 +383,7 @@ def run_checks(cfg: PillSnapConfig, evidence: StageEvidence,
                 outcome = REGISTRY[name](evidence, cfg)
             except (KeyError, TypeError, ValueError) as e:  # malformed evidence: say so, never pass
                 outcome = Outcome(NOT_MEASURED, None, f"could not measure: {type(e).__name__}: {e}")
-        out[name] = CheckResult(name, outcome.status, outcome.measured, DEFINITIONS[name], name in mandatory,
+        out[name] = MeasuredCheck(name, outcome.status, outcome.measured, DEFINITIONS[name], name in mandatory,
                                 outcome.detail)
     return out
 
@@ -399,8 +402,10 @@ def attestation(name: str, answer: Optional[Mapping[str, Any]]) -> Outcome:
                    f"{answer.get('at', 'time not recorded')})")
 
 
-def checks_document(results: Mapping[str, CheckResult]) -> Dict[str, Dict[str, Any]]:
-    return {name: {k: v for k, v in asdict(r).items() if k != "name"} for name, r in results.items()}
+def checks_document(results: Mapping[str, MeasuredCheck]) -> Dict[str, Dict[str, Any]]:
+    """checks.json: {name: {status, measured, definition, mandatory, detail}}."""
+    return {name: {**{k: v for k, v in asdict(r).items() if k != "name"}, "status": r.status.value}
+            for name, r in results.items()}
 
 
 def read_tensorboard_tags(logdir: Path) -> Dict[str, Dict[str, float]]:
@@ -419,10 +424,3 @@ def read_tensorboard_tags(logdir: Path) -> Dict[str, Dict[str, float]]:
             s = stats.setdefault(tag, {"values": 0, "min": math.inf, "max": -math.inf})
             s.update(values=s["values"] + len(values), min=min(s["min"], min(values)), max=max(s["max"], max(values)))
     return stats
-
-
-def definitions_table() -> str:
-    """The README's table (Markdown)."""
-    rows = ["| check | definition |", "|---|---|"]
-    rows += [f"| `{name}` | {text.replace('|', '/')} |" for name, text in DEFINITIONS.items()]
-    return "\n".join(rows)

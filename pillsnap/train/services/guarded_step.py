@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from pillsnap.train.services.monitors import NonFiniteLossError
-from pillsnap.train.services.oom import (AMP_FP16, GLOBAL_BATCH_CHANGE, FaultInjector, OomDecision,
+from pillsnap.train.services.loss_monitors import NonFiniteLossError
+from pillsnap.train.services.oom_state_machine import (AMP_FP16, GLOBAL_BATCH_CHANGE, FaultInjector, OomDecision,
                                          OomRecoveryExhausted, is_fatal_cuda_error, is_oom_error,
                                          release_cached_memory)
 from pillsnap.train.services.telemetry import Telemetry
@@ -44,7 +44,7 @@ class OomExhaustedError(OomRecoveryExhausted):
                      "continues from the last regular checkpoint.",)
 
 
-class OomGuard:
+class StepGuard:
     """Runs one optimizer step of `unit` under OOM recovery: the unit's own OomRecovery decides, this applies."""
 
     def __init__(self, unit, injector: FaultInjector, telemetry: Telemetry,

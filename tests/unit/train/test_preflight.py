@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from pillsnap.config import load_config
-from pillsnap.train.setup.prechecks import PrecheckError, PrecheckRequirements, run_prechecks
+from pillsnap.train.preflight import PreflightError, PrecheckRequirements, run_preflight
 
 GB = 10**9
 
@@ -38,7 +38,7 @@ def plenty_of_everything(**overrides):
 
 
 def test_everything_fine_returns_report(cfg):
-    report = run_prechecks(cfg, stage=1, class_map_size=50, model_num_classes=50, **plenty_of_everything())
+    report = run_preflight(cfg, stage=1, class_map_size=50, model_num_classes=50, **plenty_of_everything())
     assert report.ok and {r.name for r in report.results} >= {"gpu", "ram", "disk_data", "disk_exp", "config"}
     assert report.to_dict()["ok"] is True
 
@@ -50,8 +50,8 @@ def test_short_disk_names_path_and_numbers(cfg):
         measured.append(path)
         return SimpleNamespace(total=1000 * GB, used=0, free=1.2 * GB)
 
-    with pytest.raises(PrecheckError) as info:
-        run_prechecks(cfg, requirements=PrecheckRequirements(min_free_disk_gb_exp=5, min_free_disk_gb_data=1),
+    with pytest.raises(PreflightError) as info:
+        run_preflight(cfg, requirements=PrecheckRequirements(min_free_disk_gb_exp=5, min_free_disk_gb_data=1),
                       **plenty_of_everything(disk_usage=disk_usage))
     assert info.value.report.problems == [f"free disk at {cfg.paths.exp_dir}: 1.2 GB < required 5 GB"]
     assert str(info.value).startswith("pre-training checks failed: free disk at")
@@ -60,8 +60,8 @@ def test_short_disk_names_path_and_numbers(cfg):
 
 def test_low_ram_and_required_gpu_missing_are_both_reported(cfg):
     fakes = plenty_of_everything(virtual_memory=lambda: SimpleNamespace(available=2 * GB))
-    with pytest.raises(PrecheckError) as info:
-        run_prechecks(cfg, requirements=PrecheckRequirements(min_available_ram_gb=8, min_free_gpu_gb=10), **fakes)
+    with pytest.raises(PreflightError) as info:
+        run_preflight(cfg, requirements=PrecheckRequirements(min_available_ram_gb=8, min_free_gpu_gb=10), **fakes)
     problems = info.value.report.problems
     assert "available RAM: 2.0 GB < required 8 GB" in problems
     assert any("no GPU" in p for p in problems)
@@ -69,15 +69,15 @@ def test_low_ram_and_required_gpu_missing_are_both_reported(cfg):
 
 def test_gpu_memory_short(cfg):
     fakes = plenty_of_everything(gpu_free_total=lambda: (3 * GB, 16 * GB))
-    with pytest.raises(PrecheckError, match=r"free GPU memory: 3.0 of 16.0 GB \(< required 10 GB\)"):
-        run_prechecks(cfg, requirements=PrecheckRequirements(min_free_gpu_gb=10), **fakes)
+    with pytest.raises(PreflightError, match=r"free GPU memory: 3.0 of 16.0 GB \(< required 10 GB\)"):
+        run_preflight(cfg, requirements=PrecheckRequirements(min_free_gpu_gb=10), **fakes)
 
 
 def test_config_sanity(cfg):
     cfg.detection.image_size = 650
     cfg.classification.image_size = 0
-    with pytest.raises(PrecheckError) as info:
-        run_prechecks(cfg, stage=3, class_map_size=50, model_num_classes=49, **plenty_of_everything())
+    with pytest.raises(PreflightError) as info:
+        run_preflight(cfg, stage=3, class_map_size=50, model_num_classes=49, **plenty_of_everything())
     message = str(info.value)
     assert "detection.image_size=650 must be a positive multiple of 32" in message
     assert "classification.image_size=0 must be positive" in message
@@ -89,8 +89,8 @@ def test_the_stage_4_pixel_cache_is_sized_before_anything_is_decoded(cfg, monkey
     """500K photos at 384 px need ~221 GB; with 100 GB free the check names both numbers and stops the stage."""
     monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=100 * GB, total=1000 * GB))
     samples = [(f"/data/aihub/train/K-{i % 4523:06d}_{i}.png", None) for i in range(500_000)]
-    with pytest.raises(PrecheckError, match=r"pixel_cache|pixel cache") as info:
-        run_prechecks(cfg, cache_samples=samples, **plenty_of_everything(disk_usage=lambda p: SimpleNamespace(
+    with pytest.raises(PreflightError, match=r"pixel_cache|pixel cache") as info:
+        run_preflight(cfg, cache_samples=samples, **plenty_of_everything(disk_usage=lambda p: SimpleNamespace(
             free=100 * GB)))
     detail = next(r.detail for r in info.value.report.results if r.name == "pixel_cache")
     assert "500000 samples, 0 already cached, 500000 to decode = 221.18 GB more" in detail
@@ -104,8 +104,8 @@ def test_missing_pretrained_weights_offline_stop_the_run_before_any_data_work(cf
 
     monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo, name: None)
     monkeypatch.setitem(SETTINGS, "weights_dir", str(tmp_path / "no-weights"))
-    with pytest.raises(PrecheckError) as info:
-        run_prechecks(cfg, **plenty_of_everything(reachable=lambda host: False))
+    with pytest.raises(PreflightError) as info:
+        run_preflight(cfg, **plenty_of_everything(reachable=lambda host: False))
     message = str(info.value)
     assert "classification.pretrained=true" in message and "classification.pretrained_path=" in message
     assert "detection.pretrained=true" in message and "detection.pretrained=false" in message
@@ -113,6 +113,6 @@ def test_missing_pretrained_weights_offline_stop_the_run_before_any_data_work(cf
     local.write_bytes(b"weights")
     cfg.classification.pretrained = False
     cfg.detection.pretrained_path = str(local)
-    report = run_prechecks(cfg, **plenty_of_everything(reachable=lambda host: False))
+    report = run_preflight(cfg, **plenty_of_everything(reachable=lambda host: False))
     details = {r.name: r.detail for r in report.results}
     assert "local file" in details["weights_detector"] and "pretrained=false" in details["weights_classifier"]
