@@ -5,6 +5,7 @@ attestations given ahead of the run) → Go/No-Go → advisor → review (a pers
 attestations → advisor again (its word after the attestations is what the ledger records) → ledger → report."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -15,7 +16,7 @@ from flows.hooks import notify_on_failure
 from pillsnap.core import layout
 from pillsnap.evaluate.detector_eval import detection_results
 from pillsnap.ledger import Ledger
-from tasks.common import result_storage
+from tasks.common import kept_for_the_run, result_storage
 from tasks.data import current_manifest_hash, subset_task, validate_task
 from tasks.evaluate import (advisor_task, attest_task, checks_task, combination_task, evaluate_task, go_no_go_task,
                             stage_results_task)
@@ -69,16 +70,17 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
     trained, train_state = _train(config, plan, subset["subset_hash"], storage)
     train, det_train = trained["classifier"], trained.get("detector")
     baseline, predecessor = plan["baseline"], plan["predecessor"]
-    evaluation = evaluate_task(config, stage, train["best_checkpoint"],
+    kept = partial(kept_for_the_run, storage=storage)  # a run suspended for its review restarts from the top
+    evaluation = kept(evaluate_task)(config, stage, train["best_checkpoint"],
                                (train.get("auto_batch") or {}).get("eval_batch_size"), baseline is not None)
-    detection = detection_results(det_train, combination_task(config, stage) if det_train else None)
-    export = export_task(config, stage)
-    api = api_check_task(config, stage)
+    detection = detection_results(det_train, kept(combination_task)(config, stage) if det_train else None)
+    export = kept(export_task)(config, stage)
+    api = kept(api_check_task)(config, stage)
     given = Ledger.of(exp_dir).pending_attestations(stage)
-    checks = checks_task(config, stage, subset, trained, evaluation, export, api, given)
-    results = stage_results_task(stage, evaluation, trained, validation, subset, checks, detection, api)
-    go_no_go = go_no_go_task(config, stage, results, baseline, predecessor)
-    advice = advisor_task(config, stage, results)
+    checks = kept(checks_task)(config, stage, subset, trained, evaluation, export, api, given)
+    results = kept(stage_results_task)(stage, evaluation, trained, validation, subset, checks, detection, api)
+    go_no_go = kept(go_no_go_task)(config, stage, results, baseline, predecessor)
+    advice = kept(advisor_task)(config, stage, results)
     decided = review(config, stage, go_no_go, advice, given)
     checks = attest_task(config, stage, decided.attestations)
     results = stage_results_task(stage, evaluation, trained, validation, subset, checks, detection, api)

@@ -178,6 +178,7 @@ class OomConfig:
     # Fault injection (tests, drills): a synthetic OOM at these optimizer steps of the classifier / the detector.
     inject_at_steps: List[int] = field(default_factory=list)
     inject_detector_at_steps: List[int] = field(default_factory=list)
+    inject_rank: Optional[int] = None  # with several training processes: inject on this rank only (None: every rank)
 
 
 @dataclass
@@ -197,6 +198,19 @@ class StageOverride:
     compile_mode: Optional[str] = None
     memory_format: Optional[str] = None
     num_workers_override: Optional[int] = None
+
+
+@dataclass
+class DistributedConfig:
+    """More than one training process: torchrun inside the ONE training task (pillsnap/train/distributed/)."""
+    nproc_per_node: str = "1"  # processes on this machine: a number, or "auto" = every visible GPU; 1 = in-process
+    nnodes: int = 1  # machines; each runs the stage with its own node_rank
+    node_rank: int = 0
+    rdzv_endpoint: str = "127.0.0.1:29500"  # host:port of node 0, the same on every node
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on a CPU) | nccl | gloo
+    # BatchNorm statistics over the global batch: a collective in every forward, CUDA only (torch); the ranks then
+    # cannot agree on an OOM recovery step (the others wait in that collective), so an OOM stops the run.
+    sync_batchnorm: bool = False
 
 
 @dataclass
@@ -225,6 +239,7 @@ class TrainConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)
     oom: OomConfig = field(default_factory=OomConfig)
     stage_overrides: Dict[str, StageOverride] = field(default_factory=dict)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 @dataclass
@@ -464,9 +479,27 @@ def _check(cfg: DictConfig, source: str) -> None:
         raise ConfigError(f"{source}: train.interleave_ratio={ratio} must be two non-negative ints, not both 0")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"{source}: data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    bad = check_distributed_config(cfg.train.distributed)
+    if bad:
+        raise ConfigError(f"{source}: {bad}")
     bad = check_augment_config(cfg.augment)
     if bad:
         raise ConfigError(f"{source}: {bad}")
+
+
+def check_distributed_config(cfg: Any, prefix: str = "train.distributed") -> Optional[str]:
+    """The first invalid value, as 'key=value: why', or None (what needs the machine is checked at launch)."""
+    n = str(cfg.nproc_per_node)
+    if n != "auto" and not (n.isdigit() and int(n) >= 1):
+        return f"{prefix}.nproc_per_node={cfg.nproc_per_node!r}: a number of processes >= 1, or auto"
+    if cfg.nnodes < 1 or not 0 <= cfg.node_rank < cfg.nnodes:
+        return f"{prefix}.node_rank={cfg.node_rank}: must be in [0, nnodes={cfg.nnodes})"
+    if cfg.backend not in ("auto", "nccl", "gloo"):
+        return f"{prefix}.backend={cfg.backend!r}: one of auto, nccl, gloo"
+    host, _, port = str(cfg.rdzv_endpoint).rpartition(":")
+    if not host or not port.isdigit():
+        return f"{prefix}.rdzv_endpoint={cfg.rdzv_endpoint!r}: host:port of node 0"
+    return None
 
 
 def check_augment_config(cfg: Any, prefix: str = "augment") -> Optional[str]:
@@ -538,7 +571,8 @@ def to_dict(cfg: PillSnapConfig) -> Dict[str, Any]:
 
 
 def from_dict(data: Dict[str, Any]) -> PillSnapConfig:
-    cfg = _merge(OmegaConf.structured(PillSnapConfig), data, "config dict")
+    """to_dict's form back, also after a JSON round trip (which turns the stage tables' int keys into strings)."""
+    cfg = _merge(OmegaConf.structured(PillSnapConfig), _stage_keys_as_int(data), "config dict")
     _check(cfg, "config dict")
     return OmegaConf.to_object(cfg)
 

@@ -42,3 +42,9 @@ def progress(total: Optional[int], desc: str, unit: str = "it", enabled: bool = 
         yield _Bar(bar, desc, total)
     finally:
         bar.close()
+
+
+def relay(desc: str, done: int, total: Optional[int]) -> None:
+    """Progress measured in another process (rank 0 of a distributed run): to this process's listeners."""
+    for listener in list(_listeners):
+        listener(desc, done, total)

@@ -13,6 +13,7 @@ from typing import Dict, Iterator, Optional
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
 
 import pillsnap
 from pillsnap import progress as lib_progress
@@ -36,6 +37,15 @@ def result_storage(config: Dict) -> Path:
     path = Path(config["paths"]["exp_dir"]).resolve() / ".prefect-results"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# A flow run's task result, kept for that run only (its id, the task's code and its inputs): a run suspended for a
+# review is started again from the top and must not evaluate, export or probe the API a second time.
+KEPT_FOR_THE_RUN = RUN_ID + TASK_SOURCE + INPUTS
+
+
+def kept_for_the_run(task, storage: Path):
+    return task.with_options(cache_policy=KEPT_FOR_THE_RUN, persist_result=True, result_storage=storage)
 
 
 @lru_cache(maxsize=1)

@@ -1,5 +1,10 @@
-"""Environment check, human review (pause for a choice in the UI, or the unattended policy), the ledger,
-and the stage report artifacts."""
+"""Environment check, human review (a choice in the UI, or the unattended policy), the ledger, and the stage
+report artifacts.
+
+A review can take hours. A local run waits for it in its process (pause_flow_run). A run started from a deployment
+is suspended instead (suspend_flow_run): its process exits, so the GPU machine is released, and when the answer
+comes the run is started again from the top; every task before the review returns the result it persisted for this
+flow run (tasks.common.kept_for_the_run), and the review returns the answer."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +14,8 @@ from typing import Dict, List, Literal, Optional
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.context import get_run_context
-from prefect.flow_runs import pause_flow_run
+from prefect.context import FlowRunContext, get_run_context
+from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 
 from pillsnap.core import layout
@@ -82,6 +87,19 @@ def _review_text(stage: int, go_no_go: Dict, advice: Dict, attested: List[str]) 
     return "\n".join(lines)
 
 
+def from_deployment() -> bool:
+    run = FlowRunContext.get()
+    return bool(run and run.flow_run and run.flow_run.deployment_id)
+
+
+def _ask(question, timeout_s: int, key: str) -> ReviewChoice:
+    """The reviewer's answer. Suspending exits this process (a BaseException, so nothing below catches it); an
+    unanswered suspended run fails after `timeout_s` on the server, as no process is left to apply the policy."""
+    if from_deployment():
+        return suspend_flow_run(wait_for_input=question, timeout=timeout_s, key=key)
+    return pause_flow_run(wait_for_input=question, timeout=timeout_s, poll_interval=2, key=key)
+
+
 def review(config: Dict, stage: int, go_no_go: Dict, advice: Dict, given: Dict[str, Dict]) -> Review:
     """Runs in the flow itself: a pause must happen at flow level, not inside a task.
 
@@ -93,10 +111,9 @@ def review(config: Dict, stage: int, go_no_go: Dict, advice: Dict, given: Dict[s
     attested = list(cfg.evaluation.checks.attested)
     if cfg.orchestration.interactive_review:
         try:
-            answer = pause_flow_run(
-                wait_for_input=ReviewChoice.with_initial_data(
-                    description=_review_text(stage, go_no_go, advice, attested), choice=advice["recommended_option"]),
-                timeout=cfg.orchestration.review_timeout_s, poll_interval=2, key=f"stage-{stage}-review")
+            answer = _ask(ReviewChoice.with_initial_data(
+                description=_review_text(stage, go_no_go, advice, attested), choice=advice["recommended_option"]),
+                cfg.orchestration.review_timeout_s, f"stage-{stage}-review")
             unknown = sorted(set(answer.attested) - set(attested))
             if unknown:
                 logger.warning("review: %s are not attested checks (evaluation.checks.attested); ignored", unknown)

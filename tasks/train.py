@@ -14,7 +14,7 @@ from typing import Dict, Iterator, Optional
 
 from prefect import task
 
-from pillsnap.config import ConfigError
+from pillsnap.config import ConfigError, DistributedConfig, pick
 from pillsnap.core import layout
 from pillsnap.core.checkpoints import CheckpointMismatchError
 from pillsnap.data.cache import CacheSpaceError
@@ -25,6 +25,8 @@ from pillsnap.lock import ExperimentBusy, experiment_lock
 from pillsnap.logs import attach_stage_files, detach
 from pillsnap.models.pretrained import PretrainedWeightsUnavailable
 from pillsnap.train import train_stage
+from pillsnap.train.distributed.launch import DistributedRunFailed, run_training_processes
+from pillsnap.train.distributed.world import launch_spec
 from pillsnap.train.services.checkpoint_policy import training_fingerprint
 from pillsnap.train.services.loss_monitors import NonFiniteLossError
 from pillsnap.train.preflight import PreflightError
@@ -37,11 +39,14 @@ PERMANENT_ERRORS = (ConfigError, ValueError, TypeError, KeyError, FileNotFoundEr
 
 
 def retry_helps(task, task_run, state) -> bool:
-    """Prefect's retry_condition_fn: retry a crash, an exhausted OOM recovery, a lost worker; nothing permanent."""
+    """Prefect's retry_condition_fn: retry a crash, an exhausted OOM recovery, a lost worker; nothing permanent
+    (also when a rank of a distributed run raised it)."""
     try:
         error = state.result(raise_on_failure=False)
     except Exception as e:  # noqa: BLE001 - a result that cannot be read is the failure itself
         error = e
+    if isinstance(error, DistributedRunFailed):
+        return error.exception_type not in {e.__name__ for e in PERMANENT_ERRORS}
     return not isinstance(error, PERMANENT_ERRORS)
 
 
@@ -55,27 +60,36 @@ def _training(config: Dict, stage: int) -> Iterator:
     try:
         with library_logs_in_run(), experiment_lock(cfg.exp_dir, f"stage {stage} training"), \
                 progress_artifact(f"stage-{stage}-training-progress", f"Stage {stage} training"):
-            subset, _ = read_subset(cfg.exp_dir, stage)
-            yield cfg, subset, ClassMap.load(class_map_path(cfg)), out
+            yield cfg, out
     finally:
         detach(handlers)
 
 
+def _world_size(config: Dict) -> int:
+    return launch_spec(DistributedConfig(**pick(config, "train.distributed"))).world_size
+
+
 def _train_key(context, parameters) -> str:
-    """Result storage is per experiment directory, so the key needs no path."""
+    """Result storage is per experiment directory, so the key needs no path. The world size is in it as resolved
+    on this machine (nproc_per_node=auto is not a number)."""
     init = parameters.get("init_checkpoints") or {}
     sources = "-".join(f"{k}:{Path(v).parent.parent.name}" for k, v in sorted(init.items()) if v) or "scratch"
     plans = {model: (p or {}).get("batch") for model, p in (parameters.get("plans") or {}).items()}
     return (f"{context.task.name}-s{parameters['stage']}-{training_fingerprint(parameters['config'], plans)}-"
-            f"{parameters['subset_hash']}-{code_version()}-{sources}")
+            f"w{_world_size(parameters['config'])}-{parameters['subset_hash']}-{code_version()}-{sources}")
 
 
 @task(name="train", retries=TRAIN_RETRIES, retry_delay_seconds=2, retry_condition_fn=retry_helps,
       cache_key_fn=_train_key, persist_result=True)
 def train_task(config: Dict, stage: int, subset_hash: str, init_checkpoints: Optional[Dict] = None,
                plans: Optional[Dict] = None) -> Dict[str, Dict]:
-    """The stage's models in ONE loop (train.strategy: sequential or interleaved): {model: result}."""
-    with _training(config, stage) as (cfg, subset, class_map, out):
-        results = train_stage(cfg, subset, class_map, stage, out, init_checkpoints, plans,
+    """The stage's models in ONE loop (train.strategy: sequential or interleaved): {model: result}. With a world
+    size above 1 the loop runs under torchrun, a child of this task (pillsnap/train/distributed/launch.py)."""
+    with _training(config, stage) as (cfg, out):
+        spec = launch_spec(cfg.train.distributed)
+        if spec.distributed:
+            return run_training_processes(config, stage, out, init_checkpoints, plans, spec)
+        subset, _ = read_subset(cfg.exp_dir, stage)
+        results = train_stage(cfg, subset, ClassMap.load(class_map_path(cfg)), stage, out, init_checkpoints, plans,
                               show_progress=cfg.logging.progress_bar)
     return {name: result.as_dict() for name, result in results.items()}

@@ -114,15 +114,23 @@ class EpochSampler(torch.utils.data.Sampler):
 
     Yields (index, augmentation seed) pairs, or plain indices with `with_seeds=False` (datasets that take an int).
     The seed of a position depends only on (seed, epoch, position), so augmentations do not depend on the
-    worker count or on an interruption.
+    worker count or on an interruption. With a shard (rank, world size, batch) it yields only the rank's slice of
+    every global batch of world x batch positions, so the ranks together see the positions one process would.
     """
 
     def __init__(self, n: int, seed: int, weights: Optional[torch.Tensor] = None, with_seeds: bool = True):
         self.n, self.seed, self.weights, self.with_seeds = n, seed, weights, with_seeds
         self.epoch, self.start = 0, 0
+        self.rank, self.world, self.batch = 0, 1, 1
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         self.epoch, self.start = epoch, start_sample
+
+    def set_shard(self, rank: int, world: int, batch: int) -> None:
+        self.rank, self.world, self.batch = rank, world, max(1, batch)
+
+    def _mine(self, pos: int) -> bool:
+        return self.world == 1 or ((pos - self.start) // self.batch) % self.world == self.rank
 
     def order(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -133,10 +141,11 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         base = (self.seed * 100_003 + self.epoch) * 1_000_003
         for pos, i in enumerate(self.order().tolist()[self.start:], start=self.start):
-            yield (int(i), (base + pos) % 2**63) if self.with_seeds else int(i)
+            if self._mine(pos):
+                yield (int(i), (base + pos) % 2**63) if self.with_seeds else int(i)
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return sum(1 for pos in range(self.start, self.n) if self._mine(pos))
 
 
 class SkipCounter:

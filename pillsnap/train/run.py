@@ -16,6 +16,7 @@ import pandas as pd
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.class_map import ClassMap
+from pillsnap.train.services.collectives import Collectives
 from pillsnap.train.loops.engine import INTERLEAVED, EpochHook, Plans, StepHook, UnitLoop
 from pillsnap.train.loops.members import Injectors, classifier_member, detector_member, run_policy
 from pillsnap.train.results import TrainResult
@@ -34,11 +35,12 @@ def train_stage(cfg: PillSnapConfig, subset: pd.DataFrame, class_map: ClassMap, 
                 step_hook: Optional[StepHook] = None, epoch_hook: Optional[EpochHook] = None,
                 show_progress: bool = True, policy: Optional[Policy] = None,
                 compile_backend: Optional[Callable] = None, injectors: Optional[Injectors] = None,
-                models: Optional[Sequence[str]] = None) -> Dict[str, TrainResult]:
+                models: Optional[Sequence[str]] = None, comm: Optional[Collectives] = None) -> Dict[str, TrainResult]:
     """Train the stage's models in one loop; returns {model: result}.
 
     init_checkpoints: per model, the previous approved stage's best.pt (warm start). plans: per model, the batch
     and worker plans (the orchestrator's cached tuning). models: which of MODELS train (default: stage_models).
+    comm: this process's rank among several (pillsnap/train/distributed/worker.py); default one process.
     """
     models = tuple(models or stage_models(cfg))
     unknown = set(models) - set(MODELS)
@@ -53,10 +55,10 @@ def train_stage(cfg: PillSnapConfig, subset: pd.DataFrame, class_map: ClassMap, 
     members = []
     if "detector" in models:
         members.append(detector_member(cfg, subset, stage, stage_dir, policy, _path(init.get("detector")),
-                                       compile_backend, injectors, ratio=d))
+                                       compile_backend, injectors, ratio=d, comm=comm))
     members.append(classifier_member(cfg, subset, class_map, stage_dir, policy, _path(init.get("classifier")),
-                                     show_progress, compile_backend, injectors, ratio=c))
-    loop = UnitLoop(cfg, members, stage_dir, cfg.train.strategy, plans, step_hook, epoch_hook, show_progress)
+                                     show_progress, compile_backend, injectors, ratio=c, comm=comm))
+    loop = UnitLoop(cfg, members, stage_dir, cfg.train.strategy, plans, step_hook, epoch_hook, show_progress, comm)
     return loop.run()
 
 

@@ -160,3 +160,31 @@ def test_advance_mode_runs_the_next_stage_from_the_ledger(prepared):
     Ledger.of(exp_dir).record(StageRecord(stage=2, decision="NO_GO", choice="stop"))
     blocked = progressive_flow(mode="advance", profile="ci", overrides=prepared)
     assert blocked["steps"][0]["action"] == "blocked" and "NO_GO" in blocked["steps"][0]["why"]
+
+
+def test_a_deployment_run_is_suspended_for_its_review_and_resumes_from_persisted_results(prepared):
+    """A worker would start the suspended run again once answered; here the same process does, with Prefect's
+    engine (run_flow), as the worker's process would."""
+    from prefect.exceptions import Pause
+    from prefect.flow_engine import run_flow
+
+    parameters = {"stage": 1, "profile": "ci", "overrides": [*prepared, "orchestration.interactive_review=true",
+                                                             "orchestration.review_timeout_s=600"]}
+    with get_client(sync_client=True) as client:
+        deployment = stage_flow.to_deployment(name="suspend-test").apply()
+        run = client.create_flow_run_from_deployment(deployment, parameters=parameters)
+        with pytest.raises(Pause):  # the process ends here: the machine is free while a person decides
+            run_flow(stage_flow, flow_run=run, parameters=parameters)
+        assert client.read_flow_run(run.id).state.name == "Suspended"
+        resume_flow_run(run.id, run_input={"choice": "stop", "reviewer": "pharmacist lee"})
+        state = run_flow(stage_flow, flow_run=client.read_flow_run(run.id), parameters=parameters,
+                         return_type="state")
+        result = state.result()
+        tasks = {}
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
+        for task_run in sorted(runs, key=lambda r: r.created):
+            tasks.setdefault(task_run.name.rsplit("-", 1)[0], []).append(task_run.state.name)
+    assert (result["choice"], result["chosen_by"], result["approved"]) == ("stop", "human", False)
+    for name in ("train", "evaluate-stage", "export-onnx", "api-check", "stage-checks", "go-no-go"):
+        assert tasks[name][-1] == "Cached", (name, tasks[name])  # the second start redid none of it
+    assert Ledger.of(Path(result["exp_dir"])).latest(1).choice == "stop"

@@ -38,6 +38,7 @@ def test_stage_1_end_to_end_interleaved_through_a_crash(prefect_harness, flow_ov
     assert set(checks) == set(DEFINITIONS) and result["checks"] == {n: c["status"] for n, c in checks.items()}
     assert checks["cloudflare_tunnel_setup"]["status"] == "unattested"
     assert all(c["status"] == "pass" for n, c in checks.items() if c["mandatory"])
+    assert [n for n, c in checks.items() if c["status"] == "not_measured"] == ["scalability_test_pass"]  # 2 epochs
     go_no_go = json.loads((exp / "stage_1/reports/go_no_go.json").read_text())
     advice = json.loads((exp / "stage_1/reports/advisor.json").read_text())
     # The ci classifier at 32 px after two epochs is far below Stage 1's 0.78 gate: NO_GO, and only that.
@@ -66,3 +67,22 @@ def test_stage_1_end_to_end_interleaved_through_a_crash(prefect_harness, flow_ov
     markdown = _artifact("stage-1-report")[0].data
     assert "PillSnap Stage 1 report" in markdown and "data:image/png;base64," in markdown  # pictures in the UI
     assert _artifact("stage-1-targets") and _artifact("stage-1-checks") and _artifact("stage-1-training-progress")
+
+
+def test_stage_1_on_two_ranks_decides_with_every_check_measured(prefect_harness, flow_overrides):
+    data_flow(profile="ci", overrides=flow_overrides)
+    result = stage_flow(stage=1, profile="ci", overrides=[*flow_overrides, "train.distributed.nproc_per_node=2"])
+    exp = Path(result["exp_dir"])
+    assert result["train_state"] == "Completed" and result["export_ok"] and result["api"]["deployed"]
+    # As on one process: scalability_test_pass needs 3 epochs and the ci profile trains 2.
+    assert [name for name, status in result["checks"].items() if status == "not_measured"] == ["scalability_test_pass"]
+    checks = json.loads((exp / "stage_1/reports/checks.json").read_text())
+    assert all(c["status"] == "pass" for c in checks.values() if c["mandatory"])
+    # A global batch twice the 1-process one trains another classifier; the verdict rests on measurements alike.
+    go_no_go = json.loads((exp / "stage_1/reports/go_no_go.json").read_text())
+    assert result["go_no_go"] == "NO_GO" and "ACC_BELOW_TARGET" in result["reasons"]
+    assert go_no_go["rows"] and all(row["status"] != "not_measured" for row in go_no_go["rows"])
+    assert json.loads((exp / "stage_1/distributed/job.json").read_text())["backend"] == "gloo"
+    train_log = (exp / "stage_1/logs/train.out").read_text()  # rank 0's lines, relayed by the training task
+    assert "[train] e=" in train_log and "[train/det] e=" in train_log
+    assert "[rank 1] pillsnap.train: [train" not in train_log  # the other ranks relay their warnings only

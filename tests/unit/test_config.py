@@ -90,3 +90,12 @@ def test_resolved_config_round_trips_and_is_written(tmp_path):
 def test_stage_tables_can_be_overridden_from_the_command_line():
     cfg = load_config(overrides=["data.stages.1.classes=10", "data.stages.2.min_accuracy=0.5"])
     assert cfg.stage(1).classes == 10 and cfg.stage(1).images == 5000 and cfg.stage(2).min_accuracy == 0.5
+
+
+def test_a_config_dict_survives_a_json_round_trip():
+    import json
+
+    from pillsnap.config import from_dict, load_config, to_dict
+
+    cfg = load_config()
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg

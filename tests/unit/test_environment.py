@@ -15,6 +15,7 @@ def test_the_oom_drill_variable_becomes_a_config_override():
     assert overrides_from_environment({}) == []
     with pytest.raises(ValueError, match="PILLSNAP_INJECT_OOM"):
         overrides_from_environment({"PILLSNAP_INJECT_OOM": "3,x"})
+    assert overrides_from_environment({"PILLSNAP_NPROC_PER_NODE": "auto"}) == ["train.distributed.nproc_per_node=auto"]
 
 
 def test_process_defaults_never_override_what_the_user_set(tmp_path):

@@ -34,6 +34,7 @@ from pillsnap.core.jsonio import read_json, write_json_atomic
 from pillsnap.data.datasets import SkipCounter
 from pillsnap.progress import progress
 from pillsnap.train.data import UnitData
+from pillsnap.train.services.collectives import Collectives
 from pillsnap.train.loops.streams import Stream, steps_per_epoch
 from pillsnap.train.results import TrainResult, epoch_rows, mean_throughput
 from pillsnap.train.services.checkpoint_policy import (CheckpointPolicy, restore_rng_state, rng_state,
@@ -73,19 +74,21 @@ class Member:
     """One unit inside the loop, with its data stream, telemetry, step guard, health monitors and early stopping."""
 
     def __init__(self, cfg: PillSnapConfig, unit: TrainUnit, data: UnitData, stage_folder: Path, section: str,
-                 injector: FaultInjector, ratio: int = 1, facts: Optional[Dict[str, Any]] = None):
+                 injector: FaultInjector, ratio: int = 1, facts: Optional[Dict[str, Any]] = None,
+                 comm: Optional[Collectives] = None):
         self.unit, self.data, self.section, self.ratio = unit, data, section, ratio
+        comm = comm or Collectives()
         self.checkpoints_dir = layout.checkpoints_dir(stage_folder, unit.name)
         self.tensorboard = layout.tensorboard_dir(stage_folder, unit.name)
         self.facts = dict(facts or {})  # what the unit trains on, for the result
-        self.stream = Stream(data, unit.batch_size, len(data.dataset))
+        self.stream = Stream(data, unit.batch_size, len(data.dataset), comm.rank, comm.world_size)
         self.track = Track()
         self.stopping = EarlyStopping.from_config(cfg.train.early_stopping, unit.monitor, unit.mode)
-        self.tb = TBWriter(self.tensorboard, cfg.logging.tensorboard)
+        self.tb = TBWriter(self.tensorboard, cfg.logging.tensorboard and comm.is_main)
         self.telemetry = Telemetry(self.tb, unit.log_tag, unit.epochs, cfg.train.step_log_interval,
                                    unit.policy.device)
         self.health = TrainingHealth(cfg, self.tb, unit.monitor, unit.mode)
-        self.guard = StepGuard(unit, injector, self.telemetry)
+        self.guard = StepGuard(unit, injector, self.telemetry, comm)
         self.plans: Dict[str, Optional[Dict[str, Any]]] = {"batch": None, "workers": None}
 
     @property
@@ -101,9 +104,17 @@ class Member:
         return max(1, math.ceil(self.stream.samples_per_epoch / self.unit.global_batch))
 
     def apply_plans(self, plans: Mapping[str, Optional[Mapping[str, Any]]]) -> None:
-        """Batch / worker plans (auto batch, worker autotune), before the first step of a fresh run."""
+        """Batch / worker plans (auto batch, worker autotune), before the first step of a fresh run; then the LR
+        by the linear scaling rule for the global batch the run has (a plan's batch, several ranks) against the
+        configured one (a resume loads the LR it had reached)."""
         if plans.get("batch") is not None:
             self._apply_batch_plan(dict(plans["batch"]))
+        u = self.unit
+        lr_scale = u.global_batch / u.configured_global_batch
+        if lr_scale != 1.0:
+            scale_optimizer_hparams(u.optimizer, None, lr_scale=lr_scale)
+        if self.plans["batch"] is not None:
+            self.plans["batch"]["applied_lr_scale"] = lr_scale
         workers = plans.get("workers")
         if workers is not None:
             self.stream.set_workers(int(workers["num_workers"]))
@@ -117,21 +128,17 @@ class Member:
         u = self.unit
         u.set_batch(int(plan["batch_size"]), int(plan["grad_accum"]))
         u.eval_batch_size = int(plan.get("eval_batch_size") or u.batch_size)
-        lr_scale = u.global_batch / u.configured_global_batch
-        if lr_scale != 1.0:
-            scale_optimizer_hparams(u.optimizer, None, lr_scale=lr_scale)
         if plan.get("amp_dtype") == "fp16" and u.amp != "fp16":  # the tuner needed fp16 to fit: as after S1
             u.oom.state.amp_dtype, u.oom.state.did_amp_escalate = "fp16", True
             u.escalate_precision()
         self.stream.set_batch_size(u.batch_size)
-        self.plans["batch"] = {**plan, "applied_lr_scale": lr_scale}
+        self.plans["batch"] = dict(plan)
         self.telemetry.scalars({"perf/auto_batch_found": u.batch_size, "perf/auto_batch_grad_accum": u.accum,
                                 "perf/auto_batch_eval": u.eval_batch_size,
                                 "perf/auto_batch_memory_fraction": plan.get("memory_fraction")}, 0)
         source = "probed on " + str(plan.get("device")) if plan.get("probed") else "not probed"
-        log.info("%s auto batch: batch %d x accum %d (global %d, configured %d, lr x%.4f), eval batch %d (%s)",
-                 u.name, u.batch_size, u.accum, u.global_batch, u.configured_global_batch, lr_scale,
-                 u.eval_batch_size, source)
+        log.info("%s auto batch: batch %d x accum %d (global %d, configured %d), eval batch %d (%s)", u.name,
+                 u.batch_size, u.accum, u.global_batch, u.configured_global_batch, u.eval_batch_size, source)
 
     def meta(self) -> Dict[str, Any]:
         return {"track": asdict(self.track), "stopping": self.stopping.state_dict(),
@@ -156,10 +163,12 @@ class Member:
 class UnitLoop:
     def __init__(self, cfg: PillSnapConfig, members: Sequence[Member], stage_folder: Path, strategy: str,
                  plans: Optional[Plans] = None, step_hook: Optional[StepHook] = None,
-                 epoch_hook: Optional[EpochHook] = None, show_progress: bool = True):
+                 epoch_hook: Optional[EpochHook] = None, show_progress: bool = True,
+                 comm: Optional[Collectives] = None):
         if strategy not in (SEQUENTIAL, INTERLEAVED):
             raise ValueError(f"train.strategy={strategy!r} is not one of {SEQUENTIAL}, {INTERLEAVED}")
         self.cfg, self.members, self.strategy = cfg, list(members), strategy
+        self.comm = comm or Collectives()
         self.primary = next(m for m in self.members if m.name == "classifier")
         self.reports = layout.stage_reports_dir(stage_folder) / "metrics.json"
         self.step_hook, self.epoch_hook, self.show_progress = step_hook, epoch_hook, show_progress
@@ -167,19 +176,25 @@ class UnitLoop:
         if unknown:
             raise ValueError(f"plans for {sorted(unknown)}: plans are keyed by the models this run trains "
                              f"{[m.name for m in self.members]}: {{model: {{'batch': …, 'workers': …}}}}")
+        plans = self.comm.smallest_batch_plans({m.name: dict((plans or {}).get(m.name) or {}) for m in self.members})
         for m in self.members:
-            m.apply_plans((plans or {}).get(m.name) or {})
+            m.apply_plans(plans[m.name])
             self._plan_epochs(m)
         config = to_dict(cfg)
         fingerprint = training_fingerprint(config, {m.name: m.plans["batch"] for m in self.members})
         self.checkpoints = CheckpointPolicy(layout.checkpoints_dir(stage_folder), json.dumps(config), fingerprint,
-                                            cfg.train.recovery_every_steps)
+                                            cfg.train.recovery_every_steps, writes=self.comm.is_main)
         self.tick = 0
 
     def _plan_epochs(self, m: Member) -> None:
-        u, tc = m.unit, self.cfg.train
+        """Steps and samples per epoch. With several ranks only whole global windows: every rank steps alike."""
+        u, tc, world = m.unit, self.cfg.train, self.comm.world_size
         n = len(m.data.dataset)
-        spe = steps_per_epoch(n, u.batch_size, u.accum, m.data.drop_last, tc.max_steps_per_epoch)
+        if world > 1 and n < u.global_batch:
+            raise ValueError(f"{u.config_key}: {n} training samples are fewer than one global batch of "
+                             f"{u.global_batch} ({world} ranks x batch {u.batch_size} x accumulation {u.accum})")
+        spe = steps_per_epoch(n, u.batch_size * world, u.accum, m.data.drop_last or world > 1,
+                              tc.max_steps_per_epoch)
         m.stream.samples_per_epoch = max(1, min(n, spe * u.global_batch))
         u.plan_schedule(spe * u.epochs)
 
@@ -205,7 +220,7 @@ class UnitLoop:
             m.restore_meta(json.loads(state["meta_json"]))
         self.checkpoints.load_state_dict(payload["checkpoint_policy"])
         self.tick = int(payload["global_step"])
-        restore_rng_state(payload["rng"])
+        restore_rng_state(payload["rng"][self.comm.rank])  # each rank its own generators
         log.info("%s: resumed at tick %d (%s)", self.strategy, self.tick,
                  ", ".join(f"{m.name} epoch {m.track.epoch + 1} sample {m.stream.pos}" for m in self.members))
         return self.tick
@@ -214,6 +229,8 @@ class UnitLoop:
     def run(self) -> Dict[str, TrainResult]:
         resumed = self._resume()
         for m in self.members:
+            for module in (m.unit.model, *([m.unit.ema.module] if m.unit.ema is not None else [])):
+                self.comm.broadcast_module(module)  # every rank starts from rank 0's weights
             self._log_settings(m)
         try:
             self._train()
@@ -252,19 +269,23 @@ class UnitLoop:
 
     def _step(self, m: Member) -> int:
         t0 = time.perf_counter()
-        window, consumed = m.stream.next_window(max(1, m.unit.global_batch // m.stream.batch_size))
+        loader_batches = max(1, m.unit.global_batch // (m.stream.batch_size * m.stream.world))
+        window, consumed = m.stream.next_window(loader_batches)
         t1 = time.perf_counter()
-        if not window:  # nothing readable in these positions (or the epoch ran dry): nothing to step on
+        if not window and not self.comm.active:  # nothing readable here (or the epoch ran dry): nothing to step on
             return consumed
-        loss = m.guard.step(window, m.unit.updates + 1, m.track.epoch + 1, self._save_emergency)
-        if loss is None:  # OOM S3: the window's samples are re-fed at the new global batch
+        stepped = m.guard.step(window, m.unit.updates + 1, m.track.epoch + 1, self._save_emergency)
+        if stepped is None:  # OOM S3: the window's samples are re-fed at the new global batch
             m.stream.rewind(consumed)
             m.stream.set_batch_size(m.unit.batch_size)
             log.warning("%s continues at batch %d x accum %d (global batch %d); the failed window's samples are "
                         "replayed", m.name, m.unit.batch_size, m.unit.accum, m.unit.global_batch)
             return 0
+        loss, samples = stepped
+        if not samples:  # no rank had a readable sample in these positions
+            return consumed
         self.tick += 1
-        self._after_step(m, loss, sum(m.unit.batch_len(b) for b in window), t1 - t0, time.perf_counter() - t1)
+        self._after_step(m, loss, samples, t1 - t0, time.perf_counter() - t1)
         return consumed
 
     def _after_step(self, m: Member, loss: float, samples: int, data_time: float, compute_time: float) -> None:
@@ -295,7 +316,8 @@ class UnitLoop:
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self, m: Member) -> None:
         u, t = m.unit, m.track
-        metrics = u.validate()
+        self._average_buffers()
+        metrics = self.comm.broadcast(u.validate() if self.comm.is_main else None)  # the same verdicts everywhere
         value = metrics.get(u.monitor)
         record = {"epoch": t.epoch + 1, "global_step": u.updates, "train_loss": t.loss_sum / max(1, t.loss_count),
                   "train": {k: v / max(1, t.loss_count) for k, v in t.item_sums.items()}, "val": metrics,
@@ -336,10 +358,20 @@ class UnitLoop:
         best, _ = self.checkpoints.best_of(p.name)
         return {"model": p.unit.model.state_dict(), **p.unit.identity(), "units": units, "strategy": self.strategy,
                 "global_step": self.tick, "epoch": p.track.epoch, "best_metric": best,
-                "checkpoint_policy": self.checkpoints.state_dict(), "rng": rng_state()}
+                "checkpoint_policy": self.checkpoints.state_dict(), "rng": self.comm.gather(rng_state()),
+                "world_size": self.comm.world_size}
 
     def _save(self, name: str) -> Path:
+        self._average_buffers()  # what rank 0 saves is every rank's state, so a resume matches an uninterrupted run
         return self.checkpoints.save(name, self._payload())
+
+    def _average_buffers(self) -> None:
+        """BatchNorm running statistics are each rank's own (training uses batch statistics): their mean, before
+        validating or saving (timm's distribute_bn); nothing with one process."""
+        for m in self.members:
+            self.comm.average_buffers(m.unit.model)
+            if m.unit.ema is not None:
+                self.comm.average_buffers(m.unit.ema.module)
 
     def _save_emergency(self) -> Path:
         return self._save("emergency.pt")
@@ -352,6 +384,8 @@ class UnitLoop:
         return self.checkpoints.save(name, payload, directory=m.checkpoints_dir)
 
     def _write_metrics(self, m: Member) -> None:
+        if not self.comm.is_main:
+            return
         doc = read_json(self.reports) if self.reports.is_file() else {}
         doc[m.section] = {"latest": m.track.history[-1], "history": m.track.history}
         write_json_atomic(self.reports, doc)

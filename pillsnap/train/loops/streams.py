@@ -4,6 +4,8 @@ The stream knows its epoch and how many sampler positions of it were consumed (u
  - a resume restarts the seeded epoch order at exactly that position (no batch replayed to get there);
  - OOM S3 rewinds the failed window and re-feeds the same positions at a new batch size;
  - an epoch is a fixed number of samples (steps_per_epoch x the planned global batch), whatever batch runs.
+Positions are global: with several ranks each loader batch of a rank is its slice of a global batch of
+world x batch positions (the sampler's shard), and every rank counts the same positions.
 """
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ def steps_per_epoch(n: int, batch_size: int, accum: int, drop_last: bool, cap: O
 
 
 class Stream:
-    def __init__(self, data: UnitData, batch_size: int, samples_per_epoch: int):
-        self.data, self.batch_size = data, batch_size
+    def __init__(self, data: UnitData, batch_size: int, samples_per_epoch: int, rank: int = 0, world: int = 1):
+        self.data, self.batch_size, self.rank, self.world = data, batch_size, rank, world
         self.samples_per_epoch = max(1, min(samples_per_epoch, len(data.dataset)))
         self.num_workers = data.num_workers
         self.epoch, self.pos = 0, 0
@@ -49,7 +51,7 @@ class Stream:
             if batch is _END:  # the loader ran dry before the planned positions: the epoch is over
                 consumed = self.samples_per_epoch - self.pos
                 break
-            size = min(self.batch_size, remaining)
+            size = min(self.batch_size * self.world, remaining)
             self._it_pos += size
             consumed += size
             taken += 1
@@ -83,6 +85,7 @@ class Stream:
         if self._loader is None:
             self._loader = self.data.build_loader(self.batch_size, self.num_workers)
         self.data.sampler.set_epoch(self.epoch, self.pos)
+        self.data.sampler.set_shard(self.rank, self.world, self.batch_size)
         self._it, self._it_pos = iter(self._loader), self.pos
 
     def close(self) -> None:

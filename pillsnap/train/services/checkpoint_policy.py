@@ -45,7 +45,8 @@ TRAINING_KEYS = (
 RUN_CONTROL_KEYS = (  # inside TRAINING_KEYS, but they change when and how a run is stopped or logged, not its math
     "train.resume", "train.crash_at_step", "train.recovery_every_steps", "train.step_log_interval",
     "train.stage_overrides", "train.oom.cooldown_sec", "train.oom.inject_at_steps",
-    "train.oom.inject_detector_at_steps", "optimization.compile_backend",
+    "train.oom.inject_detector_at_steps", "train.oom.inject_rank", "optimization.compile_backend", "train.distributed.node_rank",
+    "train.distributed.rdzv_endpoint",
 )
 
 
@@ -106,8 +107,10 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 class CheckpointPolicy:
     """Owns when a run writes which checkpoint, each model's best value so far, and which checkpoint to resume."""
 
-    def __init__(self, ckpt_dir: Path, config_json: str, fingerprint: str, recovery_every: Optional[int]):
+    def __init__(self, ckpt_dir: Path, config_json: str, fingerprint: str, recovery_every: Optional[int],
+                 writes: bool = True):
         self.dir, self.config_json, self.fingerprint = Path(ckpt_dir), config_json, fingerprint
+        self.writes = writes  # with several ranks only rank 0 writes; the others follow the same decisions
         self.recovery_every = recovery_every or 0
         self.best: Dict[str, Dict[str, Any]] = {}  # model -> {"value", "epoch"}
 
@@ -130,8 +133,11 @@ class CheckpointPolicy:
     # ------------------------------------------------------------------ what
     def save(self, name: str, payload: Dict[str, Any], directory: Optional[Path] = None) -> Path:
         """last.pt keeps its previous version as last.prev.pt (a fallback if the new one is ever unreadable)."""
+        path = Path(directory or self.dir) / name
+        if not self.writes:
+            return path
         full = {**payload, "config": self.config_json, "fingerprint": self.fingerprint}
-        return save_checkpoint(Path(directory or self.dir) / name, full, keep_previous=(name == "last.pt"))
+        return save_checkpoint(path, full, keep_previous=(name == "last.pt"))
 
     def state_dict(self) -> Dict[str, Any]:
         return {"best": json.loads(json.dumps(self.best))}

@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from pillsnap.config import ConfigError
+from pillsnap.train.services.collectives import Collectives
 from pillsnap.train.services.loss_monitors import NonFiniteLossError
 from pillsnap.train.services.oom_state_machine import (AMP_FP16, GLOBAL_BATCH_CHANGE, FaultInjector, OomDecision,
                                          OomRecoveryExhausted, is_fatal_cuda_error, is_oom_error,
@@ -45,45 +47,76 @@ class OomExhaustedError(OomRecoveryExhausted):
 
 
 class StepGuard:
-    """Runs one optimizer step of `unit` under OOM recovery: the unit's own OomRecovery decides, this applies."""
+    """Runs one optimizer step of `unit` under OOM recovery: the unit's own OomRecovery decides, this applies.
 
-    def __init__(self, unit, injector: FaultInjector, telemetry: Telemetry,
+    With several ranks (`comm`) every rank accumulates its slice of the window first; then the ranks agree whether
+    any ran out of memory (one all-reduce) and all take the same D-8 step together, or all-reduce the gradients and
+    step. The decision is the same on every rank because the state machine is deterministic and sees the same
+    sequence of OOMs."""
+
+    def __init__(self, unit, injector: FaultInjector, telemetry: Telemetry, comm: Optional[Collectives] = None,
                  release_memory: Callable[[], None] = release_cached_memory):
         self.unit, self.injector, self.telemetry = unit, injector, telemetry
+        self.comm = comm or Collectives()
         self.release_memory = release_memory
         self.events: List[Dict[str, Any]] = []
 
-    def step(self, window: Sequence[Any], step_number: int, epoch: int, emergency: Emergency) -> Optional[float]:
-        """One optimizer step over `window`: its mean loss, or None when S3 changed the global batch (the step was
-        not taken; the unit's knobs are already the new ones and the caller re-feeds the samples). `emergency`
-        writes emergency.pt (the weights before this step) when recovery is exhausted or the loss is not finite."""
+    def step(self, window: Sequence[Any], step_number: int, epoch: int,
+             emergency: Emergency) -> Optional[Tuple[float, int]]:
+        """One optimizer step over `window`: (its mean loss, its samples) over every rank; None when S3 changed the
+        global batch (the step was not taken; the unit's knobs are already the new ones and the caller re-feeds
+        the samples); (nan, 0) when no rank had a readable sample. `emergency` writes emergency.pt (the weights
+        before this step) when recovery is exhausted or the loss is not finite."""
         unit = self.unit
         window_batch = unit.global_batch
         unit.replay.capture()
         while True:
             if unit.global_batch != window_batch:
                 return None
-            error = None
+            local, error = self._guarded(lambda: self._accumulate(window, step_number), (0.0, 0))
+            if self._recovered(error, step_number, epoch, emergency):
+                continue
+            value, samples = self._reduced(*local, window, step_number, emergency)
+            if not samples:
+                return value, samples
+            _, error = self._guarded(unit.prepare_update, None)
+            if self._recovered(error, step_number, epoch, emergency):
+                continue
+            unit.apply_update()  # the weights change: from here on nothing may be replayed
+            unit.train_model.confirm()
+            unit.after_update()
+            return value, samples
+
+    def _guarded(self, work: Callable[[], Any], default: Any) -> Tuple[Any, Optional[str]]:
+        """(work's result, None), or (default, the OOM's text); a compile failure falls back and runs `work` again
+        on the eager model; anything else is raised."""
+        unit = self.unit
+        while True:
             try:
-                loss = self._attempt(window, step_number, emergency)
-            except NonFiniteLossError:
-                raise
+                return work(), None
             except Exception as exc:  # noqa: BLE001 - filtered right below
                 if unit.train_model.fall_back(exc):
                     self._undo()
                     continue
                 if is_fatal_cuda_error(exc) or not is_oom_error(exc):
                     raise
+                if self.comm.active and unit.sync_batchnorm:  # the others wait inside a BatchNorm all-reduce
+                    raise ConfigError(f"{unit.name}: out of memory with train.distributed.sync_batchnorm=true, "
+                                      "where the ranks cannot agree on a recovery step; lower "
+                                      f"{unit.config_key}.batch_size or turn sync_batchnorm off") from exc
                 # Keep only the text: holding `exc` keeps its traceback and every tensor its frames reference.
-                error = f"{type(exc).__name__}: {exc}"
-            if error is None:  # the weights changed: from here on nothing may be replayed
-                unit.train_model.confirm()
-                unit.after_update()
-                return loss
-            self.release_memory()  # outside the except block: the failed step's tensors can go now
-            self._apply(unit.oom.decide(error), step_number, epoch, emergency)
+                return default, f"{type(exc).__name__}: {exc}"
 
-    def _attempt(self, window: Sequence[Any], step_number: int, emergency: Emergency) -> float:
+    def _recovered(self, error: Optional[str], step_number: int, epoch: int, emergency: Emergency) -> bool:
+        """Whether any rank ran out of memory; if so every rank has taken the same D-8 step (replay next)."""
+        if not self.comm.any(error is not None):
+            return False
+        self.release_memory()  # outside the except block: the failed step's tensors can go now
+        self._apply(self.unit.oom.decide(error or "out of memory on another rank"), step_number, epoch, emergency)
+        return True
+
+    def _accumulate(self, window: Sequence[Any], step_number: int) -> Tuple[float, int]:
+        """Forward and backward of this rank's micro-batches: (loss x samples, summed; samples)."""
         unit = self.unit
         n = sum(unit.batch_len(b) for b in window)
         total: Optional[torch.Tensor] = None
@@ -95,17 +128,27 @@ class StepGuard:
             total = loss * m if total is None else total + loss * m
             if i == 0:  # after a backward, so a replay must really drop the half-accumulated gradients
                 self.injector.maybe_raise(step_number)
-        value = float(total) / n  # the one device sync per optimizer step, before the weights change
+        return (float(total) if total is not None else 0.0), n  # the one device sync of a step
+
+    def _reduced(self, loss_sum: float, n: int, window: Sequence[Any], step_number: int,
+                 emergency: Emergency) -> Tuple[float, int]:
+        """The window's loss and samples over every rank, and the gradients summed over the ranks; stops on a
+        non-finite loss."""
+        unit = self.unit
+        value, samples = self.comm.mean_loss(loss_sum, n)
+        if not samples:
+            self._undo()
+            return math.nan, 0
         if not math.isfinite(value):
             unit.optimizer.zero_grad(set_to_none=True)
             path = emergency()  # the weights before this step: still finite
             log.error("%s: non-finite loss %s at step %d; emergency checkpoint %s", unit.name, value, step_number,
                       path)
-            raise NonFiniteLossError(step_number, {"model": unit.name, "samples": n,
+            raise NonFiniteLossError(step_number, {"model": unit.name, "samples": samples,
                                                    "images": [i for b in window for i in unit.sample_ids(b)][:8],
                                                    "emergency_checkpoint": str(path)}, value)
-        unit.apply_update()
-        return value
+        self.comm.reduce_gradients(unit.model.parameters(), n / samples)
+        return value, samples
 
     def _undo(self) -> None:
         self.unit.optimizer.zero_grad(set_to_none=True)  # drop the half-accumulated window before the replay

@@ -5,7 +5,8 @@ recovery, whose state is the one record of the knobs OOM recovery and batch plan
 accumulation, autocast dtype): the unit reads them from there. Loops drive it with:
 
     loss = unit.forward_backward(batch, weight)   # one micro-batch; gradients accumulate
-    unit.apply_update()                            # clip after unscale, step, scaler update, zero grads
+    unit.prepare_update()                          # clip after unscale (an OOM here is still replayable)
+    unit.apply_update()                            # step, scaler update, zero grads
     unit.after_update()                            # the LR schedule and the EMA advance
     metrics = unit.validate()                      # fp32, on the eval weights (EMA when enabled)
 
@@ -75,9 +76,15 @@ class TrainUnit(ABC):
     monitor, mode = "metric", "max"
 
     def __init__(self, cfg: PillSnapConfig, model_cfg: ModelTrainConfig, model: torch.nn.Module,
-                 param_groups: Iterable, policy: Policy, compile_backend: Optional[Callable] = None):
+                 param_groups: Iterable, policy: Policy, compile_backend: Optional[Callable] = None,
+                 world_size: int = 1):
         tc = cfg.train
-        self.cfg, self.policy, self.model = cfg, policy, model
+        self.sync_batchnorm = world_size > 1 and tc.distributed.sync_batchnorm
+        if self.sync_batchnorm:  # timm's conversion keeps BatchNormAct2d's activation; the Parameters stay the same
+            from timm.layers import convert_sync_batchnorm
+
+            model = convert_sync_batchnorm(model)
+        self.cfg, self.policy, self.model, self.world_size = cfg, policy, model, world_size
         self.train_model = CompiledModel(model, policy.compile_mode, compile_backend or policy.compile_backend)
         self.optimizer = torch.optim.AdamW(param_groups, lr=model_cfg.lr, weight_decay=tc.weight_decay,
                                            fused=policy.device.type == "cuda")
@@ -144,7 +151,8 @@ class TrainUnit(ABC):
 
     @property
     def global_batch(self) -> int:
-        return self.oom.state.global_batch
+        """Samples per optimizer step over every rank (each rank: micro-batch x accumulation)."""
+        return self.oom.state.global_batch * self.world_size
 
     @property
     def amp(self) -> str:
@@ -174,11 +182,15 @@ class TrainUnit(ABC):
         self.scaler.scale(loss * weight).backward()
         return loss.detach()
 
-    def apply_update(self) -> None:
-        """Clip after unscaling (so the threshold is in real gradient units), step, update the scaler, zero."""
+    def prepare_update(self) -> None:
+        """Clip after unscaling (so the threshold is in real gradient units); the weights are still untouched, so
+        an OOM here is replayed like one in a backward."""
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+
+    def apply_update(self) -> None:
+        """Step, update the scaler, zero the gradients."""
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=self.cfg.train.zero_grad_set_to_none)
@@ -205,10 +217,10 @@ class TrainUnit(ABC):
             self.scaler.load_state_dict(saved)
 
     def change_global_batch(self, decision: OomDecision) -> Dict[str, Any]:
-        """S3: LR rescaled (weight decay kept: see oom_state_machine.py), the schedule counted in samples from here on."""
+        """S3: LR rescaled (weight decay kept: see oom_state_machine.py), the schedule counted in samples."""
         lr_before = self.lr
         scale_optimizer_hparams(self.optimizer, self.scheduler, decision.lr_scale)
-        switch_to_samples(self.scheduler, decision.state.global_batch)
+        switch_to_samples(self.scheduler, self.global_batch)  # the state is already the new one
         return {"lr_before": lr_before, "lr_after": self.lr, "base_lrs": list(self.scheduler.base_lrs),
                 "weight_decay": self.optimizer.param_groups[0].get("weight_decay"), "schedule": "by_samples"}
 

@@ -33,14 +33,15 @@ class ClassifierUnit(TrainUnit):
 
     def __init__(self, cfg: PillSnapConfig, labels: ClassMap, train_labels: List[int], policy: Policy,
                  image_ids: List[str], val_loader: DataLoader, init_checkpoint: Optional[Path] = None,
-                 compile_backend: Optional[Callable] = None):
+                 compile_backend: Optional[Callable] = None, world_size: int = 1):
         self.labels, self.image_ids, self.val_loader = labels, image_ids, val_loader
         # A warm start replaces the ImageNet weights anyway: no need to fetch them.
         fresh = build_classifier(cfg.classification, len(labels), pretrained=False if init_checkpoint else None)
         model = prepare_model(fresh, policy)
         if init_checkpoint is not None:
             warm_start_from(model, load_checkpoint(init_checkpoint), labels, cfg.classification.backbone)
-        super().__init__(cfg, cfg.train.classification, model, model.parameters(), policy, compile_backend)
+        super().__init__(cfg, cfg.train.classification, model, model.parameters(), policy, compile_backend,
+                         world_size)
         tc = cfg.train
         self.monitor, self.mode = tc.early_stopping.monitor, tc.early_stopping.mode
         self.criterion = build_criterion(cfg.loss, train_labels, len(labels), cfg.augment).to(policy.device)

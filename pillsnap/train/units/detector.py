@@ -50,14 +50,15 @@ class DetectorUnit(TrainUnit):
     monitor, mode = "mAP_0.5", "max"  # D-6: the detector's early stopping and best.pt follow mAP@0.5
 
     def __init__(self, cfg: PillSnapConfig, policy: Policy, model_dir: Path, val_rows: pd.DataFrame,
-                 init_checkpoint: Optional[Path] = None, compile_backend: Optional[Callable] = None):
+                 init_checkpoint: Optional[Path] = None, compile_backend: Optional[Callable] = None,
+                 world_size: int = 1):
         # A warm start replaces the COCO weights anyway: no need to fetch them.
         model = build_detector(cfg.detection, model_dir, pretrained=False if init_checkpoint else None)
         model = prepare_model(model, policy)
         if init_checkpoint is not None:
             transfer_pretrained(model, init_checkpoint)
         super().__init__(cfg, cfg.train.detection, model, detector_param_groups(model, cfg.train.weight_decay),
-                         policy, compile_backend)
+                         policy, compile_backend, world_size)
         self.hyp = detector_hyperparameters(cfg)
         model.args = self.hyp  # the detection loss reads its box/cls/dfl gains here
         self.criterion = model.init_criterion()
