@@ -69,11 +69,14 @@ def test_stage_1_end_to_end_interleaved_through_a_crash(prefect_harness, flow_ov
     assert _artifact("stage-1-targets") and _artifact("stage-1-checks") and _artifact("stage-1-training-progress")
 
 
-def test_stage_1_on_two_ranks_decides_with_every_check_measured(prefect_harness, flow_overrides):
+def test_stage_1_on_two_ranks_through_a_crash_decides_with_every_check_measured(prefect_harness, flow_overrides):
     data_flow(profile="ci", overrides=flow_overrides)
-    result = stage_flow(stage=1, profile="ci", overrides=[*flow_overrides, "train.distributed.nproc_per_node=2"])
+    result = stage_flow(stage=1, profile="ci", overrides=[*flow_overrides, "train.distributed.nproc_per_node=2",
+                                                         "train.crash_at_step=5"])
     exp = Path(result["exp_dir"])
-    assert result["train_state"] == "Completed" and result["export_ok"] and result["api"]["deployed"]
+    # The process group died at step 5; the task's retry started it again from the recovery checkpoint of step 4.
+    assert result["train_state"] == "Completed" and result["resumed_from_step"] == 4
+    assert result["export_ok"] and result["api"]["deployed"]
     # As on one process: scalability_test_pass needs 3 epochs and the ci profile trains 2.
     assert [name for name, status in result["checks"].items() if status == "not_measured"] == ["scalability_test_pass"]
     checks = json.loads((exp / "stage_1/reports/checks.json").read_text())

@@ -4,8 +4,9 @@ The loop does DistributedDataParallel's two jobs itself: it broadcasts the weigh
 all-reduces the gradients once per optimizer step. It does them after the ranks have agreed that nobody ran out of
 memory: with DDP's backward hooks, a rank that hits an OOM in its forward never reaches the gradient all-reduce
 the others are waiting in, and the job hangs instead of recovering. The price is that communication does not
-overlap the backward pass (one flat all-reduce per step). Each rank's gradient is weighted by its share of the
-window's samples, so the average is the global mean even when an unreadable photo left one rank a sample short.
+overlap the backward pass (one flat all-reduce per step). Each rank scales its loss by its share of the global
+window before the backward, as one process accumulating the same micro-batches does (so fp16 rounds alike), and the
+gradient sum is corrected when an unreadable photo left a rank a sample short, so it stays the global mean.
 
 `Collectives()` (world size 1) is the single-process path: every call returns at once.
 """
@@ -94,8 +95,8 @@ class Collectives:
                 b.data /= self.world_size
 
     def reduce_gradients(self, params: Iterable[torch.nn.Parameter], weight: float) -> None:
-        """Sum over ranks of weight x each rank's gradient, in one flat all-reduce (weight = this rank's share of
-        the window's samples; a rank with none contributes zeros)."""
+        """Sum over ranks of weight x each rank's gradient, in one flat all-reduce (weight: what turns the share this
+        rank assumed into its true share of the window; 1 when every rank had as many samples)."""
         if not self.active:
             return
         params = [p for p in params if p.requires_grad]

@@ -117,14 +117,16 @@ class StepGuard:
 
     def _accumulate(self, window: Sequence[Any], step_number: int) -> Tuple[float, int]:
         """Forward and backward of this rank's micro-batches: (loss x samples, summed; samples)."""
-        unit = self.unit
+        unit, world = self.unit, self.comm.world_size
         n = sum(unit.batch_len(b) for b in window)
         total: Optional[torch.Tensor] = None
         micro = [mb for b in window for mb in
                  ([b] if unit.batch_len(b) <= unit.batch_size else unit.split(b, unit.batch_size))]
         for i, mb in enumerate(micro):
             m = unit.batch_len(mb)
-            loss = unit.forward_backward(mb, m / n)  # m / n == 1 / accum for equal micro-batches
+            # The micro-batch's share of the global window as if every rank had n samples: 1 / (accum x ranks) for
+            # equal micro-batches, the factor one process applies before its backward too (identical fp16 rounding).
+            loss = unit.forward_backward(mb, m / (n * world))
             total = loss * m if total is None else total + loss * m
             if i == 0:  # after a backward, so a replay must really drop the half-accumulated gradients
                 self.injector.maybe_raise(step_number)
@@ -147,7 +149,8 @@ class StepGuard:
             raise NonFiniteLossError(step_number, {"model": unit.name, "samples": samples,
                                                    "images": [i for b in window for i in unit.sample_ids(b)][:8],
                                                    "emergency_checkpoint": str(path)}, value)
-        self.comm.reduce_gradients(unit.model.parameters(), n / samples)
+        # Exactly 1 when every rank had as many samples; otherwise each rank's part is corrected to its true share.
+        self.comm.reduce_gradients(unit.model.parameters(), n * self.comm.world_size / samples)
         return value, samples
 
     def _undo(self) -> None:

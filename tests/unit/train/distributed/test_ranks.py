@@ -1,6 +1,7 @@
 """Training on 2 processes (gloo on the CPU, torchrun as a child, tiny models) against 1 process at the same global
-batch: the same samples, schedule and steps, per-step losses within a tolerance fixed in advance, the same OOM step
-on every rank, an exact resume after the process group was killed, and no rank left alive after a cancel.
+batch: the same samples, schedule and steps, per-step losses within a tolerance fixed in advance (also through an
+OOM on rank 1, which both ranks answer with the same step: fp16 autocast from there on), an exact resume after the
+process group was killed, and no rank left alive after a cancel.
 
 The 1-process reference trains micro-batches of 4 with accumulation 2 (a batch plan): the same partition of every
 window into micro-batches as 2 ranks x 4 with accumulation 1, so BatchNorm sees the same batches; what differs is
@@ -27,7 +28,6 @@ from pillsnap.data.subsets import read_subset
 from pillsnap.train import train_stage
 from pillsnap.train.distributed.launch import DistributedRunFailed, run_training_processes
 from pillsnap.train.distributed.world import launch_spec
-from tests.unit.train.support import STRATEGIES
 
 pytestmark = pytest.mark.slow
 # Relative, per step. Measured here: 0 (bitwise equal) at one thread per process, which the unit tests' fixture and
@@ -78,23 +78,18 @@ def _weights(stage_dir: Path):
     return {"classifier": payload["model"], "detector": payload["units"]["detector"]["model"]}
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_two_ranks_train_like_one_process_with_the_same_global_batch(stage, tmp_path, strategy):
-    one = stage(tmp_path / "one", f"train.strategy={strategy}")
-    reference = _one_process_at_the_same_global_batch(one, tmp_path / "one" / "stage_1")
-    two = stage(tmp_path / "two", f"train.strategy={strategy}", "train.distributed.nproc_per_node=2")
-    results = _two_ranks(two, tmp_path / "two" / "stage_1")
+def _assert_like_one_process(results, reference, two: Path, one: Path) -> None:
+    """The same steps and epochs, per-step losses within LOSS_TOLERANCE, final weights within WEIGHT_TOLERANCE."""
     for model, folder in (("classifier", "tb"), ("detector", "detector/tb")):
         assert results[model]["global_step"] == reference[model].global_step >= 8, model
         assert results[model]["epochs_completed"] == reference[model].epochs_completed
-        ours, theirs = _step_losses(tmp_path / "two/stage_1" / folder), _step_losses(tmp_path / "one/stage_1" / folder)
+        ours, theirs = _step_losses(two / folder), _step_losses(one / folder)
         assert len(ours) == len(theirs) == reference[model].global_step
         worst = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(ours, theirs))
         assert worst <= LOSS_TOLERANCE, f"{model}: per-step losses differ by up to {worst:.2e}"
-    steps = results["classifier"]["global_step"] + results["detector"]["global_step"]
-    assert steps >= 20
-    theirs = _weights(tmp_path / "one/stage_1")
-    for model, weights in _weights(tmp_path / "two/stage_1").items():
+    assert results["classifier"]["global_step"] + results["detector"]["global_step"] >= 20
+    theirs = _weights(one)
+    for model, weights in _weights(two).items():
         for key, value in weights.items():
             # BatchNorm running statistics: one process folds its 2 micro-batches in one after the other (momentum
             # twice), 2 ranks fold one each and average; the weights they normalise with in training are the same.
@@ -102,23 +97,37 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(stage, tmp_
                 assert torch.allclose(value, theirs[model][key], rtol=WEIGHT_TOLERANCE, atol=1e-5), f"{model} {key}"
 
 
-def test_an_oom_on_rank_1_is_one_step_for_both_ranks_and_a_killed_group_resumes_exactly(stage, tmp_path, caplog):
-    def run(tmp, *extra):
-        cfg = stage(tmp, "train.strategy=interleaved", "train.distributed.nproc_per_node=2",
-                     "train.oom.inject_at_steps=[3]", "train.oom.inject_rank=1", *extra)
-        return _two_ranks(cfg, tmp / "stage_1")
+def test_two_ranks_train_like_one_process_with_the_same_global_batch(stage, tmp_path):
+    one = stage(tmp_path / "one", "train.strategy=sequential")
+    reference = _one_process_at_the_same_global_batch(one, tmp_path / "one/stage_1")
+    two = stage(tmp_path / "two", "train.strategy=sequential", "train.distributed.nproc_per_node=2")
+    _assert_like_one_process(_two_ranks(two, tmp_path / "two/stage_1"), reference, tmp_path / "two/stage_1",
+                             tmp_path / "one/stage_1")
 
+
+def test_interleaved_with_an_oom_on_rank_1_trains_like_one_process_and_a_killed_group_resumes_exactly(
+        stage, tmp_path, caplog):
+    """The shipped strategy. Rank 1 runs out of memory at step 3: both ranks take S1 together, as one process that
+    runs out of memory at step 3 does. Then the process group is killed mid-run and the run is started again."""
+    oom = ("train.strategy=interleaved", "train.oom.inject_at_steps=[3]")
+    one = stage(tmp_path / "one", *oom)
+    reference = _one_process_at_the_same_global_batch(one, tmp_path / "one/stage_1")
+    ranks = (*oom, "train.distributed.nproc_per_node=2", "train.oom.inject_rank=1")
     with caplog.at_level("INFO", logger="pillsnap.train.distributed"):
-        uninterrupted = run(tmp_path / "a")
+        uninterrupted = _two_ranks(stage(tmp_path / "a", *ranks), tmp_path / "a/stage_1")
     lines = [r.getMessage() for r in caplog.records]
     for rank_prefix in ("", "[rank 1] "):  # rank 1 ran out of memory; rank 0 took the same step with it
         assert any(line.startswith(rank_prefix + "pillsnap.train.services.oom_state_machine: OOM recovery S1")
                    for line in lines), rank_prefix
     assert [e["action"] for e in uninterrupted["classifier"]["oom_events"]] == ["amp_fp16"]
+    assert [e["action"] for e in reference["classifier"].oom_events] == ["amp_fp16"]
+    _assert_like_one_process(uninterrupted, reference, tmp_path / "a/stage_1", tmp_path / "one/stage_1")
+
+    crash = stage(tmp_path / "b", *ranks, "train.crash_at_step=9")
     with pytest.raises(DistributedRunFailed, match="SimulatedCrash") as crashed:
-        run(tmp_path / "b", "train.crash_at_step=9")
+        _two_ranks(crash, tmp_path / "b/stage_1")
     assert crashed.value.exception_type == "SimulatedCrash"  # a retry can help: the task retries it
-    resumed = run(tmp_path / "b", "train.crash_at_step=9")
+    resumed = _two_ranks(crash, tmp_path / "b/stage_1")
     assert resumed["classifier"]["resumed_from_step"] == 8
     theirs = _weights(tmp_path / "a/stage_1")
     for model, weights in _weights(tmp_path / "b/stage_1").items():

@@ -59,11 +59,12 @@ def test_trains_and_writes_checkpoints_metrics_log_lines_and_tags(make_config, t
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_an_interrupted_run_resumes_to_identical_weights(make_config, tmp_path, tiny_stage, strategy):
-    shipped = "detection.include_single_images=true"  # enough detector photos that mosaic draws from a subset
-    run(make_config, tmp_path / "a", tiny_stage, strategy, shipped)
+    # The shipped single photos (mosaic partners drawn from a subset); mosaic in the first epoch, closed in the second.
+    shipped = ("detection.include_single_images=true", "detection.close_mosaic_epochs=1")
+    run(make_config, tmp_path / "a", tiny_stage, strategy, *shipped)
     with pytest.raises(SimulatedCrash):
-        run(make_config, tmp_path / "b", tiny_stage, strategy, shipped, "train.crash_at_step=5")
-    resumed = run(make_config, tmp_path / "b", tiny_stage, strategy, shipped, "train.crash_at_step=5")
+        run(make_config, tmp_path / "b", tiny_stage, strategy, *shipped, "train.crash_at_step=5")
+    resumed = run(make_config, tmp_path / "b", tiny_stage, strategy, *shipped, "train.crash_at_step=5")
     assert resumed["classifier"].resumed_from_step == 4  # recovery every 2 ticks: the crash at 5 loses tick 5
     assert_same_weights(final_weights(tmp_path / "a/stage_1"), final_weights(tmp_path / "b/stage_1"))
 

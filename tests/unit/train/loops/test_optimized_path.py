@@ -130,8 +130,8 @@ def test_a_compile_failure_falls_back_to_eager_once_and_replays_the_step(make_co
 
 
 def test_a_compiled_bf16_run_killed_mid_epoch_resumes_exactly(make_config, tmp_path, tiny_stage):
-    # The shipped single photos too, as in the eager resume test: mosaic partners drawn from a subset.
-    shipped = (*SHIPPED_PATH, "detection.include_single_images=true")
+    # As in the eager resume test: the shipped single photos, mosaic in the first epoch and closed in the second.
+    shipped = (*SHIPPED_PATH, "detection.include_single_images=true", "detection.close_mosaic_epochs=1")
     run(make_config, tmp_path / "a", tiny_stage, "interleaved", *shipped)
     with pytest.raises(SimulatedCrash):
         run(make_config, tmp_path / "b", tiny_stage, "interleaved", *shipped, "train.crash_at_step=5")
