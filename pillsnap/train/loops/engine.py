@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from pillsnap.config import PillSnapConfig, to_dict
 from pillsnap.core import layout
-from pillsnap.core.checkpoints import check_compatible
+from pillsnap.core.checkpoints import CheckpointMismatchError, check_compatible
 from pillsnap.core.jsonio import read_json, write_json_atomic
 from pillsnap.data.datasets import SkipCounter
 from pillsnap.progress import progress
@@ -214,13 +214,19 @@ class UnitLoop:
         path, payload = found
         p = self.primary.unit
         check_compatible(payload, p.cfg.classification.backbone, len(p.labels), p.labels.hash, path)
+        rngs = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]  # one process wrote a dict
+        if len(rngs) != self.comm.world_size:  # nproc_per_node=auto on a machine with other GPUs
+            raise CheckpointMismatchError(
+                f"{path} was written by {len(rngs)} training process(es), this run has {self.comm.world_size} "
+                f"(train.distributed.nproc_per_node={self.cfg.train.distributed.nproc_per_node}): the global batch "
+                "and each rank's generators would differ; run with as many processes, or train.resume=none")
         for m in self.members:
             state = payload["units"][m.name]
             m.unit.load_state_dict(state, payload["model"] if m is self.primary else None)
             m.restore_meta(json.loads(state["meta_json"]))
         self.checkpoints.load_state_dict(payload["checkpoint_policy"])
         self.tick = int(payload["global_step"])
-        restore_rng_state(payload["rng"][self.comm.rank])  # each rank its own generators
+        restore_rng_state(rngs[self.comm.rank])  # each rank its own generators
         log.info("%s: resumed at tick %d (%s)", self.strategy, self.tick,
                  ", ".join(f"{m.name} epoch {m.track.epoch + 1} sample {m.stream.pos}" for m in self.members))
         return self.tick

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pillsnap.core.checkpoints import CheckpointMismatchError, find_resume_checkpoint, load_checkpoint
+from pillsnap.core.checkpoints import CheckpointMismatchError, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from pillsnap.train import SimulatedCrash, train_stage
 from pillsnap.train.services.policy import resolve_policy
 from pillsnap.train.services.telemetry import STEP_TAGS
@@ -219,3 +219,23 @@ def test_monitor_warnings_and_a_serialisable_result(make_config, tmp_path, tiny_
     out = json.loads(json.dumps(result.as_dict()))
     assert {"oom_events", "auto_batch", "num_workers", "warnings", "batch_size", "grad_accum", "compile"} <= set(out)
     assert out["warnings"] == result.warnings and out["oom_events"] == [] and out["auto_batch"] is None
+
+
+def test_a_checkpoint_from_another_number_of_processes_is_refused_by_name(make_config, tmp_path, tiny_stage):
+    run(make_config, tmp_path, tiny_stage, "sequential", models=("classifier",))
+    checkpoints = sorted((tmp_path / "stage_1/checkpoints").glob("*.pt"))
+
+    def rewrite(rng):
+        for path in checkpoints:
+            payload = load_checkpoint(path)
+            if "rng" in payload:  # the whole-run checkpoints a resume reads (best.pt holds weights only)
+                payload["rng"] = rng(payload["rng"])
+                save_checkpoint(path, payload)
+
+    rewrite(lambda per_rank: per_rank[0])  # as one process wrote it before several could train
+    again = run(make_config, tmp_path, tiny_stage, "sequential", models=("classifier",))["classifier"]
+    assert again.resumed_from_step is not None
+    rewrite(lambda one: [one, one])  # as 2 ranks wrote it
+    with pytest.raises(CheckpointMismatchError, match=r"written by 2 training process\(es\), this run has 1 "
+                                                      r"\(train\.distributed\.nproc_per_node=1\)"):
+        run(make_config, tmp_path, tiny_stage, "sequential", models=("classifier",))
