@@ -58,6 +58,8 @@ def test_the_sizes_touch_nothing_the_shipped_config_decides():
     assert tested.train.strategy == "interleaved" and tested.detection.enabled
 
 
+# A hang guard, not a speed target: this test took 280-480 s on 2 cores today, near the suite's 600 s default.
+@pytest.mark.timeout(1200)
 def test_shipped_config_runs_stage_1_to_the_final_test(prefect_harness, release):
     overrides = [*SYNTH, *SIZES, f"paths.data_root={release / 'aihub'}", f"paths.exp_dir={release / 'exp'}"]
     exp = release / "exp"
