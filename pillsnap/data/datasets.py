@@ -145,7 +145,8 @@ class EpochSampler(torch.utils.data.Sampler):
                 yield (int(i), (base + pos) % 2**63) if self.with_seeds else int(i)
 
     def __len__(self) -> int:
-        return sum(1 for pos in range(self.start, self.n) if self._mine(pos))
+        span, window = self.n - self.start, self.batch * self.world  # this rank's batch-sized part of each window
+        return span // window * self.batch + min(self.batch, max(0, span % window - self.rank * self.batch))
 
 
 class SkipCounter:

@@ -45,8 +45,8 @@ TRAINING_KEYS = (
 RUN_CONTROL_KEYS = (  # inside TRAINING_KEYS, but they change when and how a run is stopped or logged, not its math
     "train.resume", "train.crash_at_step", "train.recovery_every_steps", "train.step_log_interval",
     "train.stage_overrides", "train.oom.cooldown_sec", "train.oom.inject_at_steps",
-    "train.oom.inject_detector_at_steps", "train.oom.inject_rank", "optimization.compile_backend", "train.distributed.node_rank",
-    "train.distributed.rdzv_endpoint",
+    "train.oom.inject_detector_at_steps", "train.oom.inject_rank", "optimization.compile_backend",
+    "train.distributed.node_rank", "train.distributed.rdzv_endpoint",
 )
 
 
