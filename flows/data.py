@@ -1,13 +1,77 @@
-"""Data preparation flow: synthesize (synthetic source only) -> import -> validate."""
+"""Data preparation: synthesize (synthetic source only) -> import -> validate. Import (the AIHub label files) and
+validation (with the first pixel-cache fill: one decode per photo) run in shards on the configured task runner."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional
 
 from prefect import flow
+from prefect.filesystems import LocalFileSystem
+from prefect.results import ResultStore
 
 from flows.config import resolve
-from tasks.common import result_storage
-from tasks.data import current_manifest_hash, import_task, synthesize_task, validate_task
+from flows.runners import shard_task_runner, shard_workers
+from pillsnap.data.prepare import shard_results_dir
+from tasks.common import cfg_of, result_storage
+from tasks.data import (current_manifest_hash, import_from_shards_task, import_shard_task, import_task,
+                        plan_import_task, plan_validation_task, synthesize_task, validate_shard_task, validate_task,
+                        validation_key)
+
+
+class ShardsFailed(RuntimeError):
+    """Some shards failed after every other shard finished; the message names each one's file and error."""
+
+
+def _run_shards(task, config: Dict, shards: List, *args) -> List[Dict]:
+    """Every shard on the flow's task runner; all of them finish (or fail) before a failure is raised. A result
+    Prefect kept from an earlier run says what THAT run computed: nothing was computed this time."""
+    storage = result_storage(config)
+    futures = [task.with_options(result_storage=storage).submit(shard, *args) for shard in shards]
+    states = [f.wait() or f.state for f in futures]
+    failed = [s for s in states if not s.is_completed()]
+    if failed:
+        raise ShardsFailed(f"{len(failed)} of {len(states)} shards of {task.name} failed (the others finished and "
+                           "are kept; a re-run redoes only these):\n  - " + "\n  - ".join(str(s.message) for s in failed))
+    return [{**s.result(), "computed": s.result()["computed"] and s.name != "Cached"} for s in states]
+
+
+def _import(config: Dict) -> Dict:
+    if config["data"]["source"] == "csv":
+        return import_task(config)  # one CSV file: nothing to shard
+    results_dir = str(shard_results_dir(cfg_of(config)).resolve())
+    summaries = _run_shards(import_shard_task, config, plan_import_task(config), results_dir)
+    imported = import_from_shards_task(config, summaries)
+    return {**imported, "shards": {"total": len(summaries), "computed": sum(s["computed"] for s in summaries)}}
+
+
+def _validation_cached(config: Dict, manifest_hash: str) -> bool:
+    store = ResultStore(result_storage=LocalFileSystem(basepath=str(result_storage(config))))
+    return store.exists(validation_key(config, manifest_hash))
+
+
+def _validate(config: Dict, manifest_hash: str) -> Dict:
+    storage = result_storage(config)
+    if _validation_cached(config, manifest_hash):
+        return validate_task.with_options(result_storage=storage)(config, manifest_hash, [], "")  # a cache hit
+    cfg = cfg_of(config)
+    shards, settings, cache_note = plan_validation_task(config)
+    summaries = _run_shards(validate_shard_task, config, shards, settings,
+                            str(shard_results_dir(cfg).resolve()), shard_workers(cfg))
+    return validate_task.with_options(result_storage=storage)(config, manifest_hash, summaries, cache_note)
+
+
+@flow(name="pillsnap-prepare")
+def prepare_flow(config: Dict, with_import: bool = True) -> Dict:
+    """The shards of import (when asked) and validation, on the task runner this subflow was given."""
+    imported = _import(config) if with_import else None
+    return {"imported": imported, "validation": _validate(config, current_manifest_hash(config))}
+
+
+def validate_data(config: Dict, manifest_hash: str) -> Dict:
+    """The validation of this manifest and settings: from the result store when it was done, else in shards."""
+    if _validation_cached(config, manifest_hash):
+        return _validate(config, manifest_hash)
+    runner = shard_task_runner(cfg_of(config))
+    return prepare_flow.with_options(task_runner=runner)(config, with_import=False)["validation"]
 
 
 @flow(name="pillsnap-data")
@@ -15,7 +79,5 @@ def data_flow(profile: Optional[str] = None, overrides: Optional[List[str]] = No
               config_path: Optional[str] = None) -> Dict:
     config = resolve(config_path, profile, overrides)
     synthesized = synthesize_task(config) if config["data"]["source"] == "synthetic" else None
-    imported = import_task(config)
-    validation = validate_task.with_options(result_storage=result_storage(config))(
-        config, current_manifest_hash(config))
-    return {"synthesized": synthesized, "imported": imported, "validation": validation}
+    prepared = prepare_flow.with_options(task_runner=shard_task_runner(cfg_of(config)))(config)
+    return {"synthesized": synthesized, **prepared}

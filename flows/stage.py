@@ -12,12 +12,13 @@ from typing import Dict, List, Optional
 from prefect import flow
 
 from flows.config import resolve
+from flows.data import validate_data
 from flows.hooks import notify_on_failure
 from pillsnap.core import layout
 from pillsnap.evaluate.detector_eval import detection_results
 from pillsnap.ledger import Ledger
 from tasks.common import kept_for_the_run, result_storage
-from tasks.data import current_manifest_hash, subset_task, validate_task
+from tasks.data import current_manifest_hash, subset_task
 from tasks.evaluate import (advisor_task, attest_task, checks_task, combination_task, evaluate_task, go_no_go_task,
                             stage_results_task)
 from tasks.export import api_check_task, export_task
@@ -61,7 +62,7 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
     exp_dir = Path(config["paths"]["exp_dir"])
     storage = result_storage(config)
     manifest_hash = current_manifest_hash(config)
-    validation = validate_task.with_options(result_storage=storage)(config, manifest_hash)
+    validation = validate_data(config, manifest_hash)  # shards on orchestration.task_runner
     subset_missing = not (layout.stage_data_dir(exp_dir, stage) / "subset.csv").is_file()
     subset = subset_task.with_options(result_storage=storage, refresh_cache=subset_missing)(
         config, stage, manifest_hash)

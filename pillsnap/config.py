@@ -80,6 +80,13 @@ class ValidationConfig:
 
 
 @dataclass
+class PrepareConfig:
+    """Data preparation in shards (validation + the first pixel-cache fill), on orchestration.task_runner."""
+    shard_size: int = 3000  # photos per shard task: few enough task runs for the server, small enough to retry
+    fill_cache: bool = True  # validation's decode also fills the classifier's pixel cache (when the disk holds it)
+
+
+@dataclass
 class DataConfig:
     source: str = "aihub"  # aihub | csv | synthetic
     seed: int = 42
@@ -87,6 +94,7 @@ class DataConfig:
     stages: Dict[int, StageSpec] = field(default_factory=dict)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     include_combination_crops: bool = False  # add combination pills (cropped) to classifier training
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
 
 @dataclass
@@ -333,6 +341,9 @@ class OrchestrationConfig:
         default_factory=lambda: {"RECOMMEND_PROCEED": "proceed", "SUGGEST_OPTIMIZE": "stop", "WARN_STOP": "stop"}
     )
     webhook_url: Optional[str] = None
+    task_runner: str = "local"  # data preparation's shards: local (this machine, one process pool) | dask
+    dask_address: Optional[str] = None  # an existing dask.distributed scheduler; None = a local cluster
+    dask_workers: int = 0  # the local cluster's worker processes; 0 = one per core
 
 
 @dataclass
@@ -444,6 +455,7 @@ _CHOICES = {
     "inference.engine": {"torch", "onnx"},
     "inference.device": {"auto", "cpu", "cuda"},
     "evaluation.device": {"auto", "cpu", "cuda"},
+    "orchestration.task_runner": {"local", "dask"},
     "augment.policy": {"none", "randaugment", "trivialaugment"},
 }
 
@@ -479,6 +491,8 @@ def _check(cfg: DictConfig, source: str) -> None:
         raise ConfigError(f"{source}: train.interleave_ratio={ratio} must be two non-negative ints, not both 0")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"{source}: data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    if cfg.data.prepare.shard_size < 1:
+        raise ConfigError(f"{source}: data.prepare.shard_size={cfg.data.prepare.shard_size} must be >= 1")
     bad = check_distributed_config(cfg.train.distributed)
     if bad:
         raise ConfigError(f"{source}: {bad}")

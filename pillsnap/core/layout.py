@@ -3,6 +3,7 @@
 <exp_dir>/config.resolved.yaml, ledger.json
 <exp_dir>/data/                                           manifest, class map, validation reports, cache/
 <exp_dir>/data/stage_<n>/                                 the stage's subset (subset.csv, subset.json, yolo/)
+<exp_dir>/data/shards/                                    each finished data-preparation shard's result
 <exp_dir>/stage_<n>/                                      one stage's run ("the stage folder"):
     checkpoints/{best,last,recovery,emergency}.pt         the classifier (last/recovery/emergency: the whole run)
     tb/                                                   the classifier's TensorBoard
@@ -38,6 +39,10 @@ def ledger(exp_dir: Path) -> Path:
 
 def data_dir(exp_dir: Path) -> Path:
     return Path(exp_dir) / "data"
+
+
+def shard_results_dir(exp_dir: Path) -> Path:
+    return data_dir(exp_dir) / "shards"
 
 
 def stage_data_dir(exp_dir: Path, stage: int) -> Path:

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import pandas as pd
 
@@ -77,29 +77,62 @@ def _parse_label(path: Path) -> Tuple[Dict, List[float]]:
     return image, bbox
 
 
-def import_aihub_split(split_root: Path, split: str = "", show_progress: bool = True) -> ImportResult:
-    """Import one AIHub split folder (holding images/ and labels/). `split` is written to every row
-    ("" lets `assign_splits` decide later)."""
+@dataclass
+class LabelPart:
+    """What a run of label files says, by image stem (a combination's labels may fall in two parts: merged later)."""
+    records: Dict[str, Dict] = field(default_factory=dict)
+    issues: List[ImportIssue] = field(default_factory=list)
+    info: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+
+def split_folders(split_root: Path) -> Tuple[Path, Path]:
     split_root = Path(split_root)
     images_root, labels_root = split_root / "images", split_root / "labels"
     for needed in (images_root, labels_root):
         if not needed.is_dir():
             raise FileNotFoundError(f"AIHub layout expected {needed} (see reference/dataset-format.md)")
+    return images_root, labels_root
+
+
+def label_files(split_root: Path) -> List[str]:
+    """Every label file of a split, in the order they are merged."""
+    return sorted(str(p) for p in _walk(split_folders(split_root)[1], {".json"}))
+
+
+def parse_labels(paths: Sequence[str], bar=None) -> LabelPart:
+    """Parse label files one at a time, keeping only the fields the manifest needs."""
+    part = LabelPart()
+    for name in paths:
+        path = Path(name)
+        if bar is not None:
+            bar.update()
+        try:
+            image, bbox = _parse_label(path)
+        except ValueError as e:
+            part.issues.append(ImportIssue("malformed_json", str(path), str(e)))
+            continue
+        except Exception as e:  # not the file's content (memory, the file system): stop, naming the file
+            raise RuntimeError(f"{path}: {type(e).__name__}: {e}") from e
+        _add_label(part.records, part.info, part.issues, path, image, bbox)
+    return part
+
+
+def assemble_split(split_root: Path, split: str, parts: Sequence[LabelPart]) -> ImportResult:
+    """The manifest of a split from its label parts (in label-file order) and its image files."""
+    images_root, _ = split_folders(split_root)
     issues: List[ImportIssue] = []
     image_index = _index_images(images_root, issues)
-    label_paths = sorted(_walk(labels_root, {".json"}))
-    info: Dict[str, Dict[str, Any]] = {}
     records: Dict[str, Dict] = {}
-    with progress(total=len(label_paths), desc=f"import {split_root.name}", unit="json",
-                  enabled=show_progress) as bar:
-        for path in label_paths:
-            bar.update()
-            try:
-                image, bbox = _parse_label(path)
-            except ValueError as e:
-                issues.append(ImportIssue("malformed_json", str(path), str(e)))
-                continue
-            _add_label(records, info, issues, path, image, bbox)
+    info: Dict[str, Dict[str, Any]] = {}
+    for part in parts:
+        issues += part.issues
+        for k_code, about in part.info.items():
+            info.setdefault(k_code, about)
+        for stem, rec in part.records.items():
+            if stem in records:
+                records[stem]["boxes"] += rec["boxes"]
+            else:
+                records[stem] = {**rec, "boxes": list(rec["boxes"])}
     rows = []
     for stem, rec in records.items():
         img = image_index.get(stem)
@@ -113,6 +146,16 @@ def import_aihub_split(split_root: Path, split: str = "", show_progress: bool = 
         issues.append(ImportIssue("missing_json", str(image_index[stem]), "image has no label file"))
     log.info("imported %d images from %s (%d issues)", len(rows), split_root, len(issues))
     return ImportResult(from_rows(rows), issues, info)
+
+
+def import_aihub_split(split_root: Path, split: str = "", show_progress: bool = True) -> ImportResult:
+    """Import one AIHub split folder (holding images/ and labels/) in this process. `split` is written to every
+    row ("" lets `assign_splits` decide later). Data preparation parses the label files in shards instead."""
+    paths = label_files(split_root)
+    with progress(total=len(paths), desc=f"import {Path(split_root).name}", unit="json",
+                  enabled=show_progress) as bar:
+        part = parse_labels(paths, bar)
+    return assemble_split(split_root, split, [part])
 
 
 def class_info(image: Dict) -> Dict[str, Any]:
@@ -143,9 +186,13 @@ def _add_label(records: Dict[str, Dict], info: Dict[str, Dict[str, Any]], issues
         rec["boxes"].append({"k_code": k_code, "bbox": bbox})
 
 
+def training_split(data_root: Path) -> Path:
+    """The AIHub *Training* split. `val/` is the sealed test set, imported by the final test alone."""
+    return Path(data_root) / "train"
+
+
 def import_aihub(data_root: Path, show_progress: bool = True) -> ImportResult:
-    """The AIHub *Training* split only. `val/` is the sealed test set, imported by the final test alone."""
-    return import_aihub_split(Path(data_root) / "train", "", show_progress)
+    return import_aihub_split(training_split(data_root), "", show_progress)
 
 
 def import_aihub_test(data_root: Path, show_progress: bool = True) -> ImportResult:

@@ -4,15 +4,19 @@ Decoding a 976×1280 PNG costs ~25 ms per core; reading a 384×384 row from a me
 (photo path + optional crop box) is stored once, under a key of its path and box: Stage 3 and 4 reuse the rows
 that Stage 1 and 2 decoded, and validation rows are shared with every later stage.
 
-<cache_dir>/px<S>_pad<P>/pixels.u8     rows appended in order (S×S×3 bytes each)
-<cache_dir>/px<S>_pad<P>/index.npz     keys (sha1 of "path|box"), valid flags, error texts: the commit record
-Rows are appended first and the index is replaced atomically afterwards, so rows past the committed count (a
-crash mid-build) are ignored and overwritten by the next build. A file lock keeps two builders apart.
+<cache_dir>/px<S>_pad<P>/pixels.u8     rows appended in order (S×S×3 bytes each) by training-time builds
+<cache_dir>/px<S>_pad<P>/seg-<key>.u8  rows one data-preparation shard decoded (and seg-<key>.npz, its keys)
+<cache_dir>/px<S>_pad<P>/index.npz     keys (sha1 of "path|box"), valid flags, each row's file and offset: the
+                                       commit record
+Rows are written first and the index is replaced atomically afterwards, so rows past the committed count (a
+crash mid-build) are ignored and overwritten by the next build. A file lock keeps two builders apart. Shards
+running on other processes or machines write their own segment files, which a build adopts by reference (no copy).
 """
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -20,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -42,10 +46,22 @@ class CacheSpaceError(RuntimeError):
 def decode_sample(path: str, box: Box, size: int, padding: float = 0.0) -> np.ndarray:
     """The RGB pixels of one sample resized to size×size (whole image, or the padded box)."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        if box is not None:
-            im = im.crop(padded_box(box, im.size, padding))
-        return np.array(im.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+        return sample_pixels(im.convert("RGB"), box, size, padding)
+
+
+def sample_pixels(rgb: Image.Image, box: Box, size: int, padding: float = 0.0) -> np.ndarray:
+    """One sample's row from an already decoded RGB photo: a photo decoded once serves all its samples."""
+    if box is not None:
+        rgb = rgb.crop(padded_box(box, rgb.size, padding))
+    return np.array(rgb.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def photo_samples(path: str, kind: str, raw_boxes: str, include_crops: bool) -> List[Sample]:
+    """The classifier samples one manifest photo gives, as `classification_samples` makes them: a single photo
+    whole, a combination photo's pills as crops when asked. Data preparation fills their rows."""
+    if kind == "single":
+        return [(path, None)]
+    return [(path, tuple(pill["bbox"])) for pill in json.loads(raw_boxes or "[]")] if include_crops else []
 
 
 def padded_box(box: Sequence[float], image_size: Tuple[int, int], padding: float) -> Tuple[int, int, int, int]:
@@ -91,27 +107,42 @@ class CachePlan:
                 f"free {self.free_bytes / gb:.2f} GB")
 
 
+MAIN_SEGMENT = "pixels.u8"
+
+
 class PixelStore:
     """Read side: rows(samples) -> row indices; get(row) -> HxWx3 uint8 or None when the photo was unreadable."""
 
     def __init__(self, cache_dir: Path, size: int, padding: float = 0.0):
         self.dir, self.size, self.padding = store_dir(cache_dir, size, padding), size, padding
-        self.data_path, self.index_path = self.dir / "pixels.u8", self.dir / "index.npz"
-        self.keys, self.valid = self._read_index()
-        self._row_of = {k: i for i, k in enumerate(self.keys)}
-        self._array: Optional[np.memmap] = None  # opened lazily, so the object pickles into workers cheaply
+        self.data_path, self.index_path = self.dir / MAIN_SEGMENT, self.dir / "index.npz"
+        self._load_index()
+        self._arrays: Dict[int, np.memmap] = {}  # opened lazily, so the object pickles into workers cheaply
 
     def __getstate__(self):
-        return {**self.__dict__, "_array": None, "_row_of": None}
+        return {**self.__dict__, "_arrays": {}, "_row_of": None}
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def _read_index(self) -> Tuple[List[bytes], np.ndarray]:
-        if not self.index_path.is_file():
-            return [], np.zeros(0, dtype=bool)
-        with np.load(self.index_path) as z:
-            return [row.tobytes() for row in z["keys"]], z["valid"].astype(bool)
+    def _load_index(self) -> None:
+        """keys, valid, and where each row lives: segment (0 = pixels.u8, else segment_names[i]) and offset."""
+        self.keys: List[bytes] = []
+        self.valid = np.zeros(0, dtype=bool)
+        self.segment = np.zeros(0, dtype=np.int32)
+        self.offset = np.zeros(0, dtype=np.int64)
+        self.segment_names: List[str] = [MAIN_SEGMENT]
+        if self.index_path.is_file():
+            with np.load(self.index_path) as z:
+                self.keys = [row.tobytes() for row in z["keys"]]
+                self.valid = z["valid"].astype(bool)
+                if "segment" in z.files:  # an index from before segments: every row in pixels.u8, in order
+                    self.segment, self.offset = z["segment"], z["offset"]
+                    self.segment_names = [str(n) for n in z["segment_names"]]
+                else:
+                    self.segment = np.zeros(len(self.keys), dtype=np.int32)
+                    self.offset = np.arange(len(self.keys), dtype=np.int64)
+        self._row_of = {k: i for i, k in enumerate(self.keys)}
 
     def rows(self, samples: Sequence[Sample]) -> np.ndarray:
         """Row of each sample; -1 where the sample is not in the store."""
@@ -123,10 +154,14 @@ class PixelStore:
     def get(self, row: int) -> Optional[np.ndarray]:
         if not self.has(row):
             return None
-        if self._array is None:
-            self._array = np.memmap(self.data_path, dtype=np.uint8, mode="r",
-                                    shape=(len(self.keys), self.size, self.size, 3))
-        return np.array(self._array[row])
+        segment = int(self.segment[row])
+        array = self._arrays.get(segment)
+        if array is None:
+            path = self.dir / self.segment_names[segment]
+            array = np.memmap(path, dtype=np.uint8, mode="r",
+                              shape=(path.stat().st_size // row_bytes(self.size), self.size, self.size, 3))
+            self._arrays[segment] = array
+        return np.array(array[int(self.offset[row])])
 
     def plan(self, samples: Sequence[Sample]) -> CachePlan:
         missing = len({sample_key(s) for s in samples} - set(self._row_of))
@@ -138,8 +173,7 @@ class PixelStore:
     def ensure(self, samples: Sequence[Sample], workers: int = 0, show_progress: bool = True) -> np.ndarray:
         """Decode and append every sample not yet stored; returns the rows of `samples`."""
         with self._locked():
-            self.keys, self.valid = self._read_index()  # another builder may have committed meanwhile
-            self._row_of = {k: i for i, k in enumerate(self.keys)}
+            self._load_index()  # another builder may have committed meanwhile
             todo, seen = [], set()
             for sample in samples:
                 key = sample_key(sample)
@@ -148,8 +182,34 @@ class PixelStore:
                     todo.append((key, sample))
             if todo:
                 self._append(todo, workers, show_progress)
-        self._array = None
+        self._arrays = {}
         return self.rows(samples)
+
+    def adopt(self, segments: Sequence[str]) -> int:
+        """Add the rows of committed shard segments (seg-<key>) by reference; returns how many rows were new."""
+        with self._locked():
+            self._load_index()
+            valid, segment, offset = [self.valid], [self.segment], [self.offset]  # joined once: 800+ segments
+            before = len(self.keys)
+            for name in segments:
+                keys, flags = read_segment(self.dir, name)
+                if f"{name}.u8" not in self.segment_names:
+                    self.segment_names.append(f"{name}.u8")
+                number = self.segment_names.index(f"{name}.u8")
+                new = [i for i, k in enumerate(keys) if k not in self._row_of]
+                for i in new:
+                    self._row_of[keys[i]] = len(self.keys)
+                    self.keys.append(keys[i])
+                valid.append(flags[new])
+                segment.append(np.full(len(new), number, dtype=np.int32))
+                offset.append(np.array(new, dtype=np.int64))
+            added = len(self.keys) - before
+            if added:
+                self.valid, self.segment, self.offset = (np.concatenate(valid), np.concatenate(segment),
+                                                         np.concatenate(offset))
+                self._commit()
+        self._arrays = {}
+        return added
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -166,7 +226,7 @@ class PixelStore:
         if not plan.fits:
             raise CacheSpaceError(f"pixel cache {self.dir}: not enough disk for {plan.describe()}; free space, "
                                   "point dataloader.cache.dir at a larger disk, or lower classification.image_size")
-        start, n = len(self.keys), len(todo)
+        start, n = int((self.segment == 0).sum()), len(todo)  # rows already in pixels.u8
         per_row = row_bytes(self.size)
         with open(self.data_path, "a+b") as f:  # drop an uncommitted tail, then grow to the new row count
             f.truncate((start + n) * per_row)
@@ -187,16 +247,52 @@ class PixelStore:
             log.warning("cache: skipped unreadable sample %s", err)
         self.keys = self.keys + [k for k, _ in todo]
         self.valid = np.concatenate([self.valid, valid])
+        self.segment = np.concatenate([self.segment, np.zeros(n, dtype=np.int32)])
+        self.offset = np.concatenate([self.offset, np.arange(start, start + n, dtype=np.int64)])
         self._commit()
         self._row_of = {k: i for i, k in enumerate(self.keys)}
         log.info("pixel cache %s: +%d samples (%d unreadable), %d in all", self.dir, n, len(errors), len(self.keys))
 
     def _commit(self) -> None:
         tmp = self.index_path.with_name(f".index.{os.getpid()}.npz")
-        # raw bytes, not an "S20" array: numpy strips trailing NUL bytes from those, and digests can end in one
-        keys = np.frombuffer(b"".join(self.keys), dtype=np.uint8).reshape(-1, KEY_BYTES)
-        np.savez(tmp, keys=keys, valid=self.valid)
+        np.savez(tmp, keys=_key_array(self.keys), valid=self.valid, segment=self.segment, offset=self.offset,
+                 segment_names=np.array(self.segment_names))
         tmp.replace(self.index_path)  # the index appears last: its presence commits the rows it lists
+
+
+def _key_array(keys: Sequence[bytes]) -> np.ndarray:
+    # raw bytes, not an "S20" array: numpy strips trailing NUL bytes from those, and digests can end in one
+    return np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, KEY_BYTES)
+
+
+# ---------------------------------------------------------------------- shard segments
+def segment_rows(directory: Path, name: str, n: int, size: int) -> np.memmap:
+    """A shard's own row file, n rows, opened for writing (created or resized)."""
+    path = Path(directory) / f"{name}.u8"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        f.truncate(n * row_bytes(size))
+    return np.memmap(path, dtype=np.uint8, mode="r+", shape=(n, size, size, 3)) if n else np.zeros((0,))
+
+
+def commit_segment(directory: Path, name: str, keys: Sequence[bytes], valid: np.ndarray) -> None:
+    """The segment's keys, written after its rows: present = every row is in place."""
+    path = Path(directory) / f"{name}.npz"
+    tmp = path.with_name(f".{name}.{os.getpid()}.npz")
+    np.savez(tmp, keys=_key_array(keys) if keys else np.zeros((0, KEY_BYTES), np.uint8), valid=valid)
+    tmp.replace(path)
+
+
+def segment_committed(directory: Path, name: str) -> bool:
+    return (Path(directory) / f"{name}.npz").is_file() and (Path(directory) / f"{name}.u8").is_file()
+
+
+def read_segment(directory: Path, name: str) -> Tuple[List[bytes], np.ndarray]:
+    if not segment_committed(directory, name):
+        raise FileNotFoundError(f"pixel cache segment {Path(directory) / name}: not committed (its shard did not "
+                                "finish); run the data preparation again")
+    with np.load(Path(directory) / f"{name}.npz") as z:
+        return [row.tobytes() for row in z["keys"]], z["valid"].astype(bool)
 
 
 def _fill(args) -> List[Tuple[int, Optional[str]]]:

@@ -6,20 +6,24 @@ so the CLI and the orchestration tasks call the same functions.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import pandas as pd
 
 from pillsnap.config import PillSnapConfig
-from pillsnap.data.aihub import ImportIssue, ImportResult, import_aihub
-from pillsnap.data.cache import PixelStore
+from pillsnap.data.aihub import ImportIssue, ImportResult, assemble_split, import_aihub, training_split
+from pillsnap.data.cache import PixelStore, photo_samples
 from pillsnap.data.class_map import build_class_map
 from pillsnap.data.csv_import import import_csv
 from pillsnap.core import layout
 from pillsnap.data.manifest import assign_splits, manifest_hash, read_manifest, write_manifest
+from pillsnap.data.label_shards import LabelShard, plan_label_shards, read_label_parts
+from pillsnap.data.shards import Shard, ShardSettings, plan_shards, read_checks, run_shard
 from pillsnap.data.subsets import build_stage_subset, write_subset
+from pillsnap.progress import progress
 from pillsnap.data.validate import load_quarantine, raise_if_fatal, validate_manifest, write_report
 
 log = logging.getLogger(__name__)
@@ -48,13 +52,28 @@ def source_root(cfg: PillSnapConfig) -> Path:
 
 
 def run_import(cfg: PillSnapConfig, show_progress: bool = True) -> Dict:
-    """Import the training data (never the sealed test split), fix the train/val split, build the class map."""
+    """Import the training data (never the sealed test split) in this process; the flows parse the AIHub labels in
+    shards instead (`plan_import`)."""
     if cfg.data.source == "csv":
         if not cfg.paths.manifest_csv:
             raise ValueError("data.source=csv needs paths.manifest_csv")
         result: ImportResult = import_csv(Path(cfg.paths.manifest_csv), show_progress=show_progress)
     else:
         result = import_aihub(source_root(cfg), show_progress=show_progress)
+    return finish_import(cfg, result)
+
+
+def plan_import(cfg: PillSnapConfig) -> List[LabelShard]:
+    """The label-file shards of the AIHub training split (an AIHub or synthetic source; a CSV is one file)."""
+    return plan_label_shards(training_split(source_root(cfg)), cfg.data.prepare.shard_size)
+
+
+def import_from_shards(cfg: PillSnapConfig, summaries: Sequence[Dict]) -> Dict:
+    return finish_import(cfg, assemble_split(training_split(source_root(cfg)), "", read_label_parts(summaries)))
+
+
+def finish_import(cfg: PillSnapConfig, result: ImportResult) -> Dict:
+    """Fix the train/val split, write the manifest, the class map and the import issues."""
     if result.manifest.empty:
         raise ValueError(f"no images imported from {source_root(cfg)}; issues: "
                          f"{[(i.kind, i.path) for i in result.issues[:5]]}")
@@ -82,6 +101,9 @@ def _import_issues(cfg: PillSnapConfig):
 
 # What each step's result depends on besides the manifest (the cache keys of the data tasks).
 VALIDATION_KEYS = ("data.validation",)
+# Validation's shards also fill the classifier's pixel cache: its size, padding, samples and place.
+PREPARE_KEYS = (*VALIDATION_KEYS, "data.prepare", "data.include_combination_crops", "classification.image_size",
+                "classification.crop_padding", "dataloader.cache")
 
 
 def subset_keys(stage: int) -> Tuple[str, ...]:
@@ -89,17 +111,65 @@ def subset_keys(stage: int) -> Tuple[str, ...]:
     return (f"data.stages.{stage}", "data.seed", "data.val_fraction", *VALIDATION_KEYS)
 
 
-def run_validation(cfg: PillSnapConfig, show_progress: bool = True) -> Dict:
-    """Validate the manifest; write the report and quarantine list; raise if a fatal threshold is crossed."""
+def shard_results_dir(cfg: PillSnapConfig) -> Path:
+    return layout.shard_results_dir(cfg.exp_dir)
+
+
+def plan_validation(cfg: PillSnapConfig) -> Tuple[List[Shard], ShardSettings, str]:
+    """The manifest's shards and what they do: validation always, the first pixel-cache fill when the cache is on
+    and its disk holds every sample of the manifest (else each stage fills its own rows when it trains)."""
     manifest = read_manifest(manifest_path(cfg))
-    report = validate_manifest(manifest, cfg.data.validation, _import_issues(cfg), show_progress)
+    v, c = cfg.data.validation, cfg.classification
+    fill, why = cfg.dataloader.cache.enabled and cfg.data.prepare.fill_cache, "filled by validation's decode"
+    if not fill:
+        why = "not filled by validation (dataloader.cache.enabled or data.prepare.fill_cache is false)"
+    else:
+        store = pixel_store(cfg)
+        samples = [s for p, k, b in zip(manifest["image_path"], manifest["kind"], manifest["boxes"])
+                   for s in photo_samples(p, k, b, cfg.data.include_combination_crops)]
+        plan = store.plan(samples)
+        if not plan.fits:
+            fill, why = False, (f"not filled by validation: the disk cannot hold the manifest's rows ({plan.describe()});"
+                                " each stage fills its own rows when it trains")
+            log.warning("pixel cache %s", why)
+    settings = ShardSettings(v.check_images, v.hash_duplicates, str(pixel_store(cfg).dir.parent.resolve()) if fill else None,
+                             c.image_size, c.crop_padding, cfg.data.include_combination_crops)
+    return plan_shards(manifest, settings, cfg.data.prepare.shard_size), settings, why
+
+
+def finish_validation(cfg: PillSnapConfig, summaries: Sequence[Dict], cache_note: str) -> Dict:
+    """The report from every shard's checks; the shards' cache rows adopted; raise if a fatal threshold is crossed."""
+    manifest = read_manifest(manifest_path(cfg))
+    report = validate_manifest(manifest, cfg.data.validation, _import_issues(cfg),
+                               read_checks(summaries, len(manifest)))
     paths = write_report(report, data_dir(cfg))
-    log.info("validation: %s", "FAIL" if report.fatal else "PASS")
+    segments = [s["segment"] for s in sorted(summaries, key=lambda s: s["shard"]) if s["segment"]]
+    adopted = pixel_store(cfg).adopt(segments) if segments else 0
+    computed = sum(1 for s in summaries if s["computed"])
+    log.info("validation: %s (%d shards: %d computed, %d finished before); pixel cache %s: %d new rows",
+             "FAIL" if report.fatal else "PASS", len(summaries), computed, len(summaries) - computed, cache_note,
+             adopted)
     raise_if_fatal(report)
     return {"report": str(paths["json"]), "summary": str(paths["summary"]), "quarantine": len(report.quarantine),
             "findings": report.finding_counts(), "counts": report.counts,
             "imbalance_ratio": report.imbalance_ratio, "val_only_classes": len(report.val_only_classes),
-            "manifest_hash": manifest_hash(manifest)}
+            "manifest_hash": manifest_hash(manifest),
+            "shards": {"total": len(summaries), "computed": computed},
+            "pixel_cache": {"note": cache_note, "rows_added": adopted}}
+
+
+def run_validation(cfg: PillSnapConfig, show_progress: bool = True) -> Dict:
+    """Validate the manifest in this process (every shard in turn over a process pool); the flows map the same
+    shards on a task runner. Writes the report and quarantine list; raises if a fatal threshold is crossed."""
+    shards, settings, cache_note = plan_validation(cfg)
+    workers = cfg.data.validation.workers or os.cpu_count() or 1
+    summaries = []
+    with progress(total=sum(len(s.photos) for s in shards), desc="validate images", unit="img",
+                  enabled=show_progress) as bar:
+        for shard in shards:
+            summaries.append(run_shard(shard, settings, shard_results_dir(cfg), workers))
+            bar.update(len(shard.photos))
+    return finish_validation(cfg, summaries, cache_note)
 
 
 def run_subset(cfg: PillSnapConfig, stage: int) -> Dict:

@@ -3,24 +3,19 @@ fatal thresholds that stop a run with the worst offenders named.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
-from PIL import Image
 
 from pillsnap.config import ValidationConfig
 from pillsnap.data.aihub import ImportIssue
 from pillsnap.data.manifest import image_k_codes
-from pillsnap.progress import progress
+from pillsnap.data.shards import Check, ShardSettings, inspect_photo, plan_shards
 
 log = logging.getLogger(__name__)
 WORST_SHOWN = 5
@@ -78,48 +73,11 @@ class ValidationReport:
         return "\n".join(lines) + "\n"
 
 
-def check_image(path: str, expected: Tuple[int, int], want_hash: bool) -> Tuple[Optional[str], Optional[str]]:
-    """(error or None, content hash or None). Decodes fully, so truncated files are caught."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return f"cannot read: {e}", None
-    digest = hashlib.sha1(data).hexdigest() if want_hash else None
-    if not data:
-        return "empty file (0 bytes)", digest
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            size = im.size
-    except Exception as e:  # PIL raises many types for broken files
-        return f"cannot decode: {type(e).__name__}: {e}", digest
-    if tuple(size) != tuple(expected):
-        return f"size_mismatch: file is {size[0]}x{size[1]}, label says {expected[0]}x{expected[1]}", digest
-    return None, digest
-
-
-def _check_chunk(args) -> List[Tuple[Optional[str], Optional[str]]]:
-    items, want_hash = args
-    return [check_image(p, wh, want_hash) for p, wh in items]
-
-
-def _check_images(df: pd.DataFrame, cfg: ValidationConfig, show_progress: bool):
-    items = list(zip(df["image_path"], zip(df["width"], df["height"])))
-    chunk = 64
-    chunks = [(items[i:i + chunk], cfg.hash_duplicates) for i in range(0, len(items), chunk)]
-    results: List[Tuple[Optional[str], Optional[str]]] = []
-    workers = cfg.workers or os.cpu_count() or 1
-    with progress(total=len(items), desc="validate images", unit="img", enabled=show_progress) as bar:
-        if workers == 1 or len(chunks) <= 1:
-            for c in chunks:
-                results += _check_chunk(c)
-                bar.update(len(c[0]))
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for c, res in zip(chunks, pool.map(_check_chunk, chunks)):
-                    results += res
-                    bar.update(len(c[0]))
-    return results
+def _check_images(df: pd.DataFrame, cfg: ValidationConfig) -> List[Check]:
+    """In this process, one photo after another; data preparation runs the same inspection in shards."""
+    settings = ShardSettings(cfg.check_images, cfg.hash_duplicates, None, 0, 0.0, False)
+    return [inspect_photo(photo, settings)[0] for shard in plan_shards(df, settings, max(1, len(df)))
+            for photo in shard.photos]
 
 
 def _bbox_findings(df: pd.DataFrame) -> List[Finding]:
@@ -143,12 +101,17 @@ def _per_class(df: pd.DataFrame) -> Dict[str, Dict[str, int]]:
 
 
 def validate_manifest(df: pd.DataFrame, cfg: ValidationConfig, import_issues: Sequence[ImportIssue] = (),
-                      show_progress: bool = True) -> ValidationReport:
+                      checks: Optional[Sequence[Check]] = None) -> ValidationReport:
+    """`checks`: each photo's (error, sha1) in manifest order, as the data-preparation shards found them;
+    without them the photos are inspected here."""
     findings = [Finding(i.kind, Path(i.path).stem, i.path, i.detail) for i in import_issues]
     hashes: Dict[str, str] = {}
     if cfg.check_images or cfg.hash_duplicates:
-        for (err, digest), image_id, path in zip(_check_images(df, cfg, show_progress), df["image_id"],
-                                                 df["image_path"]):
+        if checks is None:
+            checks = _check_images(df, cfg)
+        if len(checks) != len(df):
+            raise ValueError(f"{len(checks)} photo checks for a manifest of {len(df)} photos")
+        for (err, digest), image_id, path in zip(checks, df["image_id"], df["image_path"]):
             if err and cfg.check_images:
                 kind = "size_mismatch" if err.startswith("size_mismatch") else "unreadable_image"
                 findings.append(Finding(kind, image_id, path, err))

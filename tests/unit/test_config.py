@@ -61,6 +61,15 @@ def test_value_outside_the_allowed_choices_is_named():
         load_config(overrides=["optimization.torch_compile=max-speed"])
 
 
+def test_data_preparation_keys_are_checked():
+    with pytest.raises(ConfigError, match=r"orchestration\.task_runner='ray'"):
+        load_config(overrides=["orchestration.task_runner=ray"])
+    with pytest.raises(ConfigError, match=r"data\.prepare\.shard_size=0"):
+        load_config(overrides=["data.prepare.shard_size=0"])
+    shipped = load_config()
+    assert shipped.data.prepare.fill_cache and shipped.orchestration.task_runner == "local"
+
+
 def test_malformed_override_and_unknown_profile():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["train.batch_size"])

@@ -1,0 +1,202 @@
+"""Data preparation in shards: validation and the first pixel-cache fill share ONE decode per photo.
+
+A shard is a slice of a few thousand manifest photos. Each is inspected once: its bytes are read and hashed
+(duplicates across splits), decoded fully (truncated files are caught), its size compared with the label, and,
+when the cache is filled, every classifier sample it gives is cut from that decoded image and written to the
+shard's own pixel-cache segment. Separately, validation and the cache each decoded every photo: two passes.
+
+A shard is named by the hash of its photos and settings. Its result is written under <data>/shards/ and its
+rows to the store's seg-<key> files, both committed last, so a shard that finished is never redone (also by
+another process or machine sharing the folder) and one that did not leaves nothing that is read. Bad photos are
+findings, never errors; anything else raised while inspecting a photo fails the shard with the photo named.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from pillsnap.data.cache import (Sample, commit_segment, photo_samples, sample_key, sample_pixels, segment_committed,
+                                 segment_rows, store_dir)
+
+Check = Tuple[Optional[str], Optional[str]]  # (what is wrong with the photo or None, sha1 of its bytes or None)
+CHUNK = 64  # photos per process-pool job inside a shard
+
+
+class ShardError(RuntimeError):
+    """A shard stopped on something that is not a property of the photo; the message names the photo."""
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """What a shard's result depends on besides its photos."""
+    check_images: bool
+    hash_duplicates: bool
+    cache_dir: Optional[str]  # the classifier's pixel cache to fill, or None: validation only
+    size: int
+    padding: float
+    include_crops: bool
+
+    def fingerprint(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def decodes(self) -> bool:
+        return self.check_images or self.cache_dir is not None
+
+
+class Photo(NamedTuple):  # a tuple: millions are made when the release is planned
+    path: str
+    width: int
+    height: int
+    samples: Tuple[Sample, ...]
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    first: int  # the manifest row of its first photo
+    photos: Tuple[Photo, ...]
+    key: str
+
+    def describe(self) -> str:
+        return f"shard {self.index} (manifest rows {self.first}-{self.first + len(self.photos) - 1})"
+
+    @property
+    def segment(self) -> str:
+        return f"seg-{self.key}"
+
+
+def plan_shards(manifest: pd.DataFrame, settings: ShardSettings, shard_size: int) -> List[Shard]:
+    """Consecutive slices of the manifest; each keyed by the hash of its photos and the settings."""
+    if shard_size < 1:
+        raise ValueError(f"data.prepare.shard_size={shard_size}: must be >= 1")
+    columns = [manifest[c].tolist() for c in ("image_path", "kind", "boxes", "width", "height")]
+    photos = [Photo(path, int(w), int(h), tuple(photo_samples(path, kind, boxes, settings.include_crops)))
+              for path, kind, boxes, w, h in zip(*columns)]
+    shards = []
+    for index, first in enumerate(range(0, len(photos), shard_size)):
+        part = tuple(photos[first:first + shard_size])
+        h = hashlib.sha1(settings.fingerprint().encode())
+        for p in part:
+            h.update(f"{p.path}|{p.width}|{p.height}|{p.samples}\n".encode())
+        shards.append(Shard(index, first, part, h.hexdigest()[:20]))
+    return shards
+
+
+def inspect_photo(photo: Photo, settings: ShardSettings) -> Tuple[Check, List[Optional[np.ndarray]]]:
+    """One read, one hash, one decode: the photo's check and the rows of its samples (None where unreadable)."""
+    no_rows: List[Optional[np.ndarray]] = [None] * len(photo.samples)
+    try:
+        data = Path(photo.path).read_bytes()
+    except OSError as e:
+        return (f"cannot read: {e}", None), no_rows
+    digest = hashlib.sha1(data).hexdigest() if settings.hash_duplicates else None
+    if not settings.decodes:
+        return (None, digest), no_rows
+    if not data:
+        return ("empty file (0 bytes)", digest), no_rows
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            size = im.size
+            rgb = im.convert("RGB") if settings.cache_dir is not None else None
+    except UnidentifiedImageError:  # its message holds the address of the in-memory buffer: not repeatable
+        return ("cannot decode: UnidentifiedImageError: not an image format Pillow can read", digest), no_rows
+    except Exception as e:  # PIL raises many types for broken files
+        return (f"cannot decode: {type(e).__name__}: {e}", digest), no_rows
+    rows = [sample_pixels(rgb, box, settings.size, settings.padding) for _, box in photo.samples] if rgb else no_rows
+    error = None
+    if settings.check_images and tuple(size) != (photo.width, photo.height):
+        error = f"size_mismatch: file is {size[0]}x{size[1]}, label says {photo.width}x{photo.height}"
+    return (error if settings.check_images else None, digest), rows
+
+
+def _inspect_chunk(args) -> Tuple[List[Check], List[bool]]:
+    """Some photos of a shard; their rows go to the shard's segment from the given sample offset on."""
+    shard_name, segment, segment_samples, settings, photos, sample_offset = args
+    out = segment_rows(_store(settings), segment, segment_samples, settings.size) if settings.cache_dir else None
+    checks, valid = [], []
+    for photo in photos:
+        try:
+            check, rows = inspect_photo(photo, settings)
+        except Exception as e:  # not a property of the photo (memory, a bug, the disk): the shard fails
+            raise ShardError(f"{shard_name}: {photo.path}: {type(e).__name__}: {e}") from e
+        checks.append(check)
+        for row in rows:
+            if out is not None and row is not None:
+                out[sample_offset] = row
+            valid.append(row is not None)
+            sample_offset += 1
+    if out is not None and len(out):
+        out.flush()
+    return checks, valid
+
+
+def _store(settings: ShardSettings) -> Path:
+    return store_dir(Path(settings.cache_dir), settings.size, settings.padding)
+
+
+def result_path(results_dir: Path, shard: Shard) -> Path:
+    return Path(results_dir) / f"validate-{shard.key}.json"
+
+
+def run_shard(shard: Shard, settings: ShardSettings, results_dir: Path, workers: int = 1) -> Dict:
+    """Inspect a shard's photos (unless a finished result is on disk); returns where its result is."""
+    path = result_path(results_dir, shard)
+    filled = settings.cache_dir is not None
+    if path.is_file() and (not filled or segment_committed(_store(settings), shard.segment)):
+        done = json.loads(path.read_text())
+        return _summary(shard, path, done["checks"], computed=False, settings=settings, worker=done["worker"])
+    jobs, offset, total = [], 0, sum(len(p.samples) for p in shard.photos)
+    for start in range(0, len(shard.photos), CHUNK):
+        part = shard.photos[start:start + CHUNK]
+        jobs.append((shard.describe(), shard.segment, total, settings, part, offset))
+        offset += sum(len(p.samples) for p in part)
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            done = list(pool.map(_inspect_chunk, jobs))
+    else:
+        done = [_inspect_chunk(job) for job in jobs]
+    checks = [c for part, _ in done for c in part]
+    if filled:
+        keys = [sample_key(s) for p in shard.photos for s in p.samples]
+        commit_segment(_store(settings), shard.segment, keys, np.array([v for _, part in done for v in part], bool))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    tmp.write_text(json.dumps({"shard": shard.index, "first": shard.first, "worker": worker, "checks": checks}))
+    tmp.replace(path)  # last: a result on disk means the shard finished
+    return _summary(shard, path, checks, computed=True, settings=settings, worker=worker)
+
+
+def _summary(shard: Shard, path: Path, checks: Sequence[Check], computed: bool, settings: ShardSettings,
+             worker: str) -> Dict:
+    samples = sum(len(p.samples) for p in shard.photos) if settings.cache_dir is not None else 0
+    return {"shard": shard.index, "first": shard.first, "photos": len(shard.photos), "result": str(path),
+            "worker": worker,
+            "segment": shard.segment if samples else None, "bad_photos": sum(1 for err, _ in checks if err),
+            "cached_samples": samples, "computed": computed}
+
+
+def read_checks(summaries: Sequence[Dict], photos: int) -> List[Check]:
+    """Every photo's check in manifest order, from the shards' results (which must cover the manifest)."""
+    checks: List[Optional[Check]] = [None] * photos
+    for s in summaries:
+        part = json.loads(Path(s["result"]).read_text())["checks"]
+        checks[s["first"]:s["first"] + len(part)] = [tuple(c) for c in part]
+    missing = [i for i, c in enumerate(checks) if c is None]
+    if missing:
+        raise ValueError(f"shard results cover {photos - len(missing)} of {photos} photos (the first missing: "
+                         f"manifest row {missing[0]})")
+    return checks  # type: ignore[return-value]

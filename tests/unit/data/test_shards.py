@@ -1,0 +1,153 @@
+"""Data preparation in shards: one decode gives the validation report AND the pixel cache the two separate passes
+gave; a finished shard is never redone; a shard that breaks names its photo; the store adopts shard rows."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pillsnap.data import shards as shards_module
+from pillsnap.data.cache import PixelStore, decode_sample, photo_samples, row_bytes, sample_key
+from pillsnap.data.class_map import build_class_map
+from pillsnap.data.datasets import classification_samples
+from pillsnap.data.manifest import write_manifest
+from pillsnap.data.prepare import manifest_path, pixel_store, run_validation, shard_results_dir
+from pillsnap.data.shards import ShardError, ShardSettings, plan_shards, run_shard
+from pillsnap.data.validate import validate_manifest
+
+LENIENT = ["data.validation.max_corrupt_fraction=1", "data.validation.max_missing_fraction=1",
+           "data.validation.max_bbox_error_fraction=1", "data.validation.max_duplicate_fraction=1"]
+
+
+def _experiment(make_config, tmp_path, manifest, *overrides):
+    cfg = make_config(tmp_path, *LENIENT, "data.prepare.shard_size=7", "data.include_combination_crops=true",
+                      "classification.crop_padding=0.1", *overrides)
+    write_manifest(manifest, manifest_path(cfg))
+    return cfg
+
+
+def test_one_decode_gives_the_report_and_the_cache_of_the_two_passes(broken, make_config, tmp_path):
+    manifest, issues, bad = broken
+    cfg = _experiment(make_config, tmp_path, manifest)
+    result = run_validation(cfg, show_progress=False)
+    assert result["shards"]["total"] == -(-len(manifest) // 7) and result["shards"]["computed"] == result["shards"]["total"]
+    # the report of the separate validation pass (its own decode, in this process)
+    report = json.loads((manifest_path(cfg).parent / "validation_report.json").read_text())
+    alone = validate_manifest(manifest, cfg.data.validation)
+    assert report["findings"] == alone.to_dict()["findings"] and report["quarantine"] == alone.quarantine
+    assert report["duplicates_across_splits"] == [list(p) for p in alone.duplicates_across_splits]
+    # the rows of the separate cache pass (decode_sample), for singles and combination crops alike
+    data = classification_samples(manifest, build_class_map(manifest), include_crops=True, padding=0.1)
+    store = pixel_store(cfg)
+    rows = store.rows(data.samples)
+    assert (rows >= 0).all() and result["pixel_cache"]["rows_added"] == len(set(data.samples))
+    assert not (store.dir / "pixels.u8").exists()  # adopted by reference: no copy into the main file
+    unreadable = {p for p in manifest.image_path if any(s in p for s in (bad["truncated"], bad["empty"], bad["text"]))}
+    for (path, box), row in zip(data.samples, rows):
+        if path in unreadable:
+            assert not store.has(int(row))
+        else:
+            assert np.array_equal(store.get(int(row)), decode_sample(path, box, cfg.classification.image_size, 0.1))
+    # training finds every row: nothing is decoded again
+    assert store.ensure(data.samples, show_progress=False).tolist() == rows.tolist()
+    assert not (store.dir / "pixels.u8").exists()
+
+
+def test_a_finished_shard_is_not_redone_and_an_unfinished_one_is(broken, make_config, tmp_path):
+    cfg = _experiment(make_config, tmp_path, broken[0])
+    run_validation(cfg, show_progress=False)
+    results = sorted(shard_results_dir(cfg).glob("validate-*.json"))
+    store = pixel_store(cfg)
+    segments = sorted(store.dir.glob("seg-*.npz"))
+    results[1].unlink()  # a crash after shard 1 wrote its rows, before its result
+    segments[2].unlink()  # a crash before shard 2 committed its rows
+    again = run_validation(cfg, show_progress=False)
+    assert again["shards"]["computed"] == 2 and again["pixel_cache"]["rows_added"] == 0
+    assert again["findings"] == json.loads((manifest_path(cfg).parent / "validation_report.json").read_text())[
+        "finding_counts"]
+
+
+def test_a_photo_that_breaks_the_shard_is_named(broken, make_config, tmp_path, monkeypatch):
+    cfg = _experiment(make_config, tmp_path, broken[0])
+    victim = broken[0].image_path.iloc[9]
+    real = shards_module.inspect_photo
+
+    def inspect(photo, settings):
+        if photo.path == victim:
+            raise MemoryError("cannot allocate 3.7 MB")
+        return real(photo, settings)
+
+    monkeypatch.setattr(shards_module, "inspect_photo", inspect)
+    with pytest.raises(ShardError, match=rf"shard 1 \(manifest rows 7-13\): {victim}: MemoryError"):
+        run_validation(cfg, show_progress=False)
+
+
+def test_settings_and_photos_name_a_shard():
+    manifest = pd.DataFrame({"image_path": [f"/d/{i}.png" for i in range(10)], "kind": ["single"] * 10,
+                             "boxes": ["[]"] * 10, "width": [976] * 10, "height": [1280] * 10})
+    settings = ShardSettings(True, True, "/cache", 384, 0.0, False)
+    keys = [s.key for s in plan_shards(manifest, settings, 4)]
+    assert len(keys) == 3 and len(set(keys)) == 3
+    assert [s.key for s in plan_shards(manifest, settings, 4)] == keys  # stable: a re-run finds them
+    other = ShardSettings(True, True, "/cache", 320, 0.0, False)
+    assert not set(keys) & {s.key for s in plan_shards(manifest, other, 4)}  # another cache size: other shards
+    changed = manifest.assign(width=[976] * 9 + [977])
+    assert [s.key for s in plan_shards(changed, settings, 4)][:2] == keys[:2]  # only the changed shard differs
+    assert plan_shards(changed, settings, 4)[2].key != keys[2]
+
+
+def test_stage_4_is_a_few_hundred_shards():
+    """Stage 4's 500K photos at the shipped 3,000 per shard: 167 task runs, not 500K (the release's 2.47M: 824)."""
+    n = 500_000
+    manifest = pd.DataFrame({"image_path": [f"/d/{i}.png" for i in range(n)], "kind": "single", "boxes": "[]",
+                             "width": 976, "height": 1280})
+    shards = plan_shards(manifest, ShardSettings(True, True, None, 384, 0.0, False), 3000)
+    assert len(shards) == 167 and sum(len(s.photos) for s in shards) == n and len({s.key for s in shards}) == 167
+    assert shards[-1].describe() == "shard 166 (manifest rows 498000-499999)"
+
+
+def test_the_cache_is_left_to_training_when_the_disk_cannot_hold_the_manifest(broken, make_config, tmp_path,
+                                                                                  monkeypatch):
+    import shutil
+
+    from pillsnap.data import cache
+
+    cfg = _experiment(make_config, tmp_path, broken[0])
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
+    result = run_validation(cfg, show_progress=False)
+    assert "cannot hold" in result["pixel_cache"]["note"] and result["pixel_cache"]["rows_added"] == 0
+    assert not list(pixel_store(cfg).dir.glob("seg-*"))
+
+
+def test_photo_samples_are_the_classifier_samples(tiny_manifest):
+    data = classification_samples(tiny_manifest, build_class_map(tiny_manifest), include_crops=True)
+    mine = [s for p, k, b in zip(tiny_manifest.image_path, tiny_manifest.kind, tiny_manifest.boxes)
+            for s in photo_samples(p, k, b, True)]
+    assert [sample_key(s) for s in mine] == [sample_key(s) for s in data.samples]
+
+
+def test_an_index_from_before_segments_still_reads(tiny_manifest, tmp_path):
+    samples = classification_samples(tiny_manifest, build_class_map(tiny_manifest)).samples[:5]
+    store = PixelStore(tmp_path, 16)
+    rows = store.ensure(samples, show_progress=False)
+    with np.load(store.index_path) as z:
+        keys, valid = z["keys"], z["valid"]
+    np.savez(store.index_path, keys=keys, valid=valid)  # the old format: no segment / offset columns
+    old = PixelStore(tmp_path, 16)
+    assert np.array_equal(old.get(int(rows[3])), decode_sample(samples[3][0], None, 16))
+    more = classification_samples(tiny_manifest, build_class_map(tiny_manifest)).samples[:8]
+    old.ensure(more, show_progress=False)  # appends after the old rows, keeps them
+    assert (store.data_path.stat().st_size == 8 * row_bytes(16)
+            and np.array_equal(PixelStore(tmp_path, 16).get(7), decode_sample(more[7][0], None, 16)))
+
+
+def test_a_shard_writes_nothing_that_is_read_until_it_commits(broken, tmp_path):
+    manifest = broken[0]
+    settings = ShardSettings(True, True, str(tmp_path / "cache"), 16, 0.0, False)
+    shard = plan_shards(manifest[manifest.kind == "single"].iloc[10:15], settings, 5)[0]
+    with pytest.raises(FileNotFoundError, match="not committed"):
+        PixelStore(tmp_path / "cache", 16).adopt([shard.segment])
+    first = run_shard(shard, settings, tmp_path / "results")
+    assert first["computed"] and not run_shard(shard, settings, tmp_path / "results")["computed"]
+    assert PixelStore(tmp_path / "cache", 16).adopt([shard.segment]) == 5
+    assert PixelStore(tmp_path / "cache", 16).adopt([shard.segment]) == 0  # a second adoption adds nothing
