@@ -2,7 +2,7 @@
 validation (with the first pixel-cache fill: one decode per photo) run in shards on the configured task runner."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from prefect import flow
 from prefect.filesystems import LocalFileSystem
@@ -10,7 +10,9 @@ from prefect.results import ResultStore
 
 from flows.config import resolve
 from flows.runners import shard_task_runner, shard_workers
+from pillsnap.data.label_shards import label_result
 from pillsnap.data.prepare import shard_results_dir
+from pillsnap.data.shards import shard_finished
 from tasks.common import cfg_of, result_storage
 from tasks.data import (current_manifest_hash, import_from_shards_task, import_shard_task, import_task,
                         plan_import_task, plan_validation_task, synthesize_task, validate_shard_task, validate_task,
@@ -21,11 +23,13 @@ class ShardsFailed(RuntimeError):
     """Some shards failed after every other shard finished; the message names each one's file and error."""
 
 
-def _run_shards(task, config: Dict, shards: List, *args) -> List[Dict]:
-    """Every shard on the flow's task runner; all of them finish (or fail) before a failure is raised. A result
-    Prefect kept from an earlier run says what THAT run computed: nothing was computed this time."""
+def _run_shards(task, config: Dict, shards: List, finished: Callable[[Any], bool], *args) -> List[Dict]:
+    """Every shard on the flow's task runner; all of them finish (or fail) before a failure is raised. Prefect's
+    kept result is used only while the shard's files are on disk (else it would point at files that are gone).
+    A result Prefect kept from an earlier run says what THAT run computed: nothing was computed this time."""
     storage = result_storage(config)
-    futures = [task.with_options(result_storage=storage).submit(shard, *args) for shard in shards]
+    futures = [task.with_options(result_storage=storage, refresh_cache=not finished(shard)).submit(shard, *args)
+               for shard in shards]
     states = [f.wait() or f.state for f in futures]
     failed = [s for s in states if not s.is_completed()]
     if failed:
@@ -37,8 +41,9 @@ def _run_shards(task, config: Dict, shards: List, *args) -> List[Dict]:
 def _import(config: Dict) -> Dict:
     if config["data"]["source"] == "csv":
         return import_task(config)  # one CSV file: nothing to shard
-    results_dir = str(shard_results_dir(cfg_of(config)).resolve())
-    summaries = _run_shards(import_shard_task, config, plan_import_task(config), results_dir)
+    results_dir = shard_results_dir(cfg_of(config)).resolve()
+    summaries = _run_shards(import_shard_task, config, plan_import_task(config),
+                            lambda shard: label_result(shard, results_dir).is_file(), str(results_dir))
     imported = import_from_shards_task(config, summaries)
     return {**imported, "shards": {"total": len(summaries), "computed": sum(s["computed"] for s in summaries)}}
 
@@ -54,8 +59,10 @@ def _validate(config: Dict, manifest_hash: str) -> Dict:
         return validate_task.with_options(result_storage=storage)(config, manifest_hash, [], "")  # a cache hit
     cfg = cfg_of(config)
     shards, settings, cache_note = plan_validation_task(config)
-    summaries = _run_shards(validate_shard_task, config, shards, settings,
-                            str(shard_results_dir(cfg).resolve()), shard_workers(cfg))
+    results_dir = shard_results_dir(cfg).resolve()
+    summaries = _run_shards(validate_shard_task, config, shards,
+                            lambda shard: shard_finished(shard, settings, results_dir), settings, str(results_dir),
+                            shard_workers(cfg))
     return validate_task.with_options(result_storage=storage)(config, manifest_hash, summaries, cache_note)
 
 

@@ -41,9 +41,13 @@ def plan_label_shards(split_root: Path, shard_size: int) -> List[LabelShard]:
     return shards
 
 
+def label_result(shard: LabelShard, results_dir: Path) -> Path:
+    return Path(results_dir) / f"{shard.key}.json"
+
+
 def run_label_shard(shard: LabelShard, results_dir: Path) -> Dict:
     """Parse a shard's label files (unless its result is on disk); returns where its result is."""
-    path = Path(results_dir) / f"{shard.key}.json"
+    path = label_result(shard, results_dir)
     computed = not path.is_file()
     if computed:
         try:

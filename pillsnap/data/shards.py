@@ -151,11 +151,17 @@ def result_path(results_dir: Path, shard: Shard) -> Path:
     return Path(results_dir) / f"validate-{shard.key}.json"
 
 
+def shard_finished(shard: Shard, settings: ShardSettings, results_dir: Path) -> bool:
+    """Its result and (when it fills the cache) its rows are committed."""
+    return result_path(results_dir, shard).is_file() and (
+        settings.cache_dir is None or segment_committed(_store(settings), shard.segment))
+
+
 def run_shard(shard: Shard, settings: ShardSettings, results_dir: Path, workers: int = 1) -> Dict:
     """Inspect a shard's photos (unless a finished result is on disk); returns where its result is."""
     path = result_path(results_dir, shard)
     filled = settings.cache_dir is not None
-    if path.is_file() and (not filled or segment_committed(_store(settings), shard.segment)):
+    if shard_finished(shard, settings, results_dir):
         done = json.loads(path.read_text())
         return _summary(shard, path, done["checks"], computed=False, settings=settings, worker=done["worker"])
     jobs, offset, total = [], 0, sum(len(p.samples) for p in shard.photos)
