@@ -34,7 +34,8 @@ def _run_shards(task, config: Dict, shards: List, finished: Callable[[Any], bool
     failed = [s for s in states if not s.is_completed()]
     if failed:
         raise ShardsFailed(f"{len(failed)} of {len(states)} shards of {task.name} failed (the others finished and "
-                           "are kept; a re-run redoes only these):\n  - " + "\n  - ".join(str(s.message) for s in failed))
+                           "are kept; a re-run redoes only these):\n  - "
+                           + "\n  - ".join(str(s.message) for s in failed))
     return [{**s.result(), "computed": s.result()["computed"] and s.name != "Cached"} for s in states]
 
 
@@ -48,15 +49,20 @@ def _import(config: Dict) -> Dict:
     return {**imported, "shards": {"total": len(summaries), "computed": sum(s["computed"] for s in summaries)}}
 
 
-def _validation_cached(config: Dict, manifest_hash: str) -> bool:
-    store = ResultStore(result_storage=LocalFileSystem(basepath=str(result_storage(config))))
-    return store.exists(validation_key(config, manifest_hash))
+def _cached_validation(config: Dict, manifest_hash: str) -> Optional[Dict]:
+    """The validation of this manifest and settings when the result store has it (no shard is mapped then)."""
+    storage = result_storage(config)
+    if not ResultStore(result_storage=LocalFileSystem(basepath=str(storage))).exists(
+            validation_key(config, manifest_hash)):
+        return None
+    return validate_task.with_options(result_storage=storage)(config, manifest_hash, [], "")  # a cache hit
 
 
 def _validate(config: Dict, manifest_hash: str) -> Dict:
+    cached = _cached_validation(config, manifest_hash)
+    if cached is not None:
+        return cached
     storage = result_storage(config)
-    if _validation_cached(config, manifest_hash):
-        return validate_task.with_options(result_storage=storage)(config, manifest_hash, [], "")  # a cache hit
     cfg = cfg_of(config)
     shards, settings, cache_note = plan_validation_task(config)
     results_dir = shard_results_dir(cfg).resolve()
@@ -75,8 +81,9 @@ def prepare_flow(config: Dict, with_import: bool = True) -> Dict:
 
 def validate_data(config: Dict, manifest_hash: str) -> Dict:
     """The validation of this manifest and settings: from the result store when it was done, else in shards."""
-    if _validation_cached(config, manifest_hash):
-        return _validate(config, manifest_hash)
+    cached = _cached_validation(config, manifest_hash)
+    if cached is not None:
+        return cached
     runner = shard_task_runner(cfg_of(config))
     return prepare_flow.with_options(task_runner=runner)(config, with_import=False)["validation"]
 

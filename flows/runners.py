@@ -8,6 +8,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from pillsnap.config import ConfigError, PillSnapConfig
+from pillsnap.data.prepare import validation_workers
 
 
 def shard_task_runner(cfg: PillSnapConfig) -> TaskRunner:
@@ -34,6 +35,4 @@ def shard_task_runner(cfg: PillSnapConfig) -> TaskRunner:
 
 def shard_workers(cfg: PillSnapConfig) -> int:
     """Processes inside one shard: a Dask worker is a daemon process and may not start a pool of its own."""
-    if cfg.orchestration.task_runner == "dask":
-        return 1
-    return cfg.data.validation.workers or os.cpu_count() or 1
+    return 1 if cfg.orchestration.task_runner == "dask" else validation_workers(cfg)

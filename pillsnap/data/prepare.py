@@ -120,19 +120,19 @@ def plan_validation(cfg: PillSnapConfig) -> Tuple[List[Shard], ShardSettings, st
     and its disk holds every sample of the manifest (else each stage fills its own rows when it trains)."""
     manifest = read_manifest(manifest_path(cfg))
     v, c = cfg.data.validation, cfg.classification
+    store = pixel_store(cfg)
     fill, why = cfg.dataloader.cache.enabled and cfg.data.prepare.fill_cache, "filled by validation's decode"
     if not fill:
         why = "not filled by validation (dataloader.cache.enabled or data.prepare.fill_cache is false)"
     else:
-        store = pixel_store(cfg)
         samples = [s for p, k, b in zip(manifest["image_path"], manifest["kind"], manifest["boxes"])
                    for s in photo_samples(p, k, b, cfg.data.include_combination_crops)]
         plan = store.plan(samples)
         if not plan.fits:
-            fill, why = False, (f"not filled by validation: the disk cannot hold the manifest's rows ({plan.describe()});"
-                                " each stage fills its own rows when it trains")
+            fill, why = False, (f"not filled by validation: the disk cannot hold the manifest's rows "
+                                f"({plan.describe()}); each stage fills its own rows when it trains")
             log.warning("pixel cache %s", why)
-    settings = ShardSettings(v.check_images, v.hash_duplicates, str(pixel_store(cfg).dir.parent.resolve()) if fill else None,
+    settings = ShardSettings(v.check_images, v.hash_duplicates, str(store.dir.parent.resolve()) if fill else None,
                              c.image_size, c.crop_padding, cfg.data.include_combination_crops)
     return plan_shards(manifest, settings, cfg.data.prepare.shard_size), settings, why
 
@@ -158,11 +158,16 @@ def finish_validation(cfg: PillSnapConfig, summaries: Sequence[Dict], cache_note
             "pixel_cache": {"note": cache_note, "rows_added": adopted}}
 
 
+def validation_workers(cfg: PillSnapConfig) -> int:
+    """Processes inspecting one shard's photos on this machine."""
+    return cfg.data.validation.workers or os.cpu_count() or 1
+
+
 def run_validation(cfg: PillSnapConfig, show_progress: bool = True) -> Dict:
     """Validate the manifest in this process (every shard in turn over a process pool); the flows map the same
     shards on a task runner. Writes the report and quarantine list; raises if a fatal threshold is crossed."""
     shards, settings, cache_note = plan_validation(cfg)
-    workers = cfg.data.validation.workers or os.cpu_count() or 1
+    workers = validation_workers(cfg)
     summaries = []
     with progress(total=sum(len(s.photos) for s in shards), desc="validate images", unit="img",
                   enabled=show_progress) as bar:
