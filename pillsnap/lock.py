@@ -1,4 +1,5 @@
-"""One training run per experiment at a time: an exclusive lock file under the experiment directory.
+"""Exclusive lock files: one training run per experiment at a time (refused when busy), and builders of one shared
+folder (the pixel store, a stage's detector dataset) taking turns (waiting).
 
 fcntl locks are released by the OS when the holder dies, so a crashed run never leaves a stale lock.
 """
@@ -38,4 +39,17 @@ def experiment_lock(exp_dir: Path, what: str) -> Iterator[None]:
         finally:
             f.seek(0)
             f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def wait_for_lock(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock at `path`, waiting while another process (a rank, a second run) holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
             fcntl.flock(f, fcntl.LOCK_UN)

@@ -14,21 +14,20 @@ running on other processes or machines write their own segment files, which a bu
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from pillsnap.lock import wait_for_lock
 from pillsnap.progress import progress
 
 log = logging.getLogger(__name__)
@@ -172,7 +171,7 @@ class PixelStore:
     # ------------------------------------------------------------------ building
     def ensure(self, samples: Sequence[Sample], workers: int = 0, show_progress: bool = True) -> np.ndarray:
         """Decode and append every sample not yet stored; returns the rows of `samples`."""
-        with self._locked():
+        with wait_for_lock(self.dir / ".lock"):
             self._load_index()  # another builder may have committed meanwhile
             todo, seen = [], set()
             for sample in samples:
@@ -187,7 +186,7 @@ class PixelStore:
 
     def adopt(self, segments: Sequence[str]) -> int:
         """Add the rows of committed shard segments (seg-<key>) by reference; returns how many rows were new."""
-        with self._locked():
+        with wait_for_lock(self.dir / ".lock"):
             self._load_index()
             valid, segment, offset = [self.valid], [self.segment], [self.offset]  # joined once: 800+ segments
             before = len(self.keys)
@@ -210,16 +209,6 @@ class PixelStore:
                 self._commit()
         self._arrays = {}
         return added
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _append(self, todo: List[Tuple[bytes, Sample]], workers: int, show_progress: bool) -> None:
         plan = self.plan([s for _, s in todo])

@@ -26,6 +26,7 @@ import yaml
 
 from pillsnap.core import layout
 from pillsnap.data.manifest import manifest_hash
+from pillsnap.lock import wait_for_lock
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -110,8 +111,15 @@ def _build(rows: pd.DataFrame, exp_dir: Path, stage: int, include_single_images:
             raise ValueError(f"stage {stage}: no {split} photo with a box for the detector (combination photos, "
                              f"and single photos with detection.include_single_images={include_single_images}); "
                              "a photo's box comes from its label (AIHub JSON bbox, or the CSV's bbox column)")
-    key = content_hash(rows)
-    final = yolo_dir(exp_dir, stage)
+    key, final = content_hash(rows), yolo_dir(exp_dir, stage)
+    # Builders take turns (the ranks of one training each ask for the dataset): the second finds the first's
+    # build and reuses it, instead of swapping its own in while the first reads train.txt.
+    with wait_for_lock(final.with_name(f".{final.name}.lock")):
+        return _build_locked(rows, final, key, include_single_images, cap)
+
+
+def _build_locked(rows: pd.DataFrame, final: Path, key: str, include_single_images: bool,
+                  cap: Optional[int]) -> YoloDataset:
     existing = read_marker(final)
     if existing is not None and existing.content_hash == key:
         log.info("detector data: reusing %s (hash %s)", final, key)

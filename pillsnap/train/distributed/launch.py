@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from pillsnap import progress
 from pillsnap.core.jsonio import write_json_atomic
@@ -27,6 +28,7 @@ from pillsnap.train.distributed.world import LaunchSpec
 
 log = logging.getLogger("pillsnap.train.distributed")
 KILL_GRACE_S = 10
+TICK_S = 1.0
 
 
 class DistributedRunFailed(RuntimeError):
@@ -79,21 +81,39 @@ def run_training_processes(config: Dict[str, Any], stage: int, stage_dir: Path,
     command = torchrun_command(spec, job)
     log.info("training on %d process(es) x %d node(s) (%s): %s", spec.nproc_per_node, spec.nnodes, spec.backend,
              " ".join(command))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                               start_new_session=True, preexec_fn=_die_with_parent,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + timeout_s if timeout_s else None
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        for line in process.stdout:
-            _relay(line.rstrip("\n"))
-            if deadline and time.monotonic() > deadline:
-                raise DistributedRunFailed(f"the training processes ran past {timeout_s} s", "TimeoutError")
+        for line in _lines(process, timeout_s):
+            _relay(line)
         code = process.wait()
     finally:  # a cancel, a crash of this process or a timeout: no rank survives it
         kill_group(process)
     if code != 0:
         raise _failure(work, code)
     return json.loads((work / "result.json").read_text())
+
+
+def _lines(process: subprocess.Popen, timeout_s: Optional[float]) -> Iterator[str]:
+    """The child's output line by line (a progress bar's carriage returns end lines too). The wait for output wakes
+    every TICK_S even while the ranks print nothing (a hung collective, a long compile): the deadline is checked,
+    and an exception raised into this thread (how Prefect times out a task running in a worker thread) arrives
+    within a tick instead of at the next line."""
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    fd, pending = process.stdout.fileno(), b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], TICK_S)
+        if deadline and time.monotonic() > deadline:
+            raise DistributedRunFailed(f"the training processes ran past {timeout_s} s", "TimeoutError")
+        if not ready:
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:  # the child closed its output: it is exiting
+            break
+        *done, pending = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
+        yield from (line.decode(errors="replace") for line in done)
+    if pending:
+        yield pending.decode(errors="replace")
 
 
 def _relay(line: str) -> None:

@@ -1,11 +1,14 @@
 """YOLO-format detection data: one class, normalised boxes, linked images, built once per content hash."""
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
 import yaml
 
 from pillsnap.data.manifest import boxes_of
+from pillsnap.data import yolo_dataset
 from pillsnap.data.yolo_dataset import detection_rows, build_yolo_dataset, label_lines
 from tests.unit.detection_support import det_data  # noqa: F401  (session fixture)
 
@@ -42,6 +45,29 @@ def test_built_once_per_hash_and_rebuilt_when_the_data_changes(det_data, tmp_pat
     fewer = det_data.manifest.drop(det_data.rows("train").index[:4])
     assert build_yolo_dataset(fewer, tmp_path, 1, include_single_images=False).images["train"] == 20
     assert not list(tmp_path.glob("data/stage_1/yolo.*")), "no half-built or old folders left behind"
+
+
+def test_two_builders_at_once_build_once_and_the_second_reuses(det_data, tmp_path, monkeypatch):  # noqa: F811
+    """The ranks of one training each ask for the stage's dataset at the same moment: the second waits for the
+    first's build and reuses it. Without the lock both built, and the second swapped its folder in while the first
+    read train.txt (FileNotFoundError on a rank)."""
+    write = yolo_dataset._write
+
+    def slow_write(*args, **kwargs):
+        time.sleep(1.0)  # the first builder is still writing when the second asks
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(yolo_dataset, "_write", slow_write)
+    results = []
+    builders = [threading.Thread(target=lambda: results.append(
+        build_yolo_dataset(det_data.manifest, tmp_path, 1, include_single_images=False))) for _ in range(2)]
+    for builder in builders:
+        builder.start()
+        time.sleep(0.2)
+    for builder in builders:
+        builder.join(60)
+    assert sorted(r.rebuilt for r in results) == [False, True]
+    assert all(os.path.isfile(p) for p in open(results[0].train_list).read().split())
 
 
 def test_label_lines_clip_to_the_image_and_skip_empty_boxes():

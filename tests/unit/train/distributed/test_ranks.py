@@ -135,13 +135,20 @@ def test_interleaved_with_an_oom_on_rank_1_trains_like_one_process_and_a_killed_
             assert torch.equal(value, theirs[model][key]), f"{model} {key}"
 
 
-def test_killing_the_launching_process_leaves_no_rank_alive(stage, tmp_path):
+# The two ways a cancelled flow run's process ends: a runner's cancel is SIGTERM, which Prefect's engine raises as
+# an exception in the flow's thread (emulated by a handler that raises): the launcher's `finally` kills the group; a
+# SIGKILL (the runner's escalation) runs no clean-up: the child's parent-death signal ends torchrun, which ends the
+# ranks. (The two are not told apart here: either alone ends the ranks within milliseconds.)
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_killing_the_launching_process_leaves_no_rank_alive(stage, tmp_path, how):
     cfg = stage(tmp_path, "train.distributed.nproc_per_node=2", "train.classification.epochs=50")
     script = tmp_path / "launch.py"
     script.write_text(
-        "import json, sys\nfrom pathlib import Path\nfrom pillsnap.config import from_dict\n"
+        "import json, signal, sys\nfrom pathlib import Path\nfrom pillsnap.config import from_dict\n"
         "from pillsnap.train.distributed.launch import run_training_processes\n"
         "from pillsnap.train.distributed.world import launch_spec\n"
+        "def stop(*_):\n    raise SystemExit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
         "config = json.loads(Path(sys.argv[1]).read_text())\n"
         "run_training_processes(config, 1, Path(sys.argv[2]), None, None,"
         " launch_spec(from_dict(config).train.distributed))\n")
@@ -156,7 +163,8 @@ def test_killing_the_launching_process_leaves_no_rank_alive(stage, tmp_path):
         ranks = [p for p in children if "pillsnap.train.distributed.worker" in " ".join(p.cmdline())
                  and "torch.distributed.run" not in " ".join(p.cmdline())]
     assert len(ranks) == 2, "the ranks did not start"
-    os.kill(launcher.pid, signal.SIGKILL)  # a cancelled flow run's process, killed outright
-    launcher.wait()
+    os.kill(launcher.pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+    code = launcher.wait(timeout=60)
+    assert code == (143 if how == "sigterm" else -signal.SIGKILL)
     gone, alive = psutil.wait_procs(children, timeout=60)
     assert not alive, f"still alive after the launcher died: {[p.pid for p in alive]}"
