@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
@@ -20,7 +21,11 @@ from pillsnap.data.prepare import pixel_store
 from pillsnap.data.datasets import (ClassificationDataset, ClassificationSamples, Collate, EpochSampler,
                                     classification_samples, make_loader)
 from pillsnap.data.yolo_dataset import YoloDataset, stage_detector_dataset
+from pillsnap.lock import wait_for_lock
 from pillsnap.train.loss import sample_weights
+
+LABELS_LOCK = ".labels.lock"  # in the stage's YOLO folder
+
 
 @dataclass
 class UnitData:
@@ -132,8 +137,11 @@ def detector_data(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, hyp, ep
     from ultralytics.data import build_yolo_dataset as ultralytics_dataset
 
     yolo, val_rows = stage_detector_dataset(cfg, subset, stage)
-    dataset = ultralytics_dataset(hyp, yolo.train_list, cfg.train.detection.batch_size, yolo.ultralytics_data(),
-                                  mode="train", stride=32)
+    # ultralytics writes labels/train.cache in place (unlink, then write): the ranks take turns, so the second
+    # reads the first's whole file, never one half written.
+    with wait_for_lock(Path(yolo.root) / LABELS_LOCK):
+        dataset = ultralytics_dataset(hyp, yolo.train_list, cfg.train.detection.batch_size, yolo.ultralytics_data(),
+                                      mode="train", stride=32)
     _mosaic_partners_from_the_whole_dataset(dataset.transforms)
     sampler = EpochSampler(len(dataset), cfg.train.seed)
     dl = cfg.dataloader
