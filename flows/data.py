@@ -36,7 +36,8 @@ def _run_shards(task, config: Dict, shards: List, finished: Callable[[Any], bool
         raise ShardsFailed(f"{len(failed)} of {len(states)} shards of {task.name} failed (the others finished and "
                            "are kept; a re-run redoes only these):\n  - "
                            + "\n  - ".join(str(s.message) for s in failed))
-    return [{**s.result(), "computed": s.result()["computed"] and s.name != "Cached"} for s in states]
+    return [{**summary, "computed": summary["computed"] and s.name != "Cached"}
+            for s, summary in ((s, s.result()) for s in states)]
 
 
 def _import(config: Dict) -> Dict:

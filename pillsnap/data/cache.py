@@ -268,7 +268,7 @@ def commit_segment(directory: Path, name: str, keys: Sequence[bytes], valid: np.
     """The segment's keys, written after its rows: present = every row is in place."""
     path = Path(directory) / f"{name}.npz"
     tmp = path.with_name(f".{name}.{os.getpid()}.npz")
-    np.savez(tmp, keys=_key_array(keys) if keys else np.zeros((0, KEY_BYTES), np.uint8), valid=valid)
+    np.savez(tmp, keys=_key_array(keys), valid=valid)
     tmp.replace(path)
 
 

@@ -7,13 +7,13 @@ single process builds (`import_aihub_split`).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+from pillsnap.core.jsonio import read_json, write_json_atomic
 from pillsnap.data.aihub import ImportIssue, LabelPart, label_files, parse_labels
 from pillsnap.data.shards import ShardError
 
@@ -54,12 +54,9 @@ def run_label_shard(shard: LabelShard, results_dir: Path) -> Dict:
             part = parse_labels(shard.paths)
         except RuntimeError as e:  # parse_labels names the file
             raise ShardError(f"{shard.describe()}: {e}") from e
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"records": part.records, "issues": [asdict(i) for i in part.issues],
-                                   "info": part.info, "worker": f"{socket.gethostname()}:{os.getpid()}"},
-                                  ensure_ascii=False))
-        tmp.replace(path)  # last: a result on disk means the shard finished
+        # last: a result on disk means the shard finished
+        write_json_atomic(path, {"records": part.records, "issues": [asdict(i) for i in part.issues],
+                                 "info": part.info, "worker": f"{socket.gethostname()}:{os.getpid()}"})
     return {"shard": shard.index, "result": str(path), "labels": len(shard.paths), "computed": computed}
 
 
@@ -67,6 +64,6 @@ def read_label_parts(summaries: Sequence[Dict]) -> List[LabelPart]:
     """The shards' parts in label-file order."""
     parts = []
     for s in sorted(summaries, key=lambda s: s["shard"]):
-        done = json.loads(Path(s["result"]).read_text())
+        done = read_json(s["result"])
         parts.append(LabelPart(done["records"], [ImportIssue(**i) for i in done["issues"]], done["info"]))
     return parts

@@ -15,13 +15,13 @@ import pandas as pd
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.aihub import ImportIssue, ImportResult, assemble_split, import_aihub, training_split
-from pillsnap.data.cache import PixelStore, photo_samples
+from pillsnap.data.cache import PixelStore
 from pillsnap.data.class_map import build_class_map
 from pillsnap.data.csv_import import import_csv
 from pillsnap.core import layout
 from pillsnap.data.manifest import assign_splits, manifest_hash, read_manifest, write_manifest
 from pillsnap.data.label_shards import LabelShard, plan_label_shards, read_label_parts
-from pillsnap.data.shards import Shard, ShardSettings, plan_shards, read_checks, run_shard
+from pillsnap.data.shards import Shard, ShardSettings, manifest_photos, read_checks, run_shard, shard_photos
 from pillsnap.data.subsets import build_stage_subset, write_subset
 from pillsnap.progress import progress
 from pillsnap.data.validate import load_quarantine, raise_if_fatal, validate_manifest, write_report
@@ -118,23 +118,21 @@ def shard_results_dir(cfg: PillSnapConfig) -> Path:
 def plan_validation(cfg: PillSnapConfig) -> Tuple[List[Shard], ShardSettings, str]:
     """The manifest's shards and what they do: validation always, the first pixel-cache fill when the cache is on
     and its disk holds every sample of the manifest (else each stage fills its own rows when it trains)."""
-    manifest = read_manifest(manifest_path(cfg))
+    photos = manifest_photos(read_manifest(manifest_path(cfg)), cfg.data.include_combination_crops)  # parsed once
     v, c = cfg.data.validation, cfg.classification
     store = pixel_store(cfg)
     fill, why = cfg.dataloader.cache.enabled and cfg.data.prepare.fill_cache, "filled by validation's decode"
     if not fill:
         why = "not filled by validation (dataloader.cache.enabled or data.prepare.fill_cache is false)"
     else:
-        samples = [s for p, k, b in zip(manifest["image_path"], manifest["kind"], manifest["boxes"])
-                   for s in photo_samples(p, k, b, cfg.data.include_combination_crops)]
-        plan = store.plan(samples)
+        plan = store.plan([s for photo in photos for s in photo.samples])
         if not plan.fits:
             fill, why = False, (f"not filled by validation: the disk cannot hold the manifest's rows "
                                 f"({plan.describe()}); each stage fills its own rows when it trains")
             log.warning("pixel cache %s", why)
     settings = ShardSettings(v.check_images, v.hash_duplicates, str(store.dir.parent.resolve()) if fill else None,
                              c.image_size, c.crop_padding, cfg.data.include_combination_crops)
-    return plan_shards(manifest, settings, cfg.data.prepare.shard_size), settings, why
+    return shard_photos(photos, settings, cfg.data.prepare.shard_size), settings, why
 
 
 def finish_validation(cfg: PillSnapConfig, summaries: Sequence[Dict], cache_note: str) -> Dict:

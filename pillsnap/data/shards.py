@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from pillsnap.core.jsonio import read_json, write_json_atomic
 from pillsnap.data.cache import (Sample, commit_segment, photo_samples, sample_key, sample_pixels, segment_committed,
                                  segment_rows, store_dir)
 
@@ -77,13 +78,21 @@ class Shard:
         return f"seg-{self.key}"
 
 
+def manifest_photos(manifest: pd.DataFrame, include_crops: bool) -> List[Photo]:
+    """Every manifest photo with the classifier samples it gives, in manifest order."""
+    columns = [manifest[c].tolist() for c in ("image_path", "kind", "boxes", "width", "height")]
+    return [Photo(path, int(w), int(h), tuple(photo_samples(path, kind, boxes, include_crops)))
+            for path, kind, boxes, w, h in zip(*columns)]
+
+
 def plan_shards(manifest: pd.DataFrame, settings: ShardSettings, shard_size: int) -> List[Shard]:
-    """Consecutive slices of the manifest; each keyed by the hash of its photos and the settings."""
+    return shard_photos(manifest_photos(manifest, settings.include_crops), settings, shard_size)
+
+
+def shard_photos(photos: Sequence[Photo], settings: ShardSettings, shard_size: int) -> List[Shard]:
+    """Consecutive slices of the manifest's photos; each keyed by the hash of its photos and the settings."""
     if shard_size < 1:
         raise ValueError(f"data.prepare.shard_size={shard_size}: must be >= 1")
-    columns = [manifest[c].tolist() for c in ("image_path", "kind", "boxes", "width", "height")]
-    photos = [Photo(path, int(w), int(h), tuple(photo_samples(path, kind, boxes, settings.include_crops)))
-              for path, kind, boxes, w, h in zip(*columns)]
     shards = []
     for index, first in enumerate(range(0, len(photos), shard_size)):
         part = tuple(photos[first:first + shard_size])
@@ -162,7 +171,7 @@ def run_shard(shard: Shard, settings: ShardSettings, results_dir: Path, workers:
     path = result_path(results_dir, shard)
     filled = settings.cache_dir is not None
     if shard_finished(shard, settings, results_dir):
-        done = json.loads(path.read_text())
+        done = read_json(path)
         return _summary(shard, path, done["checks"], computed=False, settings=settings, worker=done["worker"])
     jobs, offset, total = [], 0, sum(len(p.samples) for p in shard.photos)
     for start in range(0, len(shard.photos), CHUNK):
@@ -178,11 +187,9 @@ def run_shard(shard: Shard, settings: ShardSettings, results_dir: Path, workers:
     if filled:
         keys = [sample_key(s) for p in shard.photos for s in p.samples]
         commit_segment(_store(settings), shard.segment, keys, np.array([v for _, part in done for v in part], bool))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    tmp.write_text(json.dumps({"shard": shard.index, "first": shard.first, "worker": worker, "checks": checks}))
-    tmp.replace(path)  # last: a result on disk means the shard finished
+    # last: a result on disk means the shard finished
+    write_json_atomic(path, {"shard": shard.index, "first": shard.first, "worker": worker, "checks": checks})
     return _summary(shard, path, checks, computed=True, settings=settings, worker=worker)
 
 
@@ -199,7 +206,7 @@ def read_checks(summaries: Sequence[Dict], photos: int) -> List[Check]:
     """Every photo's check in manifest order, from the shards' results (which must cover the manifest)."""
     checks: List[Optional[Check]] = [None] * photos
     for s in summaries:
-        part = json.loads(Path(s["result"]).read_text())["checks"]
+        part = read_json(s["result"])["checks"]
         checks[s["first"]:s["first"] + len(part)] = [tuple(c) for c in part]
     missing = [i for i, c in enumerate(checks) if c is None]
     if missing:

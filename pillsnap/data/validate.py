@@ -15,7 +15,7 @@ import pandas as pd
 from pillsnap.config import ValidationConfig
 from pillsnap.data.aihub import ImportIssue
 from pillsnap.data.manifest import image_k_codes
-from pillsnap.data.shards import Check, ShardSettings, inspect_photo, plan_shards
+from pillsnap.data.shards import Check, ShardSettings, inspect_photo, manifest_photos
 
 log = logging.getLogger(__name__)
 WORST_SHOWN = 5
@@ -76,8 +76,7 @@ class ValidationReport:
 def _check_images(df: pd.DataFrame, cfg: ValidationConfig) -> List[Check]:
     """In this process, one photo after another; data preparation runs the same inspection in shards."""
     settings = ShardSettings(cfg.check_images, cfg.hash_duplicates, None, 0, 0.0, False)
-    return [inspect_photo(photo, settings)[0] for shard in plan_shards(df, settings, max(1, len(df)))
-            for photo in shard.photos]
+    return [inspect_photo(photo, settings)[0] for photo in manifest_photos(df, include_crops=False)]
 
 
 def _bbox_findings(df: pd.DataFrame) -> List[Finding]:
