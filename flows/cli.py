@@ -51,9 +51,10 @@ def cmd_synth(args) -> int:
 
 def cmd_import(args) -> int:
     from pillsnap.config import save_resolved
+    from tasks.common import run_name
     from pillsnap.data.prepare import run_import
     cfg = _load(args)
-    save_resolved(cfg)
+    save_resolved(cfg, f"import-{run_name()}")
     _print(run_import(cfg, show_progress=cfg.logging.progress_bar))
     return 0
 
@@ -130,9 +131,15 @@ def cmd_reopen(args) -> int:
 
 
 def cmd_final_test(args) -> int:
+    if args.force and not ((args.reviewer or "").strip() and (args.reason or "").strip()):
+        print("pillsnap final-test: --force needs --reviewer NAME and --reason TEXT (every evaluation of the sealed "
+              "split is counted and named)", file=sys.stderr)
+        return 2
     _flow_env()
     from flows.final_test import final_test_flow
-    _print(final_test_flow(profile=args.profile, overrides=args.overrides, config_path=args.config, force=args.force))
+    forced = (args.reviewer, args.reason) if args.force else ("", "")
+    _print(final_test_flow(profile=args.profile, overrides=args.overrides, config_path=args.config,
+                           forced_by=forced[0], force_reason=forced[1]))
     return 0
 
 
@@ -262,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--start", type=int, default=1)
             p.add_argument("--end", type=int, default=4)
         if name == "final-test":
-            p.add_argument("--force", action="store_true", help="evaluate again even if the final test already ran")
+            p.add_argument("--force", action="store_true",
+                           help="evaluate again although the final test already ran on this Stage 4 (needs --reviewer "
+                                "and --reason; counted)")
+            p.add_argument("--reviewer", help="with --force: your name")
+            p.add_argument("--reason", help="with --force: why the sealed split is evaluated again")
         if name in ("predict", "export"):
             from flows.cli_infer import add_arguments
             add_arguments(name, p)

@@ -2,7 +2,7 @@
 validation (with the first pixel-cache fill: one decode per photo) run in shards on the configured task runner."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from prefect import flow
 from prefect.filesystems import LocalFileSystem
@@ -12,7 +12,7 @@ from flows.config import resolve
 from flows.runners import shard_task_runner, shard_workers
 from pillsnap.data.label_shards import label_result
 from pillsnap.data.prepare import shard_results_dir
-from pillsnap.data.shards import shard_finished
+from pillsnap.data.shards import files_identity, shard_finished
 from tasks.common import cfg_of, result_storage
 from tasks.data import (current_manifest_hash, import_from_shards_task, import_shard_task, import_task,
                         plan_import_task, plan_validation_task, synthesize_task, validate_shard_task, validate_task,
@@ -50,27 +50,30 @@ def _import(config: Dict) -> Dict:
     return {**imported, "shards": {"total": len(summaries), "computed": sum(s["computed"] for s in summaries)}}
 
 
-def _cached_validation(config: Dict, manifest_hash: str) -> Optional[Dict]:
-    """The validation of this manifest and settings when the result store has it (no shard is mapped then)."""
+def _cached_validation(config: Dict, manifest_hash: str) -> Tuple[Optional[Dict], Tuple]:
+    """(the validation of this manifest, these settings and these files as they are now, when the result store has
+    it, else None; the shard plan). Planning stamps every photo's file: a photo truncated or replaced since it was
+    validated is a miss."""
     storage = result_storage(config)
+    plan = plan_validation_task(config)
+    files = files_identity(plan[0])
     if not ResultStore(result_storage=LocalFileSystem(basepath=str(storage))).exists(
-            validation_key(config, manifest_hash)):
-        return None
-    return validate_task.with_options(result_storage=storage)(config, manifest_hash, [], "")  # a cache hit
+            validation_key(config, manifest_hash, files)):
+        return None, plan
+    return validate_task.with_options(result_storage=storage)(config, manifest_hash, files, [], ""), plan  # a hit
 
 
 def _validate(config: Dict, manifest_hash: str) -> Dict:
-    cached = _cached_validation(config, manifest_hash)
+    cached, (shards, settings, cache_note) = _cached_validation(config, manifest_hash)
     if cached is not None:
         return cached
-    storage = result_storage(config)
     cfg = cfg_of(config)
-    shards, settings, cache_note = plan_validation_task(config)
     results_dir = shard_results_dir(cfg).resolve()
     summaries = _run_shards(validate_shard_task, config, shards,
                             lambda shard: shard_finished(shard, settings, results_dir), settings, str(results_dir),
                             shard_workers(cfg))
-    return validate_task.with_options(result_storage=storage)(config, manifest_hash, summaries, cache_note)
+    return validate_task.with_options(result_storage=result_storage(config))(
+        config, manifest_hash, files_identity(shards), summaries, cache_note)
 
 
 @flow(name="pillsnap-prepare")
@@ -81,8 +84,9 @@ def prepare_flow(config: Dict, with_import: bool = True) -> Dict:
 
 
 def validate_data(config: Dict, manifest_hash: str) -> Dict:
-    """The validation of this manifest and settings: from the result store when it was done, else in shards."""
-    cached = _cached_validation(config, manifest_hash)
+    """The validation of this manifest, settings and files: from the result store when it was done, else in shards
+    on the configured task runner (which plans them again: a plan of the release is not passed as a parameter)."""
+    cached, _ = _cached_validation(config, manifest_hash)
     if cached is not None:
         return cached
     runner = shard_task_runner(cfg_of(config))

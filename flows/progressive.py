@@ -1,12 +1,14 @@
 """Progressive training: stages in order, each only after the previous one is GO and approved.
 
 mode="advance" (the scheduled deployment): read ledger.json and do ONE step: run the next stage, re-run it
-with the advisor's overrides when that was the choice, run the final test once after an approved Stage 4,
-or report what blocks progress. mode="run": run stages start..end in one go, stopping at the first that is
+with the advisor's overrides when that was the choice, judge its stored results again when the only thing that
+stopped it was a mandatory check named persons have attested since, run the final test once after an approved
+Stage 4, or report what blocks progress. mode="run": run stages start..end in one go, stopping at the first that is
 not approved. The experiment lock keeps two runs from training in one experiment at once.
 
-The result ends with `outcome`: one sentence (where it stopped, the decision and its reasons, what to do next)
-and `gate_stopped`, true when a gate or a decision stopped the progression (the CLI exits 3 then).
+The result ends with `outcome`: one sentence (where it stopped, the Go/No-Go rows and mandatory checks that stopped
+it, and the command that unblocks it) and `gate_stopped`, true when a gate or a decision stopped the progression
+(the CLI exits 3 then).
 """
 from __future__ import annotations
 
@@ -18,19 +20,29 @@ from prefect import flow, get_run_logger
 from flows.config import resolve
 from flows.final_test import final_test_flow
 from flows.hooks import notify_on_failure
-from flows.stage import stage_flow
-from pillsnap.ledger import Ledger
+from flows.stage import rejudge_flow, stage_flow
+from pillsnap.ledger import Ledger, unattested_blockers
 
 
-def _next_step(stage: int, choice: str, unattested: List[str]) -> str:
+def _next_step(stage: int, choice: str, blocked_by: Dict, waiting: List[str], pending: List[str]) -> str:
+    """What unblocks the stage, from what really stopped it (its failed Go/No-Go rows and mandatory checks)."""
     if choice == "rerun_optimized":
         return f"run `pillsnap progress` again: it re-runs Stage {stage} with the advisor's overrides"
-    if unattested:
-        return (f"confirm the attested checks as a named person (`pillsnap attest --stage {stage} --check NAME "
-                f"--reviewer NAME`), then re-run Stage {stage}")
-    return (f"read stage_{stage}/reports/advisor.json (suggestions and failed checks), fix and re-run "
-            f"`pillsnap stage --stage {stage}`, or review it yourself (orchestration.interactive_review=true): a "
-            f"named person's proceed is recorded as an override")
+    unconfirmed = [n for n in waiting if n not in pending]
+    if waiting and unconfirmed:
+        return (f"a named person confirms {', '.join(unconfirmed)} (`pillsnap attest --stage {stage} --check NAME "
+                f"--reviewer NAME --note TEXT`), then `pillsnap progress` judges the stored results again (nothing "
+                f"is retrained)")
+    rows, failed = blocked_by.get("gate_rows") or [], blocked_by.get("mandatory") or {}
+    fix = [*(f"Go/No-Go {r}" for r in rows), *(f"mandatory check {n} {st}" for n, st in failed.items())]
+    what = f"fix {'; '.join(fix)}" if fix else "read the advisor's suggestions"
+    return (f"{what} (stage_{stage}/reports/advisor.json and stage_report.md) and run `pillsnap stage --stage "
+            f"{stage}` again, or a named person approves it over them in the review "
+            f"(orchestration.interactive_review=true), recorded as an override")
+
+
+def _stopped(stage: int, decision: str, reasons: List[str], why: str) -> str:
+    return f"Stopped at Stage {stage}: Go/No-Go {decision} ({', '.join(reasons) or 'no Go/No-Go reason'}){why}"
 
 
 def outcome(steps: List[Dict]) -> Dict:
@@ -44,16 +56,16 @@ def outcome(steps: List[Dict]) -> Dict:
         if last["approved"]:
             return {"gate_stopped": False, "sentence": f"Stage {last['stage']} approved ({last['decision']}, "
                     f"{last['choice']} by {last['chosen_by']}); the next run advances to the next step."}
-        reasons = ", ".join(last.get("reasons") or []) or "no Go/No-Go reason"
-        why = last.get("stop_reason") or ""
-        return {"gate_stopped": True, "sentence": (
-            f"Stopped at Stage {last['stage']}: Go/No-Go {last['decision']} ({reasons}), advisor "
-            f"{last.get('recommendation')}, choice {last['choice']} by {last['chosen_by']}"
-            f"{f' ({why})' if why else ''}. Next: "
-            f"{_next_step(last['stage'], last['choice'], last.get('unattested') or [])}.")}
+        stop = f" ({last['stop_reason']})" if last.get("stop_reason") else ""
+        why = f", advisor {last.get('recommendation')}, choice {last['choice']} by {last['chosen_by']}{stop}"
+        next_step = _next_step(last["stage"], last["choice"], last.get("blocked_by") or {},
+                               unattested_blockers(last["decision"], last["chosen_by"], last.get("blocked_by")), [])
+        return {"gate_stopped": True, "sentence": f"{_stopped(last['stage'], last['decision'], last['reasons'], why)}"
+                f". Next: {next_step}."}
     if last.get("action") == "blocked":
-        return {"gate_stopped": True, "sentence": f"Blocked at Stage {last['stage']}: {last['why']}. Next: "
-                f"{_next_step(last['stage'], '', last.get('unattested') or [])}."}
+        next_step = _next_step(last["stage"], "", last.get("blocked_by") or {}, last.get("unattested") or [],
+                               last.get("pending") or [])
+        return {"gate_stopped": True, "sentence": f"Blocked at Stage {last['stage']}: {last['why']}. Next: {next_step}."}
     return {"gate_stopped": False, "sentence": f"Nothing to do: {last.get('why', 'the final test has run')}."}
 
 
@@ -73,12 +85,16 @@ def progressive_flow(start_stage: int = 1, end_stage: int = 4, mode: str = "adva
     while True:
         plan = _plan(profile, overrides, config_path, start_stage, end_stage)
         logger.info("progressive plan: %s", plan)
-        if plan["action"] == "run":
-            result = stage_flow(stage=plan["stage"], profile=profile, overrides=[*(overrides or []), *plan["overrides"]],
-                                config_path=config_path)
-            steps.append({**{k: result.get(k) for k in ("stage", "decision", "reasons", "recommendation", "choice",
-                                                        "chosen_by", "approved", "stop_reason")},
-                          "unattested": [n for n, s in result["checks"].items() if s == "unattested"]})
+        if plan["action"] in ("run", "rejudge"):
+            if plan["action"] == "run":
+                result = stage_flow(stage=plan["stage"], profile=profile, config_path=config_path,
+                                    overrides=[*(overrides or []), *plan["overrides"]])
+            else:  # every check that stopped it is attested now: its stored results are judged again
+                result = rejudge_flow(stage=plan["stage"], profile=profile, overrides=overrides,
+                                      config_path=config_path)
+            steps.append({k: result.get(k) for k in ("stage", "decision", "reasons", "recommendation", "choice",
+                                                     "chosen_by", "approved", "stop_reason", "blocked_by",
+                                                     "rejudged_from")})
             if mode == "advance" or not result["approved"]:
                 break
         elif plan["action"] == "final":

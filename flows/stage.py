@@ -14,15 +14,17 @@ from prefect import flow
 from flows.config import resolve
 from flows.data import validate_data
 from flows.hooks import notify_on_failure
-from pillsnap.core import layout
 from pillsnap.evaluate.detector_eval import detection_results
 from pillsnap.ledger import Ledger
-from tasks.common import kept_for_the_run, result_storage
+from pillsnap.data.subsets import subset_changed
+from pillsnap.train.results import checkpoints_changed
+from tasks.common import fresh_result, kept_for_the_run, result_storage
 from tasks.data import current_manifest_hash, subset_task
 from tasks.evaluate import (advisor_task, attest_task, checks_task, combination_task, evaluate_task, go_no_go_task,
                             stage_results_task)
 from tasks.export import api_check_task, export_task
-from tasks.review import environment_check_task, pixel_cache_check_task, record_decision_task, report_task, review
+from tasks.review import (environment_check_task, pixel_cache_check_task, record_decision_task, report_task,
+                          restore_checks_task, review, stored_judgement_task)
 from tasks.train import train_task
 from tasks.tuning import (auto_batch_task, autotune_workers_task, plan_stage_task, stage_settings_task,
                           verify_models_task)
@@ -40,15 +42,12 @@ def _plans(config: Dict, stage: int, models: List[str], storage: Path) -> Dict[s
 
 
 def _train(config: Dict, plan: Dict, subset_hash: str, storage: Path) -> tuple[Dict[str, Dict], str]:
-    """({model: result}, training task state name)."""
-    stage, models = plan["stage"], plan["models"]
-    batch_plans = _plans(config, stage, models, storage)
-    # A cached result is only good while the checkpoints it points to exist.
-    exp_dir = Path(config["paths"]["exp_dir"])
-    missing = not all(layout.best_checkpoint(exp_dir, stage, model).is_file() for model in models)
-    state = train_task.with_options(result_storage=storage, refresh_cache=missing)(
-        config, stage, subset_hash, plan["warm_start"], batch_plans, return_state=True)
-    return state.result(), state.name
+    """({model: result}, training task state name). A cached result is good while its best.pt files are the ones it
+    recorded (by sha256)."""
+    stage = plan["stage"]
+    batch_plans = _plans(config, stage, plan["models"], storage)
+    return fresh_result(train_task, checkpoints_changed, config, stage, subset_hash, plan["warm_start"], batch_plans,
+                        result_storage=storage)
 
 
 @flow(name="pillsnap-stage", on_failure=[notify_on_failure])
@@ -63,9 +62,8 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
     storage = result_storage(config)
     manifest_hash = current_manifest_hash(config)
     validation = validate_data(config, manifest_hash)  # shards on orchestration.task_runner
-    subset_missing = not (layout.stage_data_dir(exp_dir, stage) / "subset.csv").is_file()
-    subset = subset_task.with_options(result_storage=storage, refresh_cache=subset_missing)(
-        config, stage, manifest_hash)
+    subset, _ = fresh_result(subset_task, lambda s: subset_changed(exp_dir, stage, s["subset_hash"]), config, stage,
+                             manifest_hash, result_storage=storage)
     pixel_cache_check_task(config, stage)  # the cache it sizes is the stage's
     verify_models_task(config, stage)
     trained, train_state = _train(config, plan, subset["subset_hash"], storage)
@@ -79,21 +77,48 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
     api = kept(api_check_task)(config, stage)
     given = Ledger.of(exp_dir).pending_attestations(stage)
     checks = kept(checks_task)(config, stage, subset, trained, evaluation, export, api, given)
+    judged = {"validation": validation, "subset": subset, "trained": trained, "evaluation": evaluation,
+              "detection": detection, "export": export, "api": api, "checks": checks}
     results = kept(stage_results_task)(stage, evaluation, trained, validation, subset, checks, detection, api)
     go_no_go = kept(go_no_go_task)(config, stage, results, baseline, predecessor)
-    advice = kept(advisor_task)(config, stage, results)
-    decided = review(config, stage, go_no_go, advice, given)
-    checks = attest_task(config, stage, decided.attestations)
-    results = stage_results_task(stage, evaluation, trained, validation, subset, checks, detection, api)
-    advice = advisor_task(config, stage, results)  # after the attestations: the word the ledger records
-    checkpoints = {model: result["best_checkpoint"] for model, result in trained.items()}
-    decision = record_decision_task(config, stage, go_no_go, advice, decided, results, checkpoints, predecessor)
-    report = report_task(config, stage, subset, train, evaluation, go_no_go, advice, detection, checks, decision)
-    return {"stage": stage, "report": report, "accuracy": evaluation["accuracy"],
+    decision = decide_stage(config, stage, judged, results, go_no_go, given, predecessor)
+    return {"stage": stage, "accuracy": evaluation["accuracy"],
             "macro_f1": evaluation["macro_f1"], "top5": evaluation["top5"], "n_val": evaluation["n"],
             "detection": detection, "export_ok": bool(export.get("ok")), "api": api,
-            "settings_changed": settings_changed, "checks": results["checks"],
+            "settings_changed": settings_changed, **decision, "train_state": train_state,
+            "global_step": train["global_step"], "resumed_from_step": train["resumed_from_step"]}
+
+
+def decide_stage(config: Dict, stage: int, judged: Dict, results: Dict, go_no_go: Dict, given: Dict[str, Dict],
+                 predecessor: str = "", rejudged: Optional[Dict] = None) -> Dict:
+    """Advisor → review (a person, or the unattended policy) → attestations → advisor again (its word after the
+    attestations is what the ledger records) → ledger → report. `rejudged`: {evidence, seq} of the decision whose
+    stored results are judged again (a re-judgement records that decision's evidence, checked when loaded)."""
+    advice = kept_for_the_run(advisor_task, result_storage(config))(config, stage, results)
+    decided = review(config, stage, go_no_go, advice, given)
+    checks = attest_task(config, stage, decided.attestations)
+    j = judged
+    results = stage_results_task(stage, j["evaluation"], j["trained"], j["validation"], j["subset"], checks,
+                                 j["detection"], j["api"])
+    advice = advisor_task(config, stage, results)  # after the attestations: the word the ledger records
+    decision = record_decision_task(config, stage, go_no_go, advice, decided, results, judged, predecessor, rejudged)
+    report = report_task(config, stage, j["subset"], j["trained"]["classifier"], j["evaluation"], go_no_go, advice,
+                         j["detection"], checks, decision)
+    return {"report": report, "checks": {name: c["status"] for name, c in checks.items()},
             "go_no_go": go_no_go["decision"], "reasons": go_no_go["reasons"],
             "recommendation": advice["recommendation"], **decision, "exp_dir": config["paths"]["exp_dir"],
-            "train_state": train_state, "global_step": train["global_step"],
-            "resumed_from_step": train["resumed_from_step"], "overrides": advice.get("overrides", [])}
+            "overrides": advice.get("overrides", [])}
+
+
+@flow(name="pillsnap-rejudge", on_failure=[notify_on_failure])
+def rejudge_flow(stage: int, profile: Optional[str] = None, overrides: Optional[List[str]] = None,
+                 config_path: Optional[str] = None) -> Dict:
+    """A stage's latest decision judged again from its stored results, with the attestations given since (nothing
+    is trained, evaluated or measured again): with the config that decision was judged by, after checking that the
+    stored results and the models it judged are the files it recorded."""
+    stored = stored_judgement_task(resolve(config_path, profile, overrides), stage)
+    config, judged = stored["config"], stored["judged"]
+    restore_checks_task(config, stage, judged["checks"])
+    return {"stage": stage, "rejudged_from": stored["seq"],
+            **decide_stage(config, stage, judged, judged["results"], judged["go_no_go"], stored["given"],
+                           stored["predecessor"], {"evidence": stored["evidence"], "seq": stored["seq"]})}

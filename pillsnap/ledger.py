@@ -23,6 +23,7 @@ STAGES = (1, 2, 3, 4)
 FINAL_STAGE = 4
 POLICY_NEVER_OVERRIDES = "an unattended policy never approves a stage Go/No-Go refused or whose mandatory checks " \
                          "did not pass"
+ANONYMOUS_PROCEED = "a proceed without the reviewer's name approves nothing: who decides must be a named person"
 
 
 def now() -> str:
@@ -50,6 +51,15 @@ class StageRecord:
     overrides: List[str] = field(default_factory=list)  # the advisor's key=value suggestions, for a re-run
     stop_reason: str = ""  # why the stage stopped (a policy's "proceed" refused, a person's stop, …)
     predecessor: str = ""  # "" (Stage 1 or approved) or who ran it without an approved predecessor, and why
+    # What was judged, by content (evaluate.provenance): the resolved config's hash and file, the manifest, subset
+    # and validation rows' hashes, each model's sha256 and its pinned copy, the exports and the models the API served
+    evidence: Dict = field(default_factory=dict)
+    # The gates applied and where they differ from the shipped configs/pillsnap.yaml (config.gates)
+    gates: Dict = field(default_factory=dict)
+    # What stopped the stage, by name: Go/No-Go rows that did not pass ("name measured (needs op target)") and
+    # mandatory checks that did not pass ({name: status}); empty when nothing did
+    blocked_by: Dict = field(default_factory=dict)
+    rejudged_from: int = 0  # the seq of the record whose stored results this one re-judged (0: judged in its run)
     flow_run_id: str = ""
     seq: int = 0
     finished_at: str = field(default_factory=now)
@@ -60,8 +70,20 @@ class StageRecord:
         return self.chosen_by == "human" and self.choice == "proceed" and bool(self.overridden)
 
     @property
+    def gates_loosened(self) -> List[Dict]:
+        """The gates this decision applied that ask less than the shipped ones (or otherwise): overrides."""
+        return [d for d in self.gates.get("differences") or [] if d.get("direction") != "tighter"]
+
+    def model(self, name: str) -> Dict:
+        """{checkpoint, sha256} of a model this decision judged ({} when the record predates content identity)."""
+        return dict((self.evidence.get("models") or {}).get(name) or {})
+
+    @property
     def approved(self) -> bool:
-        """GO and proceed, or a person's proceed over a NO_GO (an unattended policy never overrides a NO_GO)."""
+        """GO and proceed, or a named person's proceed over a NO_GO (an unattended policy never overrides a NO_GO; a
+        person's choice counts only with their name)."""
+        if self.chosen_by == "human" and not self.reviewer.strip():
+            return False
         return self.choice == "proceed" and (self.decision == "GO" or self.chosen_by == "human")
 
     def summary(self) -> Dict:
@@ -69,7 +91,9 @@ class StageRecord:
         return {"stage": self.stage, "decision": self.decision, "reasons": self.reasons, "choice": self.choice,
                 "chosen_by": self.chosen_by, "reviewer": self.reviewer, "override": self.override,
                 "overridden": self.overridden, "attestations": self.attestations, "predecessor": self.predecessor,
-                "finished_at": self.finished_at}
+                "gates_loosened": self.gates_loosened, "models": {m: v.get("sha256") for m, v in
+                                                                  (self.evidence.get("models") or {}).items()},
+                "config_sha256": (self.evidence.get("config") or {}).get("sha256"), "finished_at": self.finished_at}
 
 
 def overridden_findings(go_no_go: Dict, advice: Dict) -> List[str]:
@@ -84,13 +108,15 @@ def overridden_findings(go_no_go: Dict, advice: Dict) -> List[str]:
 
 def decide(stage: int, go_no_go: Dict, advice: Dict, choice: str, chosen_by: str, reviewer: str = "",
            **fields) -> StageRecord:
-    """The record of what was really decided. A person's choice stands (a proceed over findings is an override
-    with the findings named); a policy's 'proceed' stands only for a GO whose mandatory checks all passed,
-    otherwise the stage stops and the record says why."""
+    """The record of what was really decided. A named person's choice stands (a proceed over findings is an
+    override with the findings named; a proceed without a name approves nothing); a policy's 'proceed' stands only
+    for a GO whose mandatory checks all passed, otherwise the stage stops and the record says why."""
     findings = overridden_findings(go_no_go, advice)
     blocked = go_no_go["decision"] != "GO" or bool(advice.get("failed_mandatory"))
-    stop_reason = ""
-    if choice == "proceed" and chosen_by != "human" and blocked:
+    stop_reason, reviewer = "", reviewer.strip()
+    if choice == "proceed" and chosen_by == "human" and not reviewer:
+        choice, stop_reason = "stop", ANONYMOUS_PROCEED
+    elif choice == "proceed" and chosen_by != "human" and blocked:
         choice, stop_reason = "stop", f"{POLICY_NEVER_OVERRIDES}: {'; '.join(findings)}"
     elif choice != "proceed":
         stop_reason = "; ".join(findings) or f"{chosen_by} chose {choice}"
@@ -98,7 +124,32 @@ def decide(stage: int, go_no_go: Dict, advice: Dict, choice: str, chosen_by: str
                        recommendation=advice["recommendation"], choice=choice, chosen_by=chosen_by, reviewer=reviewer,
                        overridden=findings if (chosen_by == "human" and choice == "proceed") else [],
                        overrides=list(advice.get("overrides", [])) if choice == "rerun_optimized" else [],
-                       stop_reason=stop_reason, **fields)
+                       stop_reason=stop_reason, blocked_by=blocking(go_no_go, advice, fields.get("checks") or {}),
+                       **fields)
+
+
+def blocking(go_no_go: Dict, advice: Dict, checks: Dict[str, str]) -> Dict:
+    """The Go/No-Go rows and the mandatory checks that did not pass, named with what was measured."""
+    def row(r: Dict) -> str:
+        measured = "not measured" if r.get("measured") is None else r["measured"]
+        measured = f"{measured:.4g}" if isinstance(measured, float) else measured
+        target = f"{r['target']:.4g}" if isinstance(r.get("target"), float) else r.get("target")
+        return f"{r['name']} {measured} (needs {r['comparison']} {target})"
+
+    return {"gate_rows": [row(r) for r in go_no_go.get("rows") or [] if r.get("status") in BLOCKING_STATUSES],
+            "mandatory": {name: checks.get(name, "not recorded") for name in advice.get("failed_mandatory") or []}}
+
+
+BLOCKING_STATUSES = ("fail", "not_measured", "unattested")
+
+
+def unattested_blockers(decision: str, chosen_by: str, blocked_by: Dict) -> List[str]:
+    """The mandatory checks that stopped a stage only because nobody named had attested them: [] when anything
+    else stopped it too (a Go/No-Go row, a measured check that failed, a person's stop)."""
+    mandatory = (blocked_by or {}).get("mandatory") or {}
+    if decision != "GO" or chosen_by == "human" or not mandatory:
+        return []
+    return sorted(mandatory) if all(status == "unattested" for status in mandatory.values()) else []
 
 
 class Ledger:
@@ -206,7 +257,10 @@ class Ledger:
         """What a scheduled "advance" run should do now, read from the ledger alone.
 
         run      the next stage has no record yet, or its last choice was rerun_optimized (with overrides)
-        blocked  the next stage was decided NO-GO or stop: a human must act before anything runs
+        rejudge  the next stage was stopped only by mandatory checks nobody had attested, and named persons have
+                 attested every one of them since: its stored results are judged again, nothing is retrained
+        blocked  the next stage was decided NO-GO or stop: a human must act before anything runs (`blocked_by`
+                 names the rows and checks that stopped it)
         final    Stage 4 is approved: run the final test, once
         done     the final test has run, or the next stage lies outside [start, end]
         """
@@ -221,10 +275,13 @@ class Ledger:
             return {"action": "run", "stage": stage, "overrides": []}
         if rec.choice == "rerun_optimized":
             return {"action": "run", "stage": stage, "overrides": list(rec.overrides)}
+        waiting = unattested_blockers(rec.decision, rec.chosen_by, rec.blocked_by)
+        if waiting and set(waiting) <= set(self.pending_attestations(stage)):
+            return {"action": "rejudge", "stage": stage, "attested": sorted(waiting)}
         return {"action": "blocked", "stage": stage,
                 "why": f"stage {stage} was {rec.decision} with choice '{rec.choice}' ({', '.join(rec.reasons)})"
                        + (f": {rec.stop_reason}" if rec.stop_reason else ""),
-                "unattested": [n for n, s in rec.checks.items() if s == "unattested"]}
+                "blocked_by": rec.blocked_by, "unattested": waiting, "pending": sorted(self.pending_attestations(stage))}
 
     # ------------------------------------------------------------------ writing
     def record(self, rec: StageRecord) -> StageRecord:

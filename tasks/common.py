@@ -7,9 +7,10 @@ import logging
 import multiprocessing
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -46,6 +47,28 @@ KEPT_FOR_THE_RUN = RUN_ID + TASK_SOURCE + INPUTS
 
 def kept_for_the_run(task, storage: Path):
     return task.with_options(cache_policy=KEPT_FOR_THE_RUN, persist_result=True, result_storage=storage)
+
+
+def fresh_result(task, changed: Callable[[Any], Optional[str]], *args, **options) -> Tuple[Any, str]:
+    """(result, state name) of `task(*args)` with its cache, except that a result whose files on disk are no longer
+    the ones it recorded (`changed(result)` says why, e.g. another run rebuilt them) is a miss: computed again."""
+    state = task.with_options(**options)(*args, return_state=True)
+    result = state.result()
+    why = changed(result)
+    if why:
+        get_run_logger().warning("%s: its cached result no longer describes the files on disk (%s); computing it "
+                                 "again", task.name, why)
+        state = task.with_options(**options, refresh_cache=True)(*args, return_state=True)
+        result = state.result()
+    return result, state.name
+
+
+def run_name() -> str:
+    """This flow run's id (what its files are kept under, e.g. config.resolved.<run>.yaml), or a UTC time stamp
+    outside a flow run."""
+    from prefect.runtime import flow_run
+
+    return flow_run.get_id() or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
 @lru_cache(maxsize=1)

@@ -62,12 +62,13 @@ def current_manifest_hash(config: Dict) -> str:
     return manifest_hash(read_manifest(manifest_path(cfg_of(config))))
 
 
-def validation_key(config: Dict, manifest_hash: str) -> str:
-    return f"validate-{manifest_hash}-{config_fingerprint(config, PREPARE_KEYS)}"
+def validation_key(config: Dict, manifest_hash: str, files: str) -> str:
+    """The manifest, the settings and the photos' files as they are now (`files`: shards.files_identity)."""
+    return f"validate-{manifest_hash}-{config_fingerprint(config, PREPARE_KEYS)}-{files}"
 
 
 def _validation_key(context, parameters) -> str:
-    return validation_key(parameters["config"], parameters["manifest_hash"])
+    return validation_key(parameters["config"], parameters["manifest_hash"], parameters["files"])
 
 
 @task(name="plan-validation-shards")
@@ -93,8 +94,9 @@ def validate_shard_task(shard: Shard, settings: ShardSettings, results_dir: str,
 
 
 @task(name="validate-data", cache_key_fn=_validation_key, persist_result=True)
-def validate_task(config: Dict, manifest_hash: str, shards: List[Dict], cache_note: str) -> Dict:
-    """The report from the shards' checks (cached on the manifest and the settings); raises on a fatal finding."""
+def validate_task(config: Dict, manifest_hash: str, files: str, shards: List[Dict], cache_note: str) -> Dict:
+    """The report from the shards' checks (cached on the manifest, the settings and the files' stamps); raises on a
+    fatal finding."""
     with library_logs_in_run():
         return finish_validation(cfg_of(config), shards, cache_note)
 

@@ -14,23 +14,28 @@ from typing import Dict, List, Literal, Optional
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.context import FlowRunContext, get_run_context
+from prefect.context import FlowRunContext
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
+from pydantic import Field
 
+from pillsnap.config import describe_gate, gates_record, save_resolved, to_dict
 from pillsnap.core import layout
-from pillsnap.evaluate.results import StageResults
+from pillsnap.evaluate.checks.evidence import restore_checks
+from pillsnap.evaluate.provenance import judged_evidence, stored_judgement
+from pillsnap.evaluate.results import StageResults, decision_metrics
 from pillsnap.evaluate.stage_report import embedded, linked, render_stage_report
 from pillsnap.ledger import Ledger, decide, now
 from pillsnap.notify import notify
 from pillsnap.train import run_preflight
-from tasks.common import cfg_of, library_logs_in_run
+from tasks.common import cfg_of, library_logs_in_run, run_name
 
 
 class ReviewChoice(RunInput):
     choice: Literal["proceed", "rerun_optimized", "stop"]
     attested: List[str] = []  # the attested checks this person confirms (evaluation.checks.attested)
-    reviewer: str = ""
+    # Who decides is a person: the server refuses an answer without a name (the run stays paused), in the UI too.
+    reviewer: str = Field(min_length=1, pattern=r"^\s*\S", description="your name: a decision needs a person")
     note: str = ""
 
 
@@ -132,31 +137,66 @@ def review(config: Dict, stage: int, go_no_go: Dict, advice: Dict, given: Dict[s
 
 @task(name="record-decision")
 def record_decision_task(config: Dict, stage: int, go_no_go: Dict, advice: Dict, decided: Review, results: Dict,
-                         checkpoints: Dict[str, str], predecessor: str = "") -> Dict:
+                         judged: Dict, predecessor: str = "", rejudged: Optional[Dict] = None) -> Dict:
     """`advice` is the advisor's word after the attestations; the ledger records what was really decided, with the
-    stage's figures and check statuses from its typed results."""
-    measured = StageResults.from_dict(results)
-    metrics = {k: getattr(measured.classifier, k) for k in ("accuracy", "macro_f1", "top5", "n")}
-    checks = {name: status.value for name, status in measured.checks.items()}
-    ctx = get_run_context()
-    flow_run_id = str(ctx.task_run.flow_run_id) if getattr(ctx, "task_run", None) else ""
-    rec = decide(stage, go_no_go, advice, decided.choice, decided.chosen_by, decided.reviewer, checks=checks,
-                 attestations=decided.attestations, metrics=metrics, checkpoints=checkpoints,
-                 flow_run_id=flow_run_id, predecessor=predecessor)
+    stage's figures and check statuses from its typed results, what it judged by content (the chain from the
+    subset to the served model is checked first: a changed link stops the decision) and the gates it applied.
+    `judged`: what the stage's tasks returned (validation, subset, trained, evaluation, detection, export, api,
+    checks). `rejudged`: {evidence, seq} of the decision whose stored results were judged again."""
     cfg = cfg_of(config)
+    if rejudged is not None:
+        return record(cfg, stage, go_no_go, advice, decided, results, rejudged["evidence"], predecessor,
+                      rejudged["seq"])
+    config_file = save_resolved(cfg, run_name())  # the config this stage ran with, kept under this run's id
+    with library_logs_in_run():
+        evidence = judged_evidence(cfg, stage, str(config_file), {**judged, "results": results, "go_no_go": go_no_go})
+    return record(cfg, stage, go_no_go, advice, decided, results, evidence, predecessor)
+
+
+@task(name="stored-judgement")
+def stored_judgement_task(config: Dict, stage: int) -> Dict:
+    """The stage's latest decision as it can be judged again, with the attestations it counted and those given
+    since; refuses files that are not the ones it recorded."""
+    exp_dir = cfg_of(config).exp_dir
+    with library_logs_in_run():
+        stored = stored_judgement(exp_dir, stage)
+    rec = stored["record"]
+    return {"config": to_dict(stored["config"]), "judged": stored["judged"], "evidence": rec.evidence,
+            "seq": rec.seq, "predecessor": rec.predecessor,
+            "given": {**rec.attestations, **Ledger.of(exp_dir).pending_attestations(stage)}}
+
+
+@task(name="restore-checks")
+def restore_checks_task(config: Dict, stage: int, checks: Dict) -> Dict:
+    return restore_checks(cfg_of(config), stage, checks)
+
+
+def record(cfg, stage: int, go_no_go: Dict, advice: Dict, decided: Review, results: Dict, evidence: Dict,
+           predecessor: str = "", rejudged_from: int = 0) -> Dict:
+    """The ledger entry of a decision (in its run, or re-judged from stored results), the log and the webhook."""
+    measured = StageResults.from_dict(results)
+    checks = {name: status.value for name, status in measured.checks.items()}
+    rec = decide(stage, go_no_go, advice, decided.choice, decided.chosen_by, decided.reviewer, checks=checks,
+                 attestations=decided.attestations, metrics=decision_metrics(measured),
+                 checkpoints={m: v["checkpoint"] for m, v in evidence["models"].items()}, evidence=evidence,
+                 gates=gates_record(cfg, stage), flow_run_id=run_name(), predecessor=predecessor,
+                 rejudged_from=rejudged_from)
     Ledger.of(cfg.exp_dir).record(rec)
     logger = get_run_logger()
     if rec.override:
-        logger.warning("stage %d approved by %s's override of: %s", stage, rec.reviewer or "a reviewer",
-                       "; ".join(rec.overridden))
+        logger.warning("stage %d approved by %s's override of: %s", stage, rec.reviewer, "; ".join(rec.overridden))
     elif rec.stop_reason:
         logger.warning("stage %d stopped (%s by %s): %s", stage, rec.choice, rec.chosen_by, rec.stop_reason)
+    if rec.gates_loosened:
+        logger.warning("stage %d was judged by gates looser than the shipped config's: %s", stage,
+                       "; ".join(describe_gate(d) for d in rec.gates_loosened))
     notify(cfg.orchestration.webhook_url, "stage_decision", {"stage": stage, "decision": rec.decision,
                                                                "choice": rec.choice, "override": rec.override,
-                                                               "metrics": metrics})
+                                                               "metrics": rec.metrics})
     return {"decision": rec.decision, "choice": rec.choice, "chosen_by": rec.chosen_by, "approved": rec.approved,
             "override": rec.override, "overridden": rec.overridden, "stop_reason": rec.stop_reason,
-            "reviewer": rec.reviewer, "reasons": rec.reasons, "recommendation": rec.recommendation}
+            "reviewer": rec.reviewer, "reasons": rec.reasons, "recommendation": rec.recommendation,
+            "gates_loosened": rec.gates_loosened, "blocked_by": rec.blocked_by, "seq": rec.seq}
 
 
 @task(name="stage-report")

@@ -6,12 +6,14 @@ No other module reads YAML or environment variables for settings; they receive a
     schema.py      the sections (dataclasses) and ConfigError
     evaluation.py  the evaluation sections: stage targets, advisor, checks
     checks.py      values checked beyond their type
+    gates.py       the gates a stage is judged by, and their differences from the shipped file
     load.py        load_config / from_dict / to_dict and the config's hashes
 """
 from pillsnap.config.checks import check_augment_config, check_distributed_config
 from pillsnap.config.evaluation import (
     TargetSpec, StageCriteria, RecommendationThresholds, AdvisorConfig, ChecksConfig, EvaluationConfig,
 )
+from pillsnap.config.gates import describe_gate, gates_record, loosened_gates, shipped_gates, stage_gates
 from pillsnap.config.load import (
     DEFAULT_CONFIG, PROFILE_DIR, REPO_ROOT, config_fingerprint, config_hash, from_dict, load_config, pick,
     profile_path, save_resolved, to_dict, to_yaml,
@@ -31,6 +33,7 @@ __all__ = [
     "ModelTrainConfig", "OomConfig", "OptimizationConfig", "OrchestrationConfig", "PROFILE_DIR", "PathsConfig",
     "PillSnapConfig", "PrepareConfig", "REPO_ROOT", "RecommendationThresholds", "ServeConfig", "StageCriteria",
     "StageOverride", "StageSpec", "SynthConfig", "TargetSpec", "TrainConfig", "ValidationConfig",
-    "check_augment_config", "check_distributed_config", "config_fingerprint", "config_hash", "from_dict", "load_config", "pick", "profile_path",
-    "save_resolved", "to_dict", "to_yaml",
+    "check_augment_config", "check_distributed_config", "config_fingerprint", "config_hash", "describe_gate",
+    "from_dict", "gates_record", "load_config", "loosened_gates", "pick", "profile_path", "save_resolved",
+    "shipped_gates", "stage_gates", "to_dict", "to_yaml",
 ]

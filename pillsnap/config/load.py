@@ -103,13 +103,16 @@ def config_hash(cfg: PillSnapConfig) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_resolved(cfg: PillSnapConfig, exp_dir: Optional[Path] = None) -> Path:
-    out = layout.resolved_config(exp_dir or cfg.exp_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(out)
-    return out
+def save_resolved(cfg: PillSnapConfig, run: str, exp_dir: Optional[Path] = None) -> Path:
+    """The run's resolved config, kept as config.resolved.<run>.yaml (every run's stays) and as the newest
+    config.resolved.yaml; returns the run's file."""
+    text = to_yaml(cfg)
+    for out in (layout.resolved_config(exp_dir or cfg.exp_dir, run), layout.resolved_config(exp_dir or cfg.exp_dir)):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    return layout.resolved_config(exp_dir or cfg.exp_dir, run)
 
 
 def pick(config: Mapping[str, Any], dotted: str) -> Any:

@@ -54,6 +54,9 @@ class StageSpec:
     min_eval_samples: int = 2000
     max_acc_drop: float = 0.02
     epsilon_acc: float = 0.002
+    # Go/No-Go: classes of the release that lost every training photo to the quarantine or to import issues
+    # (null: not gated at this stage; the shipped Stage 4, which trains every class, allows 0).
+    max_lost_classes: Optional[int] = None
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The experiment directory, in ONE place: every module asks here for a path, none builds one by hand.
 
-<exp_dir>/config.resolved.yaml, ledger.json
+<exp_dir>/config.resolved.yaml (the newest run's), config.resolved.<run>.yaml (every run's), ledger.json
 <exp_dir>/data/                                           manifest, class map, validation reports, cache/
 <exp_dir>/data/stage_<n>/                                 the stage's subset (subset.csv, subset.json, yolo/)
 <exp_dir>/data/shards/                                    each finished data-preparation shard's result
@@ -10,6 +10,7 @@
     detector/{checkpoints/{best,last}.pt, tb/, model/}    the detector's files and generated model yaml
     reports/                                              metrics.json, checks.json, go_no_go.json, …, detections/
     export/{classifier,detector}.onnx, export_report.json
+    decided/<model>-<sha256[:16]>.pt                      each model a decision judged, by content (copies)
     logs/{train.out,train.err}
 <exp_dir>/final/{reports/final_test_results*.json, data/test_manifest.csv}
 
@@ -29,8 +30,9 @@ BEST, LAST = "best.pt", "last.pt"
 
 
 # ---------------------------------------------------------------------------------------------- the experiment
-def resolved_config(exp_dir: Path) -> Path:
-    return Path(exp_dir) / "config.resolved.yaml"
+def resolved_config(exp_dir: Path, run: Optional[str] = None) -> Path:
+    """The newest run's resolved config, or run `run`'s (every run keeps its own)."""
+    return Path(exp_dir) / (f"config.resolved.{run}.yaml" if run else "config.resolved.yaml")
 
 
 def ledger(exp_dir: Path) -> Path:
@@ -100,6 +102,11 @@ def classifier_checkpoint(exp_dir: Path, stage: int) -> Path:
 
 def detector_checkpoint(exp_dir: Path, stage: int) -> Path:
     return best_checkpoint(exp_dir, stage, "detector")
+
+
+def decided_model(exp_dir: Path, stage: int, model: str, sha256: str) -> Path:
+    """A model a decision judged, named by its content: a later run of the stage never overwrites it."""
+    return stage_dir(exp_dir, stage) / "decided" / f"{model}-{sha256[:16]}.pt"
 
 
 def reports_dir(exp_dir: Path, stage: int) -> Path:

@@ -1,8 +1,9 @@
 """Decode-once pixel store: every sample resized to S×S uint8 RGB, one store per (size, crop padding) for ALL stages.
 
 Decoding a 976×1280 PNG costs ~25 ms per core; reading a 384×384 row from a memmap costs microseconds. A sample
-(photo path + optional crop box) is stored once, under a key of its path and box: Stage 3 and 4 reuse the rows
-that Stage 1 and 2 decoded, and validation rows are shared with every later stage.
+(photo path + optional crop box) is stored once, under a key of its path, box and the file's stamp (size and
+modification time): Stage 3 and 4 reuse the rows that Stage 1 and 2 decoded, validation rows are shared with every
+later stage, and a photo rewritten since it was decoded (truncated, replaced) is a new key, never its old pixels.
 
 <cache_dir>/px<S>_pad<P>/pixels.u8     rows appended in order (S×S×3 bytes each) by training-time builds
 <cache_dir>/px<S>_pad<P>/seg-<key>.u8  rows one data-preparation shard decoded (and seg-<key>.npz, its keys)
@@ -27,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from pillsnap.core.identity import file_stamp
 from pillsnap.lock import wait_for_lock
 from pillsnap.progress import progress
 
@@ -71,10 +73,17 @@ def padded_box(box: Sequence[float], image_size: Tuple[int, int], padding: float
             min(height, int(round(y + h + py))))
 
 
-def sample_key(sample: Sample) -> bytes:
-    """The manifest's paths are absolute already (the importers resolve them): no file-system call per sample."""
+def sample_key(sample: Sample, stamp: str) -> bytes:
+    """`stamp`: the photo file's core.identity.file_stamp. The manifest's paths are absolute already (the importers
+    resolve them)."""
     path, box = sample
-    return hashlib.sha1(f"{path}|{box}".encode()).digest()
+    return hashlib.sha1(f"{path}|{box}|{stamp}".encode()).digest()
+
+
+def sample_keys(samples: Sequence[Sample]) -> List[bytes]:
+    """Every sample's key, its file stamped once per photo (a combination photo gives several samples)."""
+    stamps: Dict[str, str] = {}
+    return [sample_key(s, stamps.get(s[0]) or stamps.setdefault(s[0], file_stamp(s[0]))) for s in samples]
 
 
 def row_bytes(size: int) -> int:
@@ -143,9 +152,10 @@ class PixelStore:
                     self.offset = np.arange(len(self.keys), dtype=np.int64)
         self._row_of = {k: i for i, k in enumerate(self.keys)}
 
-    def rows(self, samples: Sequence[Sample]) -> np.ndarray:
-        """Row of each sample; -1 where the sample is not in the store."""
-        return np.array([self._row_of.get(sample_key(s), -1) for s in samples], dtype=np.int64)
+    def rows(self, samples: Sequence[Sample], keys: Optional[Sequence[bytes]] = None) -> np.ndarray:
+        """Row of each sample; -1 where the sample (as its file is now) is not in the store."""
+        keys = sample_keys(samples) if keys is None else keys
+        return np.array([self._row_of.get(k, -1) for k in keys], dtype=np.int64)
 
     def has(self, row: int) -> bool:
         return row >= 0 and bool(self.valid[row])
@@ -162,8 +172,9 @@ class PixelStore:
             self._arrays[segment] = array
         return np.array(array[int(self.offset[row])])
 
-    def plan(self, samples: Sequence[Sample]) -> CachePlan:
-        missing = len({sample_key(s) for s in samples} - set(self._row_of))
+    def plan(self, samples: Sequence[Sample], keys: Optional[Sequence[bytes]] = None) -> CachePlan:
+        keys = sample_keys(samples) if keys is None else keys
+        missing = len(set(keys) - set(self._row_of))
         on_disk = len(self.keys) * row_bytes(self.size)
         return CachePlan(len(samples), len(samples) - missing, missing, missing * row_bytes(self.size), on_disk,
                          shutil.disk_usage(_nearest_existing(self.dir)).free)
@@ -171,18 +182,18 @@ class PixelStore:
     # ------------------------------------------------------------------ building
     def ensure(self, samples: Sequence[Sample], workers: int = 0, show_progress: bool = True) -> np.ndarray:
         """Decode and append every sample not yet stored; returns the rows of `samples`."""
+        keys = sample_keys(samples)
         with wait_for_lock(self.dir / ".lock"):
             self._load_index()  # another builder may have committed meanwhile
             todo, seen = [], set()
-            for sample in samples:
-                key = sample_key(sample)
+            for key, sample in zip(keys, samples):
                 if key not in self._row_of and key not in seen:
                     seen.add(key)
                     todo.append((key, sample))
             if todo:
                 self._append(todo, workers, show_progress)
         self._arrays = {}
-        return self.rows(samples)
+        return self.rows(samples, keys)
 
     def adopt(self, segments: Sequence[str]) -> int:
         """Add the rows of committed shard segments (seg-<key>) by reference; returns how many rows were new."""
@@ -211,7 +222,7 @@ class PixelStore:
         return added
 
     def _append(self, todo: List[Tuple[bytes, Sample]], workers: int, show_progress: bool) -> None:
-        plan = self.plan([s for _, s in todo])
+        plan = self.plan([s for _, s in todo], [k for k, _ in todo])
         if not plan.fits:
             raise CacheSpaceError(f"pixel cache {self.dir}: not enough disk for {plan.describe()}; free space, "
                                   "point dataloader.cache.dir at a larger disk, or lower classification.image_size")

@@ -15,7 +15,7 @@ import pandas as pd
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.aihub import ImportIssue, ImportResult, assemble_split, import_aihub, training_split
-from pillsnap.data.cache import PixelStore
+from pillsnap.data.cache import PixelStore, sample_key
 from pillsnap.data.class_map import build_class_map
 from pillsnap.data.csv_import import import_csv
 from pillsnap.core import layout
@@ -24,7 +24,8 @@ from pillsnap.data.label_shards import LabelShard, plan_label_shards, read_label
 from pillsnap.data.shards import Shard, ShardSettings, manifest_photos, read_checks, run_shard, shard_photos
 from pillsnap.data.subsets import build_stage_subset, write_subset
 from pillsnap.progress import progress
-from pillsnap.data.validate import load_quarantine, raise_if_fatal, validate_manifest, write_report
+from pillsnap.data.validate import (load_quarantine, raise_if_fatal, release_classes, validate_manifest,
+                                   write_photo_hashes, write_report)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def finish_import(cfg: PillSnapConfig, result: ImportResult) -> Dict:
     return summary
 
 
-def _import_issues(cfg: PillSnapConfig):
+def import_issues(cfg: PillSnapConfig) -> List[ImportIssue]:
+    """The training import's issues (import_issues.jsonl)."""
     path = data_dir(cfg) / "import_issues.jsonl"
     if not path.is_file() or path.stat().st_size == 0:
         return []
@@ -111,6 +113,11 @@ def subset_keys(stage: int) -> Tuple[str, ...]:
     return (f"data.stages.{stage}", "data.seed", "data.val_fraction", *VALIDATION_KEYS)
 
 
+def photo_hashes_path(cfg: PillSnapConfig) -> Path:
+    """The sha1 of every train/val photo's bytes, as validation read them (the final test looks for twins)."""
+    return data_dir(cfg) / "photo_sha1.npy"
+
+
 def shard_results_dir(cfg: PillSnapConfig) -> Path:
     return layout.shard_results_dir(cfg.exp_dir)
 
@@ -125,7 +132,8 @@ def plan_validation(cfg: PillSnapConfig) -> Tuple[List[Shard], ShardSettings, st
     if not fill:
         why = "not filled by validation (dataloader.cache.enabled or data.prepare.fill_cache is false)"
     else:
-        plan = store.plan([s for photo in photos for s in photo.samples])
+        plan = store.plan([s for photo in photos for s in photo.samples],
+                          [sample_key(s, photo.stamp) for photo in photos for s in photo.samples])
         if not plan.fits:
             fill, why = False, (f"not filled by validation: the disk cannot hold the manifest's rows "
                                 f"({plan.describe()}); each stage fills its own rows when it trains")
@@ -138,9 +146,14 @@ def plan_validation(cfg: PillSnapConfig) -> Tuple[List[Shard], ShardSettings, st
 def finish_validation(cfg: PillSnapConfig, summaries: Sequence[Dict], cache_note: str) -> Dict:
     """The report from every shard's checks; the shards' cache rows adopted; raise if a fatal threshold is crossed."""
     manifest = read_manifest(manifest_path(cfg))
-    report = validate_manifest(manifest, cfg.data.validation, _import_issues(cfg),
-                               read_checks(summaries, len(manifest)))
+    checks, issues = read_checks(summaries, len(manifest)), import_issues(cfg)
+    report = validate_manifest(manifest, cfg.data.validation, issues, checks)
     paths = write_report(report, data_dir(cfg))
+    write_photo_hashes(checks, photo_hashes_path(cfg))
+    lost = release_classes(manifest, report.quarantine, issues)["lost"]
+    if lost:
+        log.warning("validation: %d class(es) have no usable training photo: %s", len(lost),
+                    "; ".join(f"{k}: {why}" for k, why in list(lost.items())[:5]))
     segments = [s["segment"] for s in sorted(summaries, key=lambda s: s["shard"]) if s["segment"]]
     adopted = pixel_store(cfg).adopt(segments) if segments else 0
     computed = sum(1 for s in summaries if s["computed"])
@@ -151,6 +164,7 @@ def finish_validation(cfg: PillSnapConfig, summaries: Sequence[Dict], cache_note
     return {"report": str(paths["json"]), "summary": str(paths["summary"]), "quarantine": len(report.quarantine),
             "findings": report.finding_counts(), "counts": report.counts,
             "imbalance_ratio": report.imbalance_ratio, "val_only_classes": len(report.val_only_classes),
+            "lost_classes": lost,
             "manifest_hash": manifest_hash(manifest),
             "shards": {"total": len(summaries), "computed": computed},
             "pixel_cache": {"note": cache_note, "rows_added": adopted}}

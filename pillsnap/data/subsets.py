@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pillsnap.core import layout
+from pillsnap.core.identity import ArtifactChanged
 from pillsnap.config import StageSpec
 from pillsnap.data.manifest import image_k_codes, manifest_hash, read_manifest, write_manifest
 
@@ -52,6 +53,7 @@ class SubsetSummary:
     detector_images_requested: Optional[int] = None
     classes_available: int = 0  # classes with training photos in the manifest (after quarantine)
     train_available: int = 0  # training photos of the chosen classes, before the per-class quota
+    val_hash: str = ""  # the row hash of its validation photos (what an evaluation of this subset must have read)
 
     @property
     def n_train(self) -> int:
@@ -135,7 +137,7 @@ def build_stage_subset(manifest: pd.DataFrame, stage: int, spec: StageSpec, seed
         train_combination=count("train", "combination"), val_combination=count("val", "combination"),
         per_class_train_min=int(per_class_counts.min()) if len(per_class_counts) else 0,
         per_class_train_max=int(per_class_counts.max()) if len(per_class_counts) else 0,
-        k_codes=sorted(chosen), subset_hash=manifest_hash(subset), notes=notes,
+        k_codes=sorted(chosen), subset_hash=manifest_hash(subset), val_hash=val_rows_hash(subset), notes=notes,
         min_eval_samples=spec.min_eval_samples, val_per_class=quota, combinations_in_scope=in_scope,
         imbalance_ratio=float(per_class_counts.max() / per_class_counts.min()) if len(per_class_counts) else None,
         detector_images_requested=spec.detector_images, classes_available=len(ordered),
@@ -150,7 +152,30 @@ def write_subset(subset: pd.DataFrame, summary: SubsetSummary, exp_dir: Path) ->
     return out
 
 
-def read_subset(exp_dir: Path, stage: int) -> tuple[pd.DataFrame, SubsetSummary]:
+def val_rows_hash(rows: pd.DataFrame) -> str:
+    """The row hash of a subset's validation photos (single and combination)."""
+    return manifest_hash(rows[rows["split"] == "val"])
+
+
+def read_subset(exp_dir: Path, stage: int, expected_hash: Optional[str] = None) -> tuple[pd.DataFrame, SubsetSummary]:
+    """The stage's subset rows and summary, which must describe the same rows (a crash between writing the two, or
+    a hand edit, is an error naming both hashes), and be `expected_hash` when the caller was given one."""
     out = layout.stage_data_dir(exp_dir, stage)
     summary = SubsetSummary(**json.loads((out / "subset.json").read_text()))
-    return read_manifest(out / "subset.csv"), summary
+    rows = read_manifest(out / "subset.csv")
+    actual = manifest_hash(rows)
+    for what, want in (("its subset.json", summary.subset_hash), ("this run's subset", expected_hash)):
+        if want is not None and actual != want:
+            raise ArtifactChanged(f"{out / 'subset.csv'}: its rows hash to {actual}, {what} says {want}: the "
+                                  f"stage's subset was rebuilt by another run; run `pillsnap subset --stage {stage}` "
+                                  f"or the stage again")
+    return rows, summary
+
+
+def subset_changed(exp_dir: Path, stage: int, subset_hash: str) -> Optional[str]:
+    """Why the subset on disk is not the one a (cached) result describes, or None when it is."""
+    try:
+        read_subset(exp_dir, stage, subset_hash)
+    except (FileNotFoundError, ArtifactChanged) as e:
+        return str(e)
+    return None

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import pandas as pd
 
 from pillsnap.config import ValidationConfig
@@ -199,3 +201,48 @@ def raise_if_fatal(report: ValidationReport) -> None:
 
 def load_quarantine(path: Path) -> List[str]:
     return json.loads(Path(path).read_text()) if Path(path).is_file() else []
+
+
+def write_photo_hashes(checks: Sequence[Check], path: Path) -> Path:
+    """The sorted sha1 digests of the photos whose bytes were read (20 bytes each: ~50 MB for the release)."""
+    digests = sorted({bytes.fromhex(digest) for _, digest in checks if digest})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 20))
+    return path
+
+
+def read_photo_hashes(path: Path) -> set:
+    return {row.tobytes() for row in np.load(path)} if Path(path).is_file() else set()
+
+
+_ISSUE_FOLDER = re.compile(r"^(K-\d{6})(_json)?$")
+
+
+def issue_k_code(path: str) -> Optional[str]:
+    """The K-code an AIHub file belongs to, from its folder (labels: K-000001_json/ for a single photo, the pill's
+    K-000573/ inside a combination's folder; images: K-000001/), or None."""
+    match = _ISSUE_FOLDER.match(Path(path).parent.name)
+    return match.group(1) if match else None
+
+
+def release_classes(manifest: pd.DataFrame, quarantine: Sequence[str],
+                    import_issues: Sequence[ImportIssue] = ()) -> Dict[str, Any]:
+    """Every class the release shows single photos of (counted BEFORE the quarantine, and from the label files that
+    failed to import), the classes left with a usable training photo, and each class that has none, with why.
+    Counting after the quarantine would let a class whose photos are all broken vanish from both sides."""
+    singles = manifest[manifest["kind"] == "single"]
+    train = singles[singles["split"] == "train"]
+    usable = train[~train["image_id"].isin(set(quarantine))]
+    per_class, shown = train["k_code"].value_counts(), set(singles["k_code"])
+    lost = {k: (f"all {per_class[k]} training photos quarantined (validation findings)" if k in per_class.index
+                else "only validation photos, no training photo")
+            for k in sorted(shown - set(usable["k_code"]))}
+    failed: Dict[str, Counter] = {}
+    for issue in import_issues:
+        k_code = issue_k_code(issue.path)
+        if k_code is not None and k_code not in shown:
+            failed.setdefault(k_code, Counter())[issue.kind] += 1
+    for k_code, kinds in failed.items():
+        lost[k_code] = "no photo imported (" + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) + ")"
+    return {"classes": len(shown | set(lost)), "usable_classes": sorted(set(usable["k_code"])),
+            "usable_photos": int(len(usable)), "lost": dict(sorted(lost.items()))}

@@ -17,10 +17,12 @@ import torch
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.core.devices import device_name, select_device
+from pillsnap.core.identity import file_sha256
 from pillsnap.core.jsonio import write_json_atomic
 from pillsnap.data.class_map import ClassMap
 from pillsnap.data.prepare import pixel_store  # the training data's store: the same pixels, decoded once
 from pillsnap.data.datasets import ClassificationDataset, Collate, classification_samples, finish_batch, make_loader
+from pillsnap.data.subsets import val_rows_hash
 from pillsnap.evaluate.batch_consistency import batch_consistency
 from pillsnap.evaluate.plots import save_confusion_report, save_roc_pr_report
 from pillsnap.infer.engines import TorchClassifierEngine
@@ -84,7 +86,8 @@ def evaluate_classifier(cfg: PillSnapConfig, checkpoint: Path, subset: pd.DataFr
         "latency_device": device_name(serving), "latency_device_type": serving.type,
         "evaluation_device": device_name(device),
         **class_coverage(y_true, logits.argmax(1), len(labels), cfg.evaluation.checks.min_class_recall),
-        "num_classes": len(labels), "checkpoint": str(checkpoint), "multi_batch": multi_batch,
+        "num_classes": len(labels), "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
+        "val_hash": val_rows_hash(subset), "multi_batch": multi_batch,
         "logits_finite": bool(np.isfinite(logits).all()),
         "previous_stage_val": None if previous_subset is None else
         _on_previous_val(cfg, model, labels, previous_subset, device, batch_size),
@@ -103,6 +106,7 @@ def _on_previous_val(cfg: PillSnapConfig, model: torch.nn.Module, labels: ClassM
     photos (the photos the previous model's accuracy was measured on)."""
     val = previous[(previous["split"] == "val") & previous["k_code"].isin(set(labels.k_codes))]
     if val.empty:
-        return {"photos": 0, "accuracy": None}
+        return {"photos": 0, "accuracy": None, "val_hash": val_rows_hash(previous)}
     _, y_true, logits = _val_logits(cfg, model, labels, val, device, batch_size)
-    return {"photos": int(len(y_true)), "accuracy": float((logits.argmax(1) == y_true).mean())}
+    return {"photos": int(len(y_true)), "accuracy": float((logits.argmax(1) == y_true).mean()),
+            "val_hash": val_rows_hash(previous)}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 from pillsnap.config import ConfigError, EvaluationConfig, RecommendationThresholds, StageCriteria, TargetSpec
-from pillsnap.evaluate.checks.registry import DEFINITIONS
+from pillsnap.evaluate.checks.registry import ATTESTABLE, DEFINITIONS
 from pillsnap.evaluate.results import METRICS, StageResults, Status
 
 GE, LE = ">=", "<="
@@ -179,6 +179,11 @@ def validate_evaluation_config(evaluation: EvaluationConfig) -> None:
     unknown = [n for n in evaluation.checks.attested if n not in DEFINITIONS]
     if unknown:
         raise ConfigError(f"evaluation.checks.attested: no check named {unknown}")
+    measured = [n for n in evaluation.checks.attested if n not in ATTESTABLE]
+    if measured:
+        raise ConfigError(f"evaluation.checks.attested: {measured} are measured by this pipeline and cannot become a "
+                          f"person's word; a config may only narrow the checks a person attests, which are "
+                          f"{sorted(ATTESTABLE)}")
     t = evaluation.recommendation
     if not 0.0 <= t.optimize_min_score <= t.proceed_min_score <= 1.0:
         raise ConfigError(

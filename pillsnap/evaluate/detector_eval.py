@@ -18,6 +18,7 @@ import pandas as pd
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.class_map import ClassMap
 from pillsnap.core import layout
+from pillsnap.core.identity import file_sha256
 
 log = logging.getLogger(__name__)
 DRAWINGS = 6
@@ -79,12 +80,14 @@ def combination_accuracy(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, 
     device, serving = evaluation_device(cfg), serving_device(cfg)
     latency = detector_model_latency(torch_raw_predictor(load_detector_checkpoint(detector_ckpt, serving)),
                                      cfg.detection.image_size)
-    model, labels = load_classifier(cfg, layout.classifier_checkpoint(cfg.exp_dir, stage), class_map, device)
+    classifier_ckpt = layout.classifier_checkpoint(cfg.exp_dir, stage)
+    model, labels = load_classifier(cfg, classifier_ckpt, class_map, device)
     photos = [*val["image_path"][:LATENCY_PHOTOS], *all_val[all_val["kind"] == "single"]["image_path"][:LATENCY_PHOTOS]]
     pipeline = pipeline_latency(cfg, TorchClassifierEngine(copy.deepcopy(model), serving), labels, photos, "auto",
                                 lambda: detector_engine(cfg, detector_ckpt, "torch", device=serving))
     det_model = load_detector_checkpoint(detector_ckpt, device)
-    timing = {"detector_inference_time_ms": latency["p50"], "latency_device": device_name(serving),
+    timing = {"models": {"detector": file_sha256(detector_ckpt), "classifier": file_sha256(classifier_ckpt)},
+              "detector_inference_time_ms": latency["p50"], "latency_device": device_name(serving),
               "evaluation_device": device_name(device), "pipeline_latency": pipeline,
               "detector_on_singles": _detector_on(cfg, det_model, singles[:SINGLE_PHOTOS_FOR_MAP])
               if len(singles) else None}

@@ -1,21 +1,27 @@
 """D-6 final test: the evaluation of the sealed test split, after Stages 1-4 were approved in order.
 
 Order matters, and is the point of this module: every precondition is checked from the ledger and the file
-system FIRST (`check_final_test_allowed`): Stages 1-4 approved one after the other, Stage 4's mandatory checks
-`pass` or `attested`, and no earlier final test of this Stage 4 (unless forced). Only then is the test split
-imported (AIHub `val/`, or the CSV rows with split=test). Nothing else in the library reads the test split.
+system FIRST (`check_final_test_allowed`): Stages 1-4 approved one after the other, Stage 4's mandatory checks (as
+its decision applied them) `pass` or `attested`, the models to load ARE the ones Stage 4's decision judged (their
+sha256), and no earlier final test of this Stage 4 (unless a named person forces it, with a reason). Only then is
+the test split imported (AIHub `val/`, or the CSV rows with split=test). Nothing else in the library reads it.
 
 The verdict carries its history: the results copy every stage's decision (who chose, what was overridden, who
-attested what); after any override the verdict is READY_WITH_OVERRIDE naming who and what, never plain
-READY_FOR_PRODUCTION. Every run is kept: final_test_results_<n>.json (n = how many times the sealed split has
-been evaluated), final_test_results.json (the newest), and a numbered entry in the ledger.
+attested what, the gates it applied looser than the shipped config), every earlier final test and every reopening;
+after any override, a loosened gate, or a test measured with settings other than the shipped ones, the verdict is
+READY_WITH_OVERRIDE naming each, never plain READY_FOR_PRODUCTION. Every run is kept: final_test_results_<n>.json
+(n = how many times the sealed split has been evaluated), final_test_results.json (the newest), and a numbered
+entry in the ledger.
 
 Measured once: single-image classification (accuracy, macro-F1, top-5), detection mAP@0.5 on combination images
 (when a detector exists; the shared NMS/mAP code), combination per-pill accuracy (every detection classified,
-`pillsnap.evaluate.combination`). Then val vs test (overfitting gap), the business goals, a recommendation.
+`pillsnap.evaluate.combination`), how many test photos have a training twin (the same bytes, by sha1, as a
+train/val photo validation read). Then val vs test (overfitting gap, classifier and detector), the business goals,
+a recommendation.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,10 +31,12 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from pillsnap.config import PillSnapConfig
+from pillsnap.config import PillSnapConfig, config_hash, describe_gate, pick, to_dict
 from pillsnap.core.devices import evaluation_device
+from pillsnap.core.identity import ArtifactChanged
 from pillsnap.core.jsonio import write_json_atomic
 from pillsnap.core import layout
+from pillsnap.evaluate.provenance import judged_model
 from pillsnap.ledger import FINAL_STAGE, STAGES, Ledger, StageRecord
 
 log = logging.getLogger(__name__)
@@ -44,10 +52,26 @@ _HOW = {"classification.accuracy": "more images per class, longer training, a la
         "classification.macro_f1": "class weights or a weighted sampler for weak classes, more data for them",
         "detection.mAP_0.5": "more combination images, a larger detector scale, a higher detection.image_size"}
 OVERFIT_GAP = 0.05  # val - test above this on any metric = overfitting suspected
+# The settings that change the test's figures without changing a model: a test measured otherwise than the shipped
+# config says is named in the verdict.
+MEASUREMENT_KEYS = ("detection.conf_threshold", "detection.iou_threshold", "detection.max_det",
+                    "inference.single_confidence_threshold", "inference.mode", "classification.crop_padding")
 
 
 class FinalTestRefused(RuntimeError):
     """The final test may not run (yet, or again); the message says why."""
+
+
+@dataclass(frozen=True)
+class Forced:
+    """A named person's decision to evaluate the sealed split again, and why (recorded in the results and ledger)."""
+    reviewer: str
+    reason: str
+
+    def __post_init__(self):
+        if not (self.reviewer.strip() and self.reason.strip()):
+            raise FinalTestRefused("repeating the final test needs the person's name (--reviewer) and the reason "
+                                   "(--reason): the sealed split's every evaluation is counted and named")
 
 
 @dataclass(frozen=True)
@@ -57,6 +81,8 @@ class FinalTestPlan:
     record: StageRecord
     history: List[StageRecord]  # the records of Stages 1-4 the verdict rests on
     number: int  # this is the n-th evaluation of the sealed split
+    earlier: List[Dict]  # every earlier final test (the ledger's entries)
+    reopenings: List[Dict]  # every reopening of Stage 4 (who, why, when)
 
 
 def results_path(cfg: PillSnapConfig, number: Optional[int] = None) -> Path:
@@ -65,7 +91,7 @@ def results_path(cfg: PillSnapConfig, number: Optional[int] = None) -> Path:
     return layout.final_reports_dir(cfg.exp_dir) / name
 
 
-def check_final_test_allowed(cfg: PillSnapConfig, force: bool = False) -> FinalTestPlan:
+def check_final_test_allowed(cfg: PillSnapConfig, forced: Optional[Forced] = None) -> FinalTestPlan:
     """Every precondition, from the ledger and file system only: no test file is touched here."""
     ledger = Ledger.of(cfg.exp_dir)
     problems = ledger.approved_in_order()
@@ -73,7 +99,7 @@ def check_final_test_allowed(cfg: PillSnapConfig, force: bool = False) -> FinalT
         raise FinalTestRefused(f"{ledger.path}: the final test runs after Stages 1-{FINAL_STAGE} were approved in "
                                f"order: {'; '.join(problems)}")
     rec = ledger.latest(FINAL_STAGE)
-    mandatory = cfg.evaluation.stages[FINAL_STAGE].mandatory_checks if FINAL_STAGE in cfg.evaluation.stages else []
+    mandatory = _applied_mandatory(cfg, rec)
     unmet = {n: rec.checks.get(n, "not recorded") for n in mandatory if rec.checks.get(n) not in PASSING_CHECKS}
     if unmet:
         raise FinalTestRefused(f"{ledger.path}: Stage {FINAL_STAGE}'s mandatory checks must be pass or attested "
@@ -81,19 +107,45 @@ def check_final_test_allowed(cfg: PillSnapConfig, force: bool = False) -> FinalT
                                f"re-run Stage {FINAL_STAGE})")
     if rec.override:
         log.warning("final test after a person's override of Stage %d (%s by %s): %s", FINAL_STAGE, rec.decision,
-                    rec.reviewer or "a reviewer", "; ".join(rec.overridden))
-    classifier = Path(rec.checkpoints.get("classifier") or layout.classifier_checkpoint(cfg.exp_dir, FINAL_STAGE))
-    if not classifier.is_file():
-        raise FinalTestRefused(f"Stage {FINAL_STAGE} classifier checkpoint missing: {classifier}")
-    detector = Path(rec.checkpoints.get("detector") or layout.detector_checkpoint(cfg.exp_dir, FINAL_STAGE))
+                    rec.reviewer, "; ".join(rec.overridden))
+    classifier, detector = _approved_models(cfg, rec)
     last = ledger.final_test
-    if last and rec.seq < last.get("seq", 0) and not force:
+    if last and rec.seq < last.get("seq", 0) and forced is None:
         raise FinalTestRefused(f"{ledger.path}: the final test already ran on this Stage {FINAL_STAGE} (run "
                                f"{last['number']}, {last.get('evaluated_at')}, {last.get('results')}); test data is "
-                               f"evaluated once per Stage {FINAL_STAGE} (force to repeat: it is counted)")
+                               f"evaluated once per Stage {FINAL_STAGE} (a named person may repeat it, with a reason: "
+                               f"`pillsnap final-test --force --reviewer NAME --reason TEXT`; it is counted)")
     history = [ledger.latest(s) for s in STAGES]
-    return FinalTestPlan(classifier, detector if cfg.detection.enabled and detector.is_file() else None, rec,
-                         history, len(ledger.final_tests) + 1)
+    return FinalTestPlan(classifier, detector, rec, history, len(ledger.final_tests) + 1, list(ledger.final_tests),
+                         list(ledger.reopenings))
+
+
+def _applied_mandatory(cfg: PillSnapConfig, rec: StageRecord) -> List[str]:
+    """The mandatory checks Stage 4's decision applied (its record's gates); the config at hand for a record from
+    before gates were recorded."""
+    applied = (rec.gates.get("applied") or {}).get(f"evaluation.stages.{FINAL_STAGE}.mandatory_checks")
+    if applied is not None:
+        return list(applied)
+    return cfg.evaluation.stages[FINAL_STAGE].mandatory_checks if FINAL_STAGE in cfg.evaluation.stages else []
+
+
+def _approved_models(cfg: PillSnapConfig, rec: StageRecord) -> Tuple[Path, Optional[Path]]:
+    """The classifier and detector Stage 4's decision judged: their pinned files, checked by sha256 before the
+    sealed split is opened (a replaced, retrained or missing file is refused with both hashes named)."""
+    models = rec.evidence.get("models") or {}
+    if not models.get("classifier"):
+        raise FinalTestRefused(f"Stage {FINAL_STAGE}'s decision (ledger seq {rec.seq}) recorded no model hashes (a "
+                               f"ledger from before decisions were bound to content): run Stage {FINAL_STAGE} again so "
+                               "its decision names the models it approves")
+    try:
+        classifier = judged_model(models, "classifier", f"Stage {FINAL_STAGE}'s approved classifier")
+        detector = judged_model(models, "detector", f"Stage {FINAL_STAGE}'s approved detector")
+    except ArtifactChanged as e:
+        raise FinalTestRefused(f"the models on disk are not the ones Stage {FINAL_STAGE}'s decision approved: {e}") \
+            from None
+    if cfg.detection.enabled and detector is None:
+        log.warning("Stage %d's decision judged no detector: combination photos are not measured", FINAL_STAGE)
+    return classifier, detector if cfg.detection.enabled else None
 
 
 def load_test_split(cfg: PillSnapConfig) -> pd.DataFrame:
@@ -114,8 +166,10 @@ def load_test_split(cfg: PillSnapConfig) -> pd.DataFrame:
     return test.reset_index(drop=True)
 
 
-def run_final_test(cfg: PillSnapConfig, force: bool = False) -> Dict:
-    plan = check_final_test_allowed(cfg, force)  # raises before any test file is opened
+def run_final_test(cfg: PillSnapConfig, forced: Optional[Forced] = None, config_file: str = "") -> Dict:
+    """`forced`: who repeats the test on this Stage 4, and why. `config_file`: where this run's resolved config is
+    kept (recorded with the config's hash: the settings change the test's figures)."""
+    plan = check_final_test_allowed(cfg, forced)  # raises before any test file is opened
     log.info("final test: Stage %d approved; importing the sealed test split", FINAL_STAGE)
     test = load_test_split(cfg)
     predictor, labels = _predictor(cfg, plan)
@@ -126,29 +180,65 @@ def run_final_test(cfg: PillSnapConfig, force: bool = False) -> Dict:
     results: Dict = {
         "stage": FINAL_STAGE, "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "checkpoints": {"classifier": str(plan.classifier), "detector": str(plan.detector) if plan.detector else None},
+        "models": {m: v.get("sha256") for m, v in (plan.record.evidence.get("models") or {}).items()},
+        "config": _measured_with(cfg, config_file),
         "test_data": {"source": cfg.data.source, "images": len(test),
                       "single_images": int((test["kind"] == "single").sum()),
                       "combination_images": int((test["kind"] == "combination").sum()),
-                      "unknown_class_images": unknown, "classifier_classes": len(labels)},
+                      "unknown_class_images": unknown, "classifier_classes": len(labels),
+                      "training_twins": training_twins(cfg, test)},
         "test_results": {"classification": classification, "detection": detection, "combination": combination},
     }
     results["val_vs_test"] = _val_vs_test(plan.record, results["test_results"])
     results["business_goals"] = _business_goals(results["test_results"])
-    results.update(_verdict(plan, results["business_goals"]["overall_target_met"]), forced=force,
+    results.update(_verdict(plan, results["business_goals"]["overall_target_met"], results["config"]),
+                   forced=None if forced is None else {"reviewer": forced.reviewer.strip(),
+                                                       "reason": forced.reason.strip()},
                    improvements=_improvements(results))
     path = write_json_atomic(results_path(cfg, plan.number), results)
     write_json_atomic(results_path(cfg), results)
     Ledger.of(cfg.exp_dir).record_final_test({"results": str(path), "evaluated_at": results["evaluated_at"],
-                                              "recommendation": results["recommendation"], "forced": force,
+                                              "recommendation": results["recommendation"], "forced": results["forced"],
+                                              "models": results["models"], "config_sha256": results["config"]["sha256"],
                                               "overall_target_met": results["business_goals"]["overall_target_met"]})
     log.info("final test %d: %s -> %s", plan.number, results["recommendation"], path)
     return results
 
 
-def _verdict(plan: FinalTestPlan, goals_met: bool) -> Dict:
-    """The recommendation with the history it rests on: every override named, the sealed split's count."""
-    overrides = [f"Stage {r.stage}: {r.reviewer or 'a reviewer'} approved over {'; '.join(r.overridden)}"
+def _measured_with(cfg: PillSnapConfig, config_file: str) -> Dict:
+    """The config the test was measured with: its hash and file, the settings that change the figures, and those
+    of them that differ from the shipped config."""
+    from pillsnap.config import load_config
+
+    applied, shipped = to_dict(cfg), to_dict(load_config())
+    values = {key: pick(applied, key) for key in MEASUREMENT_KEYS}
+    differences = [{"key": key, "shipped": pick(shipped, key), "applied": value} for key, value in values.items()
+                   if value != pick(shipped, key)]
+    return {"sha256": config_hash(cfg), "file": config_file, "measurement": values, "differences": differences}
+
+
+def training_twins(cfg: PillSnapConfig, test: pd.DataFrame) -> Dict:
+    """How many test photos are byte-for-byte a train/val photo (sha1 against what validation read): a twin makes
+    the test figures optimistic. Not measured when validation kept no hashes (data.validation.hash_duplicates)."""
+    from pillsnap.data.prepare import photo_hashes_path
+    from pillsnap.data.validate import read_photo_hashes
+
+    path = photo_hashes_path(cfg)
+    if not path.is_file():
+        return {"measured": False, "reason": f"{path} is missing (validation keeps it when hash_duplicates is on)"}
+    known = read_photo_hashes(path)
+    twins = [p for p in test["image_path"] if hashlib.sha1(Path(p).read_bytes()).digest() in known]
+    return {"measured": True, "photos": len(test), "twins": len(twins), "examples": twins[:5]}
+
+
+def _verdict(plan: FinalTestPlan, goals_met: bool, measured_with: Dict) -> Dict:
+    """The recommendation with the history it rests on: every override, every gate looser than the shipped config,
+    every setting the test was measured with otherwise than shipped; the earlier final tests and the reopenings."""
+    overrides = [f"Stage {r.stage}: {r.reviewer} approved over {'; '.join(r.overridden)}"
                  for r in plan.history if r.override]
+    overrides += [f"Stage {r.stage}: gate {describe_gate(d)}" for r in plan.history for d in r.gates_loosened]
+    overrides += [f"final test measured with {d['key']}={d['applied']!r} (shipped {d['shipped']!r})"
+                  for d in measured_with["differences"]]
     if not goals_met:
         recommendation = NEEDS_IMPROVEMENT
     else:
@@ -156,7 +246,11 @@ def _verdict(plan: FinalTestPlan, goals_met: bool) -> Dict:
     return {"recommendation": recommendation, "ready_for_production": recommendation == READY,
             "overrides": overrides, "stage_4_decision": plan.record.summary(),
             "stage_decisions": [r.summary() for r in plan.history],
-            "sealed_split_evaluations": plan.number}
+            "sealed_split_evaluations": plan.number,
+            "earlier_final_tests": [{k: t.get(k) for k in ("number", "evaluated_at", "recommendation", "forced",
+                                                            "results")} for t in plan.earlier],
+            "reopenings": [{k: r.get(k) for k in ("at", "reviewer", "reason", "after_final_tests")}
+                           for r in plan.reopenings]}
 
 
 def _predictor(cfg: PillSnapConfig, plan: FinalTestPlan):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from pillsnap.config import StageSpec
-from pillsnap.evaluate.results import StageResults, Status
+from pillsnap.evaluate.results import ClassifierResults, StageResults, Status
 
 GO, NO_GO = "GO", "NO_GO"
 
@@ -25,6 +25,7 @@ REGRESSION_TOO_LARGE = "REGRESSION_TOO_LARGE"
 ACC_BELOW_TARGET = "ACC_BELOW_TARGET"
 CRASH_DETECTED = "CRASH_DETECTED"
 MEMORY_UNSTABLE = "MEMORY_UNSTABLE"
+CLASSES_LOST = "CLASSES_LOST"
 REASON_CODES = (
     LATENCY_P95_TOO_HIGH,
     NOT_ENOUGH_SAMPLES,
@@ -33,6 +34,7 @@ REASON_CODES = (
     ACC_BELOW_TARGET,
     CRASH_DETECTED,
     MEMORY_UNSTABLE,
+    CLASSES_LOST,
 )
 
 Measured = Union[float, bool, None]
@@ -95,9 +97,11 @@ def _flag_row(name: str, code: str, check: Status) -> GateRow:
     return GateRow(name, code, check, check == Status.PASS, "==", True)
 
 
-def _regression_row(spec: StageSpec, measured: Optional[float], baseline: Optional[Mapping[str, Any]],
+def _regression_row(spec: StageSpec, c: ClassifierResults, baseline: Optional[Mapping[str, Any]],
                     stage: Optional[int], skip_reason: Optional[str]) -> GateRow:
-    name, code = "accuracy_regression", REGRESSION_TOO_LARGE
+    """`baseline`: the previous decision's {accuracy, photos, val_hash, stage}: this model must have been evaluated on
+    the same photos (their count and row hash), else the comparison is not like for like and it is not measured."""
+    name, code, measured = "accuracy_regression", REGRESSION_TOO_LARGE, c.previous_stage_accuracy
     if stage == 1:
         return GateRow(name, code, Status.SKIPPED, None, ">=", None, "Stage 1 has no previous stage")
     if baseline is None:
@@ -113,9 +117,23 @@ def _regression_row(spec: StageSpec, measured: Optional[float], baseline: Option
     if measured is None:
         return GateRow(name, code, Status.NOT_MEASURED, None, ">=", floor,
                        f"this model was not evaluated on Stage {prev}'s validation photos")
+    same_hash = baseline.get("val_hash") is None or baseline["val_hash"] == c.previous_stage_val_hash
+    if baseline.get("photos") is None or c.previous_stage_photos != baseline["photos"] or not same_hash:
+        return GateRow(name, code, Status.NOT_MEASURED, measured, ">=", floor,
+                       f"not like for like: this model was evaluated on {c.previous_stage_photos} of Stage {prev}'s "
+                       f"validation photos (rows {c.previous_stage_val_hash}), the Stage {prev} model's accuracy on "
+                       f"{baseline.get('photos')} (rows {baseline.get('val_hash')})")
     detail = (f"this model on Stage {prev}'s validation photos vs the Stage {prev} model's {base_acc:.4f} there "
               f"- max_acc_drop {spec.max_acc_drop}")
     return _compare(name, code, measured, ">=", floor, detail)
+
+
+def _lost_classes_row(spec: StageSpec, lost: Optional[int], stage: Optional[int]) -> GateRow:
+    if spec.max_lost_classes is None:
+        return GateRow("lost_classes", CLASSES_LOST, Status.SKIPPED, lost, "<=", None,
+                       f"not gated at Stage {stage} (data.stages.{stage}.max_lost_classes is null)")
+    return _compare("lost_classes", CLASSES_LOST, lost, "<=", spec.max_lost_classes,
+                    "classes of the release with no usable training photo (quarantine, import issues)")
 
 
 def evaluate_go_no_go(spec: StageSpec, results: StageResults, baseline: Optional[Mapping[str, Any]] = None,
@@ -132,11 +150,12 @@ def evaluate_go_no_go(spec: StageSpec, results: StageResults, baseline: Optional
         _compare("latency_p95_ms", LATENCY_P95_TOO_HIGH, c.latency_p95_ms, "<=", spec.max_latency_ms),
         _compare("n_eval_samples", NOT_ENOUGH_SAMPLES, c.n, ">=", spec.min_eval_samples),
         _compare("class_coverage", COVERAGE_TOO_LOW, c.class_coverage, ">=", spec.min_coverage),
-        _regression_row(spec, c.previous_stage_accuracy, baseline, stage, skip_reason),
+        _regression_row(spec, c, baseline, stage, skip_reason),
         _compare("accuracy", ACC_BELOW_TARGET, c.accuracy, ">=", spec.min_accuracy - spec.epsilon_acc,
                  f"min_accuracy {spec.min_accuracy} - epsilon_acc {spec.epsilon_acc} (hysteresis)"),
         _flag_row("no_crashes", CRASH_DETECTED, results.check("no_crashes")),
         _flag_row("memory_stable", MEMORY_UNSTABLE, results.check("memory_stable")),
+        _lost_classes_row(spec, results.data.lost_classes, stage),
     ]
     reasons = [r.reason_code for r in rows if r.blocks_go]
     return GoNoGoDecision(NO_GO if reasons else GO, reasons, rows, stage)

@@ -50,6 +50,8 @@ class ClassifierResults:
     n: Optional[int] = None  # validation photos evaluated
     class_coverage: Optional[float] = None  # share of classes whose validation recall reaches the bound
     previous_stage_accuracy: Optional[float] = None  # this model on the previous stage's validation photos
+    previous_stage_photos: Optional[int] = None  # how many of them (the regression guard compares like with like)
+    previous_stage_val_hash: Optional[str] = None  # and which: the row hash of that stage's validation photos
     multi_batch_size: Optional[int] = None  # the batch size whose top-1 matched batch 1 (when that check passed)
     worst_classes: List[Dict[str, Any]] = field(default_factory=list)
 
@@ -92,6 +94,7 @@ class TrainingResults:
 class DataResults:
     corruption_rate: Optional[float] = None  # unreadable or mis-sized photos / photos (validation report)
     class_imbalance_ratio: Optional[float] = None  # the stage's most / fewest training photos per class
+    lost_classes: Optional[int] = None  # classes of the release with no usable training photo (validation)
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,16 @@ METRICS: Dict[str, Tuple[str, ...]] = {
 }
 
 
+def decision_metrics(results: StageResults) -> Dict[str, Any]:
+    """The figures a decision's ledger entry keeps: the classifier's, and the detector's on the validation
+    combination photos (the final test's val-vs-test gap reads both)."""
+    c, d = results.classifier, results.detector
+    out: Dict[str, Any] = {"accuracy": c.accuracy, "macro_f1": c.macro_f1, "top5": c.top5, "n": c.n}
+    if d is not None:
+        out.update({"mAP_0.5": d.map50, "mAP_0.5_0.95": d.map50_95, "precision": d.precision, "recall": d.recall})
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- building it
 def stage_results(stage: int, evaluation: Mapping[str, Any], trained: Mapping[str, Mapping[str, Any]],
                   validation: Mapping[str, Any], subset: Mapping[str, Any], checks: Mapping[str, str],
@@ -182,6 +195,8 @@ def stage_results(stage: int, evaluation: Mapping[str, Any], trained: Mapping[st
         **{k: evaluation.get(k) for k in ("accuracy", "macro_f1", "top5", "per_class_f1_min", "per_class_min_top1",
                                           "inference_time_ms", "latency_p95_ms", "n", "class_coverage")},
         previous_stage_accuracy=(evaluation.get("previous_stage_val") or {}).get("accuracy"),
+        previous_stage_photos=(evaluation.get("previous_stage_val") or {}).get("photos"),
+        previous_stage_val_hash=(evaluation.get("previous_stage_val") or {}).get("val_hash"),
         multi_batch_size=multi.get("batch_size") if statuses.get("multi_batch_processing") == Status.PASS else None,
         worst_classes=list(evaluation.get("worst_classes") or []))
     pipeline = ((detection or {}).get("combination") or {}).get("pipeline_latency") or {}
@@ -251,7 +266,9 @@ def _data_results(validation: Mapping[str, Any], subset: Mapping[str, Any]) -> D
     corrupt = sum(v for k, v in (validation.get("findings") or {}).items()
                   if k in ("unreadable_image", "size_mismatch"))
     images = counts.get("images")
-    return DataResults(corrupt / images if images else None, subset.get("imbalance_ratio"))
+    lost = validation.get("lost_classes")
+    return DataResults(corrupt / images if images else None, subset.get("imbalance_ratio"),
+                       None if lost is None else len(lost))
 
 
 def _number(name: str, value: Any) -> Any:

@@ -12,7 +12,6 @@ A failed parity check still writes the report, then raises ExportParityError wit
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ import pandas as pd
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.core.devices import evaluation_device
+from pillsnap.core.identity import file_sha256
 from pillsnap.data.class_map import ClassMap
 from pillsnap.core.jsonio import write_json_atomic
 from pillsnap.core import layout
@@ -80,7 +80,7 @@ def _export_classifier(cfg: PillSnapConfig, model, labels: ClassMap, checkpoint:
     parity = check_classifier_parity(TorchClassifierEngine(copy.deepcopy(model), device), path, images, size,
                                      cfg.export.min_top1_agreement, device=device)
     return {"exported": True, "path": str(path), "onnxslim": slimmed, **_file_facts(path),
-            "source_checkpoint": str(checkpoint), "parity": parity.as_dict()}
+            "source_checkpoint": str(checkpoint), "source_sha256": file_sha256(checkpoint), "parity": parity.as_dict()}
 
 
 def _export_detector(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, out: Path, slim: bool) -> Dict:
@@ -109,14 +109,15 @@ def _export_detector(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, out:
     rows = detector_parity_rows(subset, cfg.export.parity_samples)
     parity = check_detector_parity(model, path, rows, size, cfg.export.max_map_diff, evaluation_device(cfg))
     return {"exported": True, "path": str(path), "onnxslim": slimmed, **_file_facts(path), "image_size": size,
-            "backbone": payload["backbone"], "source_checkpoint": str(checkpoint), "activations": activations,
+            "backbone": payload["backbone"], "source_checkpoint": str(checkpoint),
+            "source_sha256": file_sha256(checkpoint), "activations": activations,
             "parity": parity.as_dict()}
 
 
 def _file_facts(path: Path) -> Dict:
     shapes = io_shapes(path)
     return {"input_shapes": shapes["inputs"], "output_shapes": shapes["outputs"], "size_bytes": path.stat().st_size,
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+            "sha256": file_sha256(path)}
 
 
 def _failures(report: Dict) -> list:

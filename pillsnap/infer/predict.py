@@ -17,8 +17,6 @@ it. Hard cases (D-3: single with confidence < 0.30, or auto that fell back to co
 """
 from __future__ import annotations
 
-import hashlib
-
 import logging
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ from pillsnap.infer.preprocess import CropCountError, crop_detections
 from pillsnap.infer.detection import Detector
 from pillsnap.infer.hard_cases import HardCase, write_hard_cases
 from pillsnap.core import layout
+from pillsnap.core.identity import file_sha256
 from pillsnap.infer.engines import (ClassifierEngine, InferenceSetupError, detector_engine, check_engine,
                                     detector_available, load_classifier_engine)
 from pillsnap.infer.gating import Route, count_blobs, decide
@@ -198,15 +197,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def model_identity(stage: int, engine: str, labels: ClassMap, files: Dict[str, Path]) -> Dict[str, object]:
     """Which model answers: the stage, the engine, each model file with its content hash, the class map's hash."""
-    def sha256(path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()[:16]
-
     return {"stage": stage, "engine": engine, "class_map_hash": labels.hash,
-            "files": {name: {"path": str(p), "sha256": sha256(p)} for name, p in files.items()}}
+            "files": {name: {"path": str(p), "sha256": file_sha256(p)} for name, p in files.items()}}
 
 
 def load_predictor(cfg: PillSnapConfig, stage: Optional[int] = None, engine: Optional[str] = None,

@@ -40,6 +40,7 @@ def free_port() -> int:
 class RunningServer:
     def __init__(self, url: str, key: str, process: subprocess.Popen, log_path: Path, started_s: float):
         self.url, self.key, self.process, self.log_path, self.started_s = url, key, process, log_path, started_s
+        self.ready: Dict[str, Any] = {}  # what /ready answered: the served model's identity among it
 
     @property
     def headers(self) -> Dict[str, str]:
@@ -88,6 +89,7 @@ def _wait_ready(server: RunningServer, httpx, deadline: float) -> None:
         try:
             answer = httpx.get(f"{server.url}/ready", headers=server.headers, timeout=2)
             if answer.status_code == 200:
+                server.ready = answer.json()
                 return
         except httpx.TransportError:
             pass
@@ -118,6 +120,7 @@ def api_smoke_test(cfg: PillSnapConfig, stage: int, photos: Sequence[str], engin
     try:
         with running_server(cfg, stage, engine, s.smoke_timeout_s) as server:
             out["ready_s"] = round(server.started_s, 2)
+            out["model"] = server.ready.get("model")  # which files answered, by sha256
             with httpx.Client() as client:
                 first = post_photo(client, server, photos[0], "single")
             reference = load_predictor(cfg, stage, engine).predict(photos[0], "single")

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
 
+from pillsnap.core.identity import ArtifactChanged, file_sha256, short
 from pillsnap.core.jsonio import to_jsonable
 
 
@@ -39,6 +41,12 @@ class TrainResult:
     compile: str = "eager"  # eager | compiled | fell_back
     not_measured: List[str] = field(default_factory=list)
     data: Dict[str, Any] = field(default_factory=dict)  # what it trained and validated on
+    # What the result is bound to: best.pt's content, the training fingerprint (config, batch plans, data) and the
+    # data identity in it (subset row hash, detector share, warm start sha256), and the number of processes.
+    best_sha256: Optional[str] = None
+    fingerprint: str = ""
+    data_identity: Dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
 
     def as_dict(self, with_history: bool = False) -> Dict[str, Any]:
         out = asdict(self)
@@ -66,3 +74,27 @@ def mean_throughput(history: List[Dict[str, Any]]) -> float:
             samples += r["samples"]
             seconds += r["samples"] / r["throughput_img_s"]
     return samples / seconds if seconds else 0.0
+
+
+def check_trained_on(results: Mapping[str, Mapping[str, Any]], subset_hash: str) -> Dict[str, Dict[str, Any]]:
+    """The results of a run given the subset `subset_hash`, which every model must have trained on (a rank of a
+    distributed run reads the subset again): ArtifactChanged names both hashes otherwise."""
+    for name, result in results.items():
+        trained_on = (result.get("data_identity") or {}).get("subset")
+        if trained_on != subset_hash:
+            raise ArtifactChanged(f"the {name} trained on subset {trained_on}, this run's subset is {subset_hash}: "
+                                  "another run rebuilt the stage's subset meanwhile; run the stage again")
+    return {name: dict(result) for name, result in results.items()}
+
+
+def checkpoints_changed(results: Mapping[str, Mapping[str, Any]]) -> Optional[str]:
+    """Why the best.pt files a (cached) training result describes are not on disk as it recorded them, or None."""
+    for name, result in results.items():
+        path, recorded = Path(result["best_checkpoint"]), result.get("best_sha256")
+        if not path.is_file():
+            return f"the {name}'s {path} is gone"
+        actual = file_sha256(path)
+        if actual != recorded:
+            return (f"the {name}'s {path} is not the model this result describes (sha256 {short(actual)} on disk, "
+                    f"{short(recorded)} recorded)")
+    return None

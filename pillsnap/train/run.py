@@ -10,12 +10,14 @@ else (LR schedule, early stopping, OOM recovery, checkpoints, resume, telemetry)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import pandas as pd
 
 from pillsnap.config import PillSnapConfig
+from pillsnap.core.identity import file_sha256
 from pillsnap.data.class_map import ClassMap
+from pillsnap.data.manifest import manifest_hash
 from pillsnap.train.services.collectives import Collectives
 from pillsnap.train.loops.engine import INTERLEAVED, EpochHook, Plans, StepHook, UnitLoop
 from pillsnap.train.loops.members import Injectors, classifier_member, detector_member, run_policy
@@ -58,8 +60,20 @@ def train_stage(cfg: PillSnapConfig, subset: pd.DataFrame, class_map: ClassMap, 
                                        compile_backend, injectors, ratio=d, comm=comm))
     members.append(classifier_member(cfg, subset, class_map, stage_dir, policy, _path(init.get("classifier")),
                                      show_progress, compile_backend, injectors, ratio=c, comm=comm))
-    loop = UnitLoop(cfg, members, stage_dir, cfg.train.strategy, plans, step_hook, epoch_hook, show_progress, comm)
+    loop = UnitLoop(cfg, members, stage_dir, cfg.train.strategy, plans, step_hook, epoch_hook, show_progress, comm,
+                    data_identity(cfg, subset, stage, init))
     return loop.run()
+
+
+def data_identity(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int,
+                  init_checkpoints: Mapping[str, Optional[Path]]) -> Dict[str, Any]:
+    """What a run trains on and starts from, by content: the subset's row hash, the detector's cap on it (and the
+    val share its rows follow) and each warm start's sha256. Part of the training fingerprint, so a run on other
+    photos never resumes this one's checkpoints."""
+    detector = {"detector_images": cfg.stage(stage).detector_images, "val_fraction": cfg.data.val_fraction} \
+        if cfg.detection.enabled else None
+    return {"subset": manifest_hash(subset), "detector": detector,
+            "warm_start": {model: file_sha256(path) for model, path in sorted(init_checkpoints.items()) if path}}
 
 
 def _path(value) -> Optional[Path]:

@@ -153,7 +153,8 @@ def test_a_permanent_error_fails_the_training_task_at_once(prepared):
 
 def test_advance_mode_runs_the_next_stage_from_the_ledger(prepared):
     exp_dir = Path(prepared[0].split("=", 1)[1])
-    Ledger.of(exp_dir).record(StageRecord(stage=1, decision="GO", choice="proceed", chosen_by="human"))
+    Ledger.of(exp_dir).record(StageRecord(stage=1, decision="GO", choice="proceed", chosen_by="human",
+                                          reviewer="pharmacist kim"))
     out = progressive_flow(mode="advance", profile="ci", overrides=prepared)
     assert [s["stage"] for s in out["steps"]] == [2]
     assert Ledger.of(exp_dir).latest(2) is not None

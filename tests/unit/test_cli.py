@@ -66,6 +66,13 @@ def test_attest_records_a_named_person_and_refuses_what_is_not_attested(tmp_path
     assert pending["cloudflare_tunnel_setup"]["reviewer"] == "pharmacist kim"
 
 
+def test_a_forced_final_test_needs_a_name_and_a_reason(tmp_path, capsys):
+    exp = f"paths.exp_dir={tmp_path / 'exp'}"
+    assert main(["final-test", "--force", "--reason", "again", exp]) == 2
+    assert "--force needs --reviewer NAME and --reason TEXT" in capsys.readouterr().err
+    assert main(["final-test", "--force", "--reviewer", "kim", "--reason", " ", exp]) == 2
+
+
 def test_reopen_needs_a_final_test_and_says_why_not(tmp_path, capsys):
     assert main(["reopen", "--reviewer", "kim", "--reason", "more data", f"paths.exp_dir={tmp_path / 'exp'}"]) == 2
     assert "no final test has run" in capsys.readouterr().err
@@ -74,7 +81,8 @@ def test_reopen_needs_a_final_test_and_says_why_not(tmp_path, capsys):
 def _stopped_step(**extra):
     return {"stage": 2, "decision": "NO_GO", "reasons": ["ACC_BELOW_TARGET"], "recommendation": "WARN_STOP",
             "choice": "stop", "chosen_by": "policy", "approved": False,
-            "stop_reason": "an unattended policy never approves a stage Go/No-Go refused", **extra}
+            "stop_reason": "an unattended policy never approves a stage Go/No-Go refused",
+            "blocked_by": {"gate_rows": ["accuracy 0.41 (needs >= 0.818)"], "mandatory": {}}, **extra}
 
 
 def test_progress_ends_with_one_sentence_and_a_distinct_exit_code_when_a_gate_stopped_it(monkeypatch, capsys):
@@ -85,7 +93,8 @@ def test_progress_ends_with_one_sentence_and_a_distinct_exit_code_when_a_gate_st
     sentence = outcome([{"stage": 1, "decision": "GO", "approved": True, "choice": "proceed"}, _stopped_step()])
     assert sentence["gate_stopped"] and sentence["sentence"].startswith("Stopped at Stage 2: Go/No-Go NO_GO "
                                                                         "(ACC_BELOW_TARGET), advisor WARN_STOP")
-    assert "Next: read stage_2/reports/advisor.json" in sentence["sentence"]
+    assert "Next: fix Go/No-Go accuracy 0.41 (needs >= 0.818) (stage_2/reports/advisor.json" in sentence["sentence"]
+    assert "attest" not in sentence["sentence"]
     result = {"mode": "run", "steps": [_stopped_step()], "outcome": sentence}
     monkeypatch.setattr(flows.progressive, "progressive_flow", lambda **kw: result)
     assert main(["progress", "--mode", "run", "--profile", "ci"]) == EXIT_GATE_STOPPED

@@ -132,3 +132,71 @@ def test_a_ledger_written_before_numbered_final_tests_is_read(tmp_path):
     ledger = Ledger.of(tmp_path)
     assert ledger.final_test["results"] == "r.json" and ledger.final_test["number"] == 1
     assert ledger.plan()["action"] == "done"  # its final test ran after its Stage 4
+
+
+def _decided(stage, go_no_go, advice, checks, choice="proceed", chosen_by="policy", reviewer=""):
+    from pillsnap.ledger import decide
+
+    return decide(stage, go_no_go, advice, choice, chosen_by, reviewer, checks=checks)
+
+
+NO_GO_ROWS = {"decision": "NO_GO", "reasons": ["ACC_BELOW_TARGET"],
+              "rows": [{"name": "accuracy", "status": "fail", "measured": 0.41, "comparison": ">=", "target": 0.778},
+                       {"name": "latency_p95_ms", "status": "pass", "measured": 12.0, "comparison": "<=",
+                        "target": 220.0}]}
+GO_ROWS = {"decision": "GO", "reasons": [], "rows": [{"name": "accuracy", "status": "pass", "measured": 0.9,
+                                                      "comparison": ">=", "target": 0.848}]}
+
+
+def test_a_no_go_names_its_failed_rows_and_no_check_it_did_not_need(tmp_path):
+    """Issue 28, reproduction 7: Stage 1 NO_GO on accuracy said "confirm the attested checks" because the list
+    covered every check (cloudflare_tunnel_setup is unattested at every stage, mandatory only at Stage 4)."""
+    advice = {"recommendation": "WARN_STOP", "failed_mandatory": []}
+    ledger = Ledger.of(tmp_path)
+    ledger.record(_decided(1, NO_GO_ROWS, advice, {"cloudflare_tunnel_setup": "unattested", "accuracy": "fail"}))
+    plan = Ledger.of(tmp_path).plan()
+    assert plan["action"] == "blocked" and plan["unattested"] == []
+    assert plan["blocked_by"] == {"gate_rows": ["accuracy 0.41 (needs >= 0.778)"], "mandatory": {}}
+    from flows.progressive import outcome
+
+    sentence = outcome([plan])["sentence"]
+    assert "fix Go/No-Go accuracy 0.41 (needs >= 0.778)" in sentence and "attest" not in sentence
+
+
+def test_an_attestation_given_ahead_lets_progress_judge_the_stored_results_again(tmp_path):
+    """Issue 28, reproduction 7: after attesting at Stage 4, `pillsnap progress` stayed blocked until the stage was
+    re-run by hand. A stage stopped only by unattested mandatory checks is re-judged once every one is attested."""
+    from flows.progressive import outcome
+
+    ledger = Ledger.of(tmp_path)
+    for stage in (1, 2, 3):
+        ledger.record(StageRecord(stage=stage, decision="GO", choice="proceed", chosen_by="policy"))
+    advice = {"recommendation": "WARN_STOP", "failed_mandatory": ["cloudflare_tunnel_setup"]}
+    ledger.record(_decided(4, GO_ROWS, advice, {"cloudflare_tunnel_setup": "unattested"}))
+    blocked = Ledger.of(tmp_path).plan()
+    assert blocked["action"] == "blocked" and blocked["unattested"] == ["cloudflare_tunnel_setup"]
+    sentence = outcome([blocked])["sentence"]
+    assert "a named person confirms cloudflare_tunnel_setup (`pillsnap attest --stage 4" in sentence
+    assert "then `pillsnap progress` judges the stored results again" in sentence
+    Ledger.of(tmp_path).attest(4, "cloudflare_tunnel_setup", "pharmacist kim", "tunnel checked")
+    assert Ledger.of(tmp_path).plan() == {"action": "rejudge", "stage": 4, "attested": ["cloudflare_tunnel_setup"]}
+    # ... but never where something else stopped it too: a failed measured check still needs the stage re-run
+    advice = {"recommendation": "WARN_STOP", "failed_mandatory": ["cloudflare_tunnel_setup", "automated_monitoring"]}
+    ledger = Ledger.of(tmp_path)
+    ledger.record(_decided(4, GO_ROWS, advice, {"cloudflare_tunnel_setup": "unattested", "automated_monitoring": "fail"}))
+    ledger.attest(4, "cloudflare_tunnel_setup", "pharmacist kim")
+    plan = Ledger.of(tmp_path).plan()
+    assert plan["action"] == "blocked" and "mandatory check automated_monitoring fail" in outcome([plan])["sentence"]
+
+
+def test_a_proceed_without_a_name_approves_nothing():
+    """Issue 28, reproduction 4: a review `proceed` with a blank reviewer approved a NO_GO stage anonymously."""
+    advice = {"recommendation": "WARN_STOP", "failed_mandatory": []}
+    for reviewer in ("", "   "):
+        rec = _decided(1, NO_GO_ROWS, advice, {}, choice="proceed", chosen_by="human", reviewer=reviewer)
+        assert rec.choice == "stop" and not rec.approved and not rec.override and "without the reviewer" in \
+            rec.stop_reason
+    named = _decided(1, NO_GO_ROWS, advice, {}, choice="proceed", chosen_by="human", reviewer=" pharmacist kim ")
+    assert named.approved and named.override and named.reviewer == "pharmacist kim"
+    legacy = StageRecord(stage=1, decision="NO_GO", choice="proceed", chosen_by="human", overridden=["X"])
+    assert not legacy.approved  # an anonymous approval in an older ledger counts for nothing either

@@ -28,20 +28,18 @@ def _probe_photo(subset: pd.DataFrame) -> Optional[str]:
     return str(val["image_path"].iloc[0]) if len(val) else None
 
 
-def manifest_counts(cfg: PillSnapConfig) -> Optional[Dict[str, Any]]:
-    """The release's own training classes and photos (manifest.csv less the quarantine), for full_dataset_processing:
-    counted here, independently of the subset builder."""
+def release_counts(cfg: PillSnapConfig) -> Optional[Dict[str, Any]]:
+    """The release's own training classes, before the quarantine and with the import's failed label files, for
+    full_dataset_processing: counted here, independently of the subset builder."""
     from pillsnap.data.manifest import read_manifest
-    from pillsnap.data.prepare import data_dir, manifest_path
-    from pillsnap.data.validate import load_quarantine
+    from pillsnap.data.prepare import data_dir, import_issues, manifest_path
+    from pillsnap.data.validate import load_quarantine, release_classes
 
     path = manifest_path(cfg)
     if not path.is_file():
         return None
-    df = read_manifest(path)
-    df = df[~df["image_id"].isin(set(load_quarantine(data_dir(cfg) / "quarantine.json")))]
-    train = df[(df["split"] == "train") & (df["kind"] == "single")]
-    return {"train_classes": sorted(train["k_code"].unique().tolist()), "train_photos": int(len(train))}
+    return release_classes(read_manifest(path), load_quarantine(data_dir(cfg) / "quarantine.json"),
+                           import_issues(cfg))
 
 
 def stage_evidence(cfg: PillSnapConfig, stage: int, subset_rows: pd.DataFrame, subset: Dict[str, Any],
@@ -54,7 +52,7 @@ def stage_evidence(cfg: PillSnapConfig, stage: int, subset_rows: pd.DataFrame, s
     return StageEvidence(stage=stage, subset={**subset, "train_k_codes": sorted(used.unique().tolist())},
                          train=trained, evaluation=evaluation, detector_probe=probe, export=export, api=api,
                          tensorboard=tensorboard, detection_expected=cfg.detection.enabled,
-                         manifest=manifest_counts(cfg))
+                         manifest=release_counts(cfg))
 
 
 def measure_stage_checks(cfg: PillSnapConfig, evidence: StageEvidence,
@@ -67,6 +65,12 @@ def measure_stage_checks(cfg: PillSnapConfig, evidence: StageEvidence,
     log.info("stage %d checks: %d of %d pass%s", evidence.stage, len(doc) - len(failing), len(doc),
              f"; not passing: {failing}" if failing else "")
     return doc
+
+
+def restore_checks(cfg: PillSnapConfig, stage: int, doc: Mapping[str, Any]) -> Dict[str, Any]:
+    """checks.json as a decision measured it (before any attestation), for a re-judgement of that decision."""
+    write_json_atomic(checks_path(cfg, stage), dict(doc))
+    return dict(doc)
 
 
 def apply_attestations(cfg: PillSnapConfig, stage: int,

@@ -164,7 +164,8 @@ class UnitLoop:
     def __init__(self, cfg: PillSnapConfig, members: Sequence[Member], stage_folder: Path, strategy: str,
                  plans: Optional[Plans] = None, step_hook: Optional[StepHook] = None,
                  epoch_hook: Optional[EpochHook] = None, show_progress: bool = True,
-                 comm: Optional[Collectives] = None):
+                 comm: Optional[Collectives] = None, data_identity: Optional[Mapping[str, Any]] = None):
+        """`data_identity`: what the run trains on and starts from (run.data_identity), in its fingerprint."""
         if strategy not in (SEQUENTIAL, INTERLEAVED):
             raise ValueError(f"train.strategy={strategy!r} is not one of {SEQUENTIAL}, {INTERLEAVED}")
         self.cfg, self.members, self.strategy = cfg, list(members), strategy
@@ -181,7 +182,9 @@ class UnitLoop:
             m.apply_plans(plans[m.name])
             self._plan_epochs(m)
         config = to_dict(cfg)
-        fingerprint = training_fingerprint(config, {m.name: m.plans["batch"] for m in self.members})
+        self.data_identity = dict(data_identity or {})
+        fingerprint = training_fingerprint(config, {m.name: m.plans["batch"] for m in self.members},
+                                           self.data_identity)
         self.checkpoints = CheckpointPolicy(layout.checkpoints_dir(stage_folder), json.dumps(config), fingerprint,
                                             cfg.train.recovery_every_steps, writes=self.comm.is_main)
         self.tick = 0
@@ -203,9 +206,9 @@ class UnitLoop:
         if self.cfg.train.resume != "last":
             return None
 
-        def recorded_bests(payload: Dict[str, Any]) -> List[Path]:
+        def recorded_bests(payload: Dict[str, Any]) -> Dict[str, Path]:
             best = payload["checkpoint_policy"]["best"]
-            return [m.best_path for m in self.members if m.name in best]
+            return {m.name: m.best_path for m in self.members if m.name in best}
 
         found = self.checkpoints.resumable(recorded_bests, [m.checkpoints_dir for m in self.members])
         if found is None:
@@ -335,7 +338,7 @@ class UnitLoop:
         shown = " ".join(f"{k}={_fmt(metrics.get(k))}" for k in VAL_LOG_KEYS.get(u.name, ()))
         log.info("%s val e=%d %s n=%s", u.log_tag, t.epoch + 1, shown, metrics.get("n", metrics.get("n_images")))
         if self.checkpoints.is_new_best(m.name, value, u.mode, t.epoch + 1):
-            self._save_weights(m, "best.pt", record)
+            self._save_weights(m, layout.BEST, record)
         m.health.on_epoch_end(t.epoch + 1, value)
         t.epoch += 1
         t.steps_in_epoch, t.loss_sum, t.loss_count, t.item_sums = 0, 0.0, 0, {}
@@ -387,6 +390,8 @@ class UnitLoop:
         payload = {**m.unit.weights_payload(), "epoch": record["epoch"], "global_step": m.unit.updates,
                    "best_metric": best, "monitor": m.unit.monitor, "strategy": self.strategy,
                    "val_metrics_json": json.dumps(record["val"], default=str)}
+        if name == layout.BEST:
+            return self.checkpoints.save_best(m.name, payload, m.checkpoints_dir)
         return self.checkpoints.save(name, payload, directory=m.checkpoints_dir)
 
     def _write_metrics(self, m: Member) -> None:
@@ -411,7 +416,9 @@ class UnitLoop:
         val = dict(best["val"]) if best else {}
         return TrainResult(
             model=u.name, strategy=self.strategy, backbone=u.identity()["backbone"],
-            best_checkpoint=str(m.best_path),
+            best_checkpoint=str(m.best_path), best_sha256=self.checkpoints.best_sha256(m.name),
+            fingerprint=self.checkpoints.fingerprint, data_identity=dict(self.data_identity),
+            world_size=self.comm.world_size,
             last_checkpoint=str(m.checkpoints_dir / layout.LAST),
             monitor=u.monitor, best_metric=best_metric, best_epoch=best_epoch, epochs_completed=t.epoch,
             epochs_planned=u.epochs, global_step=u.updates, resumed_from_step=resumed,

@@ -6,10 +6,12 @@ fingerprint, and which checkpoint a run may resume. timm's CheckpointSaver is th
   best.pt       per model, in its own folder and schema, when its monitored metric improved (`improved`)
   emergency.pt  on demand: an exhausted OOM recovery, a non-finite loss (the weights before the failed step)
 
-A run's checkpoints carry its training fingerprint: the config keys in TRAINING_KEYS and the batch plans. A run
-resumes only checkpoints with the same fingerprint; anything else (the advisor's overrides, a new batch plan, a
-finished run whose best.pt is gone) is moved to `checkpoints.previous/<time>/` and the run starts fresh. A key
-that is not listed (serving, reporting, evaluation, logging, fault injection) never archives a run.
+A run's checkpoints carry its training fingerprint: the config keys in TRAINING_KEYS, the batch plans and the
+data it trains on (the subset's row hash, the detector's share of it, the warm start's sha256). A run resumes only
+checkpoints with the same fingerprint; anything else (the advisor's overrides, a new batch plan, another subset, a
+finished run whose best.pt is gone or is not the file it wrote: each best.pt's sha256 is recorded) is moved to
+`checkpoints.previous/<time>/` and the run starts fresh. A key that is not listed (serving, reporting, evaluation,
+logging, fault injection) never archives a run.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ import numpy as np
 import torch
 
 from pillsnap.config import pick
+from pillsnap.core import layout
 from pillsnap.core.checkpoints import find_resume_checkpoint, save_checkpoint
+from pillsnap.core.identity import file_sha256, short
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +77,15 @@ def training_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     return relevant
 
 
-def training_fingerprint(config: Mapping[str, Any], plans: Optional[Mapping[str, Any]] = None) -> str:
-    """What a resumable run must share with this one: its training_config and the batch / accumulation of each
-    model's batch plan."""
+def training_fingerprint(config: Mapping[str, Any], plans: Optional[Mapping[str, Any]] = None,
+                         data: Optional[Mapping[str, Any]] = None) -> str:
+    """What a resumable run must share with this one: its training_config, the batch / accumulation of each
+    model's batch plan, and `data` (train_stage's data_identity: what it trains on and starts from)."""
     relevant = training_config(config)
     batches = {name: {k: (plan or {}).get(k) for k in ("batch_size", "grad_accum")}
                for name, plan in sorted((plans or {}).items())}
-    text = json.dumps({"config": relevant, "batch_plans": batches}, sort_keys=True, default=str)
+    text = json.dumps({"config": relevant, "batch_plans": batches, "data": dict(data or {})}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -112,7 +118,7 @@ class CheckpointPolicy:
         self.dir, self.config_json, self.fingerprint = Path(ckpt_dir), config_json, fingerprint
         self.writes = writes  # with several ranks only rank 0 writes; the others follow the same decisions
         self.recovery_every = recovery_every or 0
-        self.best: Dict[str, Dict[str, Any]] = {}  # model -> {"value", "epoch"}
+        self.best: Dict[str, Dict[str, Any]] = {}  # model -> {"value", "epoch", "sha256" of the best.pt written}
 
     # ------------------------------------------------------------------ when
     def recovery_due(self, tick: int) -> bool:
@@ -130,6 +136,16 @@ class CheckpointPolicy:
         best = self.best.get(model)
         return (best["value"], best["epoch"]) if best else (None, -1)
 
+    def best_sha256(self, model: str) -> Optional[str]:
+        return (self.best.get(model) or {}).get("sha256")
+
+    def save_best(self, model: str, payload: Dict[str, Any], directory: Path) -> Path:
+        """best.pt, and its sha256 recorded: a resume or a cached result whose best.pt differs is not this run's."""
+        path = self.save(layout.BEST, payload, directory)
+        if self.writes:
+            self.best[model]["sha256"] = file_sha256(path)
+        return path
+
     # ------------------------------------------------------------------ what
     def save(self, name: str, payload: Dict[str, Any], directory: Optional[Path] = None) -> Path:
         """last.pt keeps its previous version as last.prev.pt (a fallback if the new one is ever unreadable)."""
@@ -146,12 +162,12 @@ class CheckpointPolicy:
         self.best = dict(state["best"])
 
     # ------------------------------------------------------------------ resume
-    def resumable(self, best_files: Callable[[Dict[str, Any]], Iterable[Path]] = lambda payload: (),
+    def resumable(self, best_files: Callable[[Dict[str, Any]], Mapping[str, Path]] = lambda payload: {},
                   also_archive: Iterable[Path] = ()) -> Optional[Tuple[Path, Dict[str, Any]]]:
         """The newest valid checkpoint of THIS training, or None (stale ones are archived first).
 
-        `best_files(payload)`: the best.pt files that the checkpointed run had written (one per model that
-        recorded a best epoch); a run missing one cannot be resumed, its best weights are gone.
+        `best_files(payload)`: {model: best.pt} that the checkpointed run had written (one per model that recorded
+        a best epoch); a run missing one, or whose file is not the one it wrote (by sha256), cannot be resumed.
         """
         found = find_resume_checkpoint(self.dir) if self.dir.is_dir() else None
         if found is None:
@@ -161,9 +177,7 @@ class CheckpointPolicy:
         if payload.get("fingerprint") != self.fingerprint:
             reason = "they come from a different training configuration or batch plan"
         else:
-            missing = [str(b) for b in best_files(payload) if not Path(b).is_file()]
-            if missing:
-                reason = f"{', '.join(missing)} is missing from a run that had recorded a best epoch"
+            reason = _best_files_problem(best_files(payload), payload["checkpoint_policy"]["best"])
         if reason is None:
             return path, payload
         self.archive(reason, also_archive)
@@ -178,3 +192,17 @@ class CheckpointPolicy:
                 item.rename(target / item.relative_to(self.dir.parent).as_posix().replace("/", "__"))
         log.warning("%s: %s; moved to %s and starting fresh", self.dir, reason, target)
         return target
+
+
+def _best_files_problem(files: Mapping[str, Path], recorded: Mapping[str, Mapping[str, Any]]) -> Optional[str]:
+    """Why the best.pt files a checkpointed run wrote cannot be trusted, or None. Checkpoints from before the
+    sha256 was recorded are checked for presence only."""
+    missing = [str(path) for path in files.values() if not Path(path).is_file()]
+    if missing:
+        return f"{', '.join(missing)} is missing from a run that had recorded a best epoch"
+    for model, path in files.items():
+        expected = (recorded.get(model) or {}).get("sha256")
+        actual = file_sha256(path) if expected else None
+        if actual != expected:
+            return f"{path} is not the best.pt this run wrote (sha256 {short(actual)}, recorded {short(expected)})"
+    return None

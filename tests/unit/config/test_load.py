@@ -87,11 +87,14 @@ def test_precedence_cli_over_profile_over_base():
     assert both.classification.backbone == profiled.classification.backbone  # the profile still applies
 
 
-def test_resolved_config_round_trips_and_is_written(tmp_path):
+def test_resolved_config_round_trips_and_every_run_keeps_its_own(tmp_path):
     cfg = load_config(profile="ci", overrides=[f"paths.exp_dir={tmp_path}"])
-    path = save_resolved(cfg)
-    assert path == tmp_path / "config.resolved.yaml"
-    again = load_config(path)  # the resolved file is itself a valid config
+    path = save_resolved(cfg, "run-a")
+    other = load_config(profile="ci", overrides=[f"paths.exp_dir={tmp_path}", "data.stages.2.max_latency_ms=5000"])
+    save_resolved(other, "run-b")
+    assert path == tmp_path / "config.resolved.run-a.yaml"
+    assert load_config(tmp_path / "config.resolved.yaml").data.stages[2].max_latency_ms == 5000  # the newest
+    again = load_config(path)  # the resolved file is itself a valid config, and run a's is still there
     assert config_hash(again) == config_hash(cfg)
     assert config_hash(from_dict(to_dict(cfg))) == config_hash(cfg)
 

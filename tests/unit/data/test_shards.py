@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from pillsnap.data import shards as shards_module
-from pillsnap.data.cache import PixelStore, decode_sample, photo_samples, row_bytes, sample_key
+from pillsnap.data.cache import PixelStore, decode_sample, photo_samples, row_bytes, sample_keys
 from pillsnap.data.class_map import build_class_map
 from pillsnap.data.datasets import classification_samples
 from pillsnap.data.manifest import write_manifest
@@ -123,7 +123,7 @@ def test_photo_samples_are_the_classifier_samples(tiny_manifest):
     data = classification_samples(tiny_manifest, build_class_map(tiny_manifest), include_crops=True)
     mine = [s for p, k, b in zip(tiny_manifest.image_path, tiny_manifest.kind, tiny_manifest.boxes)
             for s in photo_samples(p, k, b, True)]
-    assert [sample_key(s) for s in mine] == [sample_key(s) for s in data.samples]
+    assert sample_keys(mine) == sample_keys(data.samples)
 
 
 def test_an_index_from_before_segments_still_reads(tiny_manifest, tmp_path):
@@ -151,3 +151,34 @@ def test_a_shard_writes_nothing_that_is_read_until_it_commits(broken, tmp_path):
     assert first["computed"] and not run_shard(shard, settings, tmp_path / "results")["computed"]
     assert PixelStore(tmp_path / "cache", 16).adopt([shard.segment]) == 5
     assert PixelStore(tmp_path / "cache", 16).adopt([shard.segment]) == 0  # a second adoption adds nothing
+
+
+def test_a_photo_truncated_after_validation_fails_the_next_validation_and_loses_its_pixels(tiny_aihub, make_config,
+                                                                                           tmp_path):
+    """Issue 28, reproduction 3: shards keyed by path and size said PASS after a photo was truncated, and the pixel
+    store kept serving its old pixels. Now a shard is keyed by its files' stamps: the re-run inspects the changed
+    photo (1 of 66 unreadable = 1.5 % > the shipped 1 %: FAIL) and the store's rows are keyed by the stamp too."""
+    import shutil
+
+    from pillsnap.data.aihub import import_aihub
+    from pillsnap.data.manifest import assign_splits
+    from pillsnap.data.validate import DataValidationError
+
+    root = tmp_path / "aihub"
+    shutil.copytree(tiny_aihub / "train", root / "train")
+    manifest = assign_splits(import_aihub(root, show_progress=False).manifest, 0.2, 0)
+    cfg = make_config(tmp_path, "data.prepare.shard_size=7")  # the shipped validation thresholds
+    write_manifest(manifest, manifest_path(cfg))
+    assert run_validation(cfg, show_progress=False)["shards"]["computed"] > 1  # PASS: nothing raised
+    victim = manifest[manifest.kind == "single"].image_path.iloc[3]
+    sample = [(victim, None)]
+    store = pixel_store(cfg)
+    assert store.has(int(store.rows(sample)[0]))
+    data = open(victim, "rb").read()
+    open(victim, "wb").write(data[: len(data) // 2])
+
+    with pytest.raises(DataValidationError, match="unreadable"):
+        run_validation(cfg, show_progress=False)
+    again = json.loads((manifest_path(cfg).parent / "validation_report.json").read_text())
+    assert [f["path"] for f in again["findings"] if f["kind"] == "unreadable_image"] == [victim]
+    assert not pixel_store(cfg).has(int(pixel_store(cfg).rows(sample)[0]))  # the truncated file's row, not the old one

@@ -174,7 +174,7 @@ def test_predict_command_prints_json(exported_stage, photos, capsys):
     model = results[0]["model"]  # every answer names the model: stage, export file hashes, class-map hash
     assert model["stage"] == 1 and model["engine"] == "onnx" and len(model["class_map_hash"]) == 16
     assert model["files"]["classifier"]["path"].endswith("classifier.onnx")
-    assert len(model["files"]["classifier"]["sha256"]) == 16 and all(r["model"] == model for r in results)
+    assert len(model["files"]["classifier"]["sha256"]) == 64 and all(r["model"] == model for r in results)
 
 
 def test_predict_answers_every_readable_photo_and_reports_the_unreadable(exported_stage, photos, capsys, tmp_path):

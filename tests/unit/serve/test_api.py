@@ -46,7 +46,7 @@ def test_health_is_open_and_ready_says_what_is_served(server):
     assert ready["device"].startswith("cpu:") and ready["model_files"]["classifier"].endswith(
         "best.pt" if engine == "torch" else "classifier.onnx")
     assert len(ready["class_map_hash"]) == 16 and ready["detector"]
-    assert ready["model"]["stage"] == 1 and len(ready["model"]["files"]["classifier"]["sha256"]) == 16
+    assert ready["model"]["stage"] == 1 and len(ready["model"]["files"]["classifier"]["sha256"]) == 64
 
 
 def test_every_answer_names_the_model_that_gave_it(server, photos):

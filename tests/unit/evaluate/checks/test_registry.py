@@ -47,7 +47,7 @@ def good_evidence(stage=1):
         stage=stage,
         subset={"imbalance_ratio": 1.5, "per_class_train_min": 10, "per_class_train_max": 15, "classes": 50,
                 "images_requested": 500, "train_single": 500, "train_k_codes": list(K_CODES)},
-        manifest={"train_classes": list(K_CODES), "train_photos": 700},
+        manifest={"classes": 50, "usable_classes": list(K_CODES), "usable_photos": 700, "lost": {}},
         train={"classifier": _train("classifier"), "detector": _train("detector")},
         evaluation={"checkpoint": "best.pt", "n": 200, "logits_finite": True,
                     "multi_batch": {"photos": 64, "batch_size": 32, "flips": 0, "top1_agreement": 1.0,
@@ -157,7 +157,11 @@ def _unprobed(ev):
     ("multi_batch_processing", lambda ev: ev.evaluation["multi_batch"].update(batch_size=1), FAIL),
     ("multi_batch_processing", lambda ev: ev.evaluation.pop("multi_batch"), NOT_MEASURED),
     ("full_dataset_processing", lambda ev: ev.subset.update(train_k_codes=K_CODES[:49]), FAIL),  # a class left out
-    ("full_dataset_processing", lambda ev: ev.manifest.update(train_classes=K_CODES + ["K-999999"]), FAIL),
+    ("full_dataset_processing", lambda ev: ev.manifest.update(usable_classes=K_CODES + ["K-999999"]), FAIL),
+    # Issue 28 point 8: a class whose every photo was quarantined, or whose labels all failed to import, used to
+    # vanish from both sides; it is counted before the quarantine and named.
+    ("full_dataset_processing", lambda ev: ev.manifest["lost"].update(
+        {"K-999999": "all 3 training photos quarantined (validation findings)"}), FAIL),
     ("full_dataset_processing", lambda ev: ev.subset.update(train_single=499), FAIL),
     ("full_dataset_processing", lambda ev: setattr(ev, "manifest", None), NOT_MEASURED),
     ("production_api_deployment", lambda ev: ev.api.update(deployed=False), FAIL),
@@ -178,6 +182,24 @@ def test_every_check_has_a_failing_case_above():
     rows = test_each_check_fails_on_realistic_bad_evidence.pytestmark[0].args[1]
     covered = {name for name, _, status in rows if status == FAIL}
     assert covered >= set(REGISTRY), sorted(set(REGISTRY) - covered)
+
+
+def test_a_check_measured_here_can_never_be_attested_by_configuration():
+    """Issue 28, reproduction 5: with production_api_deployment added to evaluation.checks.attested, `pillsnap attest`
+    accepted an attestation for an API that never started. The attestable checks are fixed by the registry; a
+    config may only narrow them, and a narrowed-out one is not measured (it blocks), never passed."""
+    from pillsnap.config import ConfigError
+    from pillsnap.evaluate.criteria import validate_evaluation_config
+
+    widened = load_config(overrides=["evaluation.checks.attested=[cloudflare_tunnel_setup,production_api_deployment]"])
+    with pytest.raises(ConfigError, match=r"evaluation.checks.attested: \['production_api_deployment'\] are measured"):
+        validate_evaluation_config(widened.evaluation)
+    answered = {"production_api_deployment": KIM, "cloudflare_tunnel_setup": KIM}
+    never_served = _broken(lambda ev: ev.api.update(deployed=False))
+    assert statuses(widened, never_served, answered)["production_api_deployment"] == FAIL  # measured all the same
+    narrowed = load_config(overrides=["evaluation.checks.attested=[]"])
+    validate_evaluation_config(narrowed.evaluation)
+    assert statuses(narrowed, good_evidence(4), answered)["cloudflare_tunnel_setup"] == NOT_MEASURED
 
 
 def test_a_gpu_less_run_measures_host_memory_only_and_early_stopping_counts_as_finished(cfg):

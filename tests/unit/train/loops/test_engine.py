@@ -7,7 +7,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pillsnap.core.checkpoints import CheckpointMismatchError, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from pillsnap.core.checkpoints import (CheckpointMismatchError, check_compatible, find_resume_checkpoint,
+                                      load_checkpoint, save_checkpoint)
 from pillsnap.train import SimulatedCrash, train_stage
 from pillsnap.train.services.policy import resolve_policy
 from pillsnap.train.services.telemetry import STEP_TAGS
@@ -97,14 +98,39 @@ def test_a_rerun_with_new_settings_archives_and_starts_fresh(make_config, tmp_pa
     assert json.loads(old["config"])["train"]["classification"]["lr"] == 0.003  # the old run, kept
 
 
-def test_a_different_label_space_names_both_sides(make_config, tmp_path, tiny_stage):
+def test_a_run_on_other_photos_or_with_a_replaced_best_pt_never_resumes(make_config, tmp_path, tiny_stage):
+    """Issue 28, reproduction 1: a run on 24 photos "resumed" a finished run on 48 and trained nothing. The data it
+    trains on (the subset's row hash) is in the fingerprint, and each best.pt's sha256 is recorded: a run whose
+    best.pt was replaced by another run's model is not resumed either."""
+    import shutil
+
+    from pillsnap.core.identity import file_sha256
+
     m, cmap = tiny_stage
-    run(make_config, tmp_path, tiny_stage, "sequential")
-    cfg = make_config(tmp_path, "train.strategy=sequential", "train.deterministic=true",
-                      "detection.include_single_images=false")  # as run() trained: the same fingerprint
+    first = run(make_config, tmp_path, tiny_stage, "sequential", models=("classifier",))["classifier"]
+    best = tmp_path / "stage_1/checkpoints/best.pt"
+    assert first.best_sha256 == file_sha256(best) and first.data_identity["subset"]
+    fewer = m.drop(m[(m.split == "train") & (m.kind == "single")].index[::2])
+    other = run(make_config, tmp_path, (fewer, cmap), "sequential", models=("classifier",))["classifier"]
+    assert other.resumed_from_step is None and other.global_step > 0  # trained, on its own photos
+    assert other.data_identity["subset"] != first.data_identity["subset"] and other.fingerprint != first.fingerprint
+    (archived,) = (tmp_path / "stage_1/checkpoints.previous").iterdir()
+    shutil.copy(archived / "checkpoints" / "best.pt", best)  # the first run's model where this run's best.pt was
+    again = run(make_config, tmp_path, (fewer, cmap), "sequential", models=("classifier",))["classifier"]
+    assert again.resumed_from_step is None and again.best_sha256 == file_sha256(best) != first.best_sha256
+    assert len(list((tmp_path / "stage_1/checkpoints.previous").iterdir())) == 2
+
+
+def test_a_different_label_space_trains_fresh_and_its_checkpoints_name_both_sides(make_config, tmp_path, tiny_stage):
+    m, cmap = tiny_stage
+    run(make_config, tmp_path, tiny_stage, "sequential", models=("classifier",))
     fewer = m[m.k_code.isin(cmap.k_codes[:4]) | (m.kind == "combination")]
+    again = run(make_config, tmp_path, (fewer, cmap), "sequential", models=("classifier",))["classifier"]
+    assert again.resumed_from_step is None  # other photos: another fingerprint, the old run archived
+    (archived,) = (tmp_path / "stage_1/checkpoints.previous").iterdir()
     with pytest.raises(CheckpointMismatchError, match="num_classes: checkpoint 6 vs current 4"):
-        train_stage(cfg, fewer, cmap, 1, tmp_path / "stage_1", show_progress=False)
+        check_compatible(load_checkpoint(archived / "checkpoints/last.pt"), "test_efficientnet", 4,
+                         again.class_map_hash)
 
 
 def test_warm_start_remaps_the_head_by_kcode(make_config, tmp_path, tiny_stage):

@@ -39,6 +39,13 @@ def test_a_batch_plan_changes_it():
     assert _fingerprint(plans={"classifier": plan}) != _fingerprint(plans={"classifier": {**plan, "grad_accum": 1}})
 
 
+def test_the_data_a_run_trains_on_changes_it():
+    data = {"subset": "a1", "detector": {"detector_images": 60, "val_fraction": 0.15}, "warm_start": {}}
+    changed = [{**data, "subset": "b2"}, {**data, "detector": {"detector_images": 24, "val_fraction": 0.15}},
+               {**data, "warm_start": {"classifier": "ffee"}}]
+    assert len({training_fingerprint(to_dict(load_config(profile="ci")), None, d) for d in (data, *changed)}) == 4
+
+
 def test_the_one_improvement_rule():
     assert improved(0.5, None) and improved(0.5, 0.5) and not improved(0.4, 0.5)
     assert improved(0.4, 0.5, mode="min") and not improved(0.5, 0.45, min_delta=0.1)
