@@ -196,6 +196,10 @@ def cmd_demo(args) -> int:
           f"choice: {result['choice']} ({result['chosen_by']})")
     for line, ok in verdicts:
         print(f"  [{'ok' if ok else 'FAILED'}] {line}")
+    loose = result.get("gates_loosened") or []
+    if loose:  # the profile's sizes scale gates down: on the record, and named here
+        print("Gates looser than the shipped configs/pillsnap.yaml (in the ledger): "
+              + "; ".join(f"{d['key']} {d['shipped']} -> {d['applied']}" for d in loose))
     print(f"Stage report: {result['report']}")
     print(f"Experiment dir (checkpoints, TensorBoard, ledger): {result['exp_dir']}")
     print("Artifacts: stage-1-report, stage-1-checks, stage-1-targets, stage-1-training-progress "

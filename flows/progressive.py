@@ -65,7 +65,8 @@ def outcome(steps: List[Dict]) -> Dict:
     if last.get("action") == "blocked":
         next_step = _next_step(last["stage"], "", last.get("blocked_by") or {}, last.get("unattested") or [],
                                last.get("pending") or [])
-        return {"gate_stopped": True, "sentence": f"Blocked at Stage {last['stage']}: {last['why']}. Next: {next_step}."}
+        return {"gate_stopped": True,
+                "sentence": f"Blocked at Stage {last['stage']}: {last['why']}. Next: {next_step}."}
     return {"gate_stopped": False, "sentence": f"Nothing to do: {last.get('why', 'the final test has run')}."}
 
 

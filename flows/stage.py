@@ -117,8 +117,11 @@ def rejudge_flow(stage: int, profile: Optional[str] = None, overrides: Optional[
     is trained, evaluated or measured again): with the config that decision was judged by, after checking that the
     stored results and the models it judged are the files it recorded."""
     stored = stored_judgement_task(resolve(config_path, profile, overrides), stage)
-    config, judged = stored["config"], stored["judged"]
-    restore_checks_task(config, stage, judged["checks"])
+    config, j, given = stored["config"], stored["judged"], stored["given"]
+    restore_checks_task(config, stage, j["checks"])
+    checks = attest_task(config, stage, given)  # as the stage's own run folds in attestations given ahead
+    results = stage_results_task(stage, j["evaluation"], j["trained"], j["validation"], j["subset"], checks,
+                                 j["detection"], j["api"])
     return {"stage": stage, "rejudged_from": stored["seq"],
-            **decide_stage(config, stage, judged, judged["results"], judged["go_no_go"], stored["given"],
+            **decide_stage(config, stage, {**j, "checks": checks}, results, j["go_no_go"], given,
                            stored["predecessor"], {"evidence": stored["evidence"], "seq": stored["seq"]})}

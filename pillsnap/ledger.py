@@ -93,7 +93,11 @@ class StageRecord:
                 "overridden": self.overridden, "attestations": self.attestations, "predecessor": self.predecessor,
                 "gates_loosened": self.gates_loosened, "models": {m: v.get("sha256") for m, v in
                                                                   (self.evidence.get("models") or {}).items()},
-                "config_sha256": (self.evidence.get("config") or {}).get("sha256"), "finished_at": self.finished_at}
+                "config_sha256": (self.evidence.get("config") or {}).get("sha256"),
+                "scale": {k: self.metrics.get(k) for k in ("world_size", "throughput_img_s",
+                                                           "per_rank_throughput_img_s", "host_memory_peak_mb",
+                                                           "gpu_memory_gb")},
+                "finished_at": self.finished_at}
 
 
 def overridden_findings(go_no_go: Dict, advice: Dict) -> List[str]:
@@ -281,7 +285,8 @@ class Ledger:
         return {"action": "blocked", "stage": stage,
                 "why": f"stage {stage} was {rec.decision} with choice '{rec.choice}' ({', '.join(rec.reasons)})"
                        + (f": {rec.stop_reason}" if rec.stop_reason else ""),
-                "blocked_by": rec.blocked_by, "unattested": waiting, "pending": sorted(self.pending_attestations(stage))}
+                "blocked_by": rec.blocked_by, "unattested": waiting,
+                "pending": sorted(self.pending_attestations(stage))}
 
     # ------------------------------------------------------------------ writing
     def record(self, rec: StageRecord) -> StageRecord:

@@ -15,10 +15,12 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
+from prefect.context import FlowRunContext
 
 import pillsnap
 from pillsnap import progress as lib_progress
 from pillsnap.config import PillSnapConfig, from_dict
+from pillsnap.core.identity import ArtifactChanged
 
 PACKAGE_DIR = Path(pillsnap.__file__).parent
 
@@ -45,16 +47,28 @@ def result_storage(config: Dict) -> Path:
 KEPT_FOR_THE_RUN = RUN_ID + TASK_SOURCE + INPUTS
 
 
+def resumed_after_review() -> bool:
+    """This flow run was suspended for its review and started again from the top by the answer (the server keeps
+    the keys of the suspensions it came back from)."""
+    run = FlowRunContext.get()
+    return bool(run and run.flow_run and any(k.endswith("-review") for k in run.flow_run.empirical_policy.pause_keys))
+
+
 def kept_for_the_run(task, storage: Path):
     return task.with_options(cache_policy=KEPT_FOR_THE_RUN, persist_result=True, result_storage=storage)
 
 
 def fresh_result(task, changed: Callable[[Any], Optional[str]], *args, **options) -> Tuple[Any, str]:
     """(result, state name) of `task(*args)` with its cache, except that a result whose files on disk are no longer
-    the ones it recorded (`changed(result)` says why, e.g. another run rebuilt them) is a miss: computed again."""
+    the ones it recorded (`changed(result)` says why, e.g. another run rebuilt them) is a miss: computed again. In a
+    run started again after its review was suspended, the review judged those files: it is an error naming them."""
     state = task.with_options(**options)(*args, return_state=True)
     result = state.result()
     why = changed(result)
+    if why and resumed_after_review():
+        raise ArtifactChanged(f"{task.name}: this run's result is not what is on disk any more ({why}): another run "
+                              "of the experiment changed it while this run waited for its review; the review was of "
+                              "other files, so nothing is decided: run the stage again")
     if why:
         get_run_logger().warning("%s: its cached result no longer describes the files on disk (%s); computing it "
                                  "again", task.name, why)

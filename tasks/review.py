@@ -196,7 +196,8 @@ def record(cfg, stage: int, go_no_go: Dict, advice: Dict, decided: Review, resul
     return {"decision": rec.decision, "choice": rec.choice, "chosen_by": rec.chosen_by, "approved": rec.approved,
             "override": rec.override, "overridden": rec.overridden, "stop_reason": rec.stop_reason,
             "reviewer": rec.reviewer, "reasons": rec.reasons, "recommendation": rec.recommendation,
-            "gates_loosened": rec.gates_loosened, "blocked_by": rec.blocked_by, "seq": rec.seq}
+            "gates_loosened": rec.gates_loosened, "blocked_by": rec.blocked_by, "seq": rec.seq,
+            "models": {m: v.get("sha256") for m, v in evidence["models"].items()}}
 
 
 @task(name="stage-report")

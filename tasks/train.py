@@ -10,7 +10,6 @@ recorded (tasks.common.fresh_result).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 from prefect import task

@@ -16,7 +16,6 @@ the final test load these files and check their sha256 first.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -27,7 +26,6 @@ from pillsnap.core import layout
 from pillsnap.core.identity import ArtifactChanged, file_sha256, short, verify_file
 from pillsnap.core.jsonio import write_json_atomic
 
-log = logging.getLogger(__name__)
 JUDGED = "judged.json"  # reports/: the stored results a decision read (a later re-judgement reads them again)
 
 
@@ -50,7 +48,8 @@ def chain_problems(subset: Mapping[str, Any], trained: Mapping[str, Mapping[str,
         same(f"the {model}'s training subset vs this run's subset", (result.get("data_identity") or {}).get("subset"),
              subset.get("subset_hash"))
     classifier = trained.get("classifier") or {}
-    same("the evaluated classifier vs the trained one", evaluation.get("checkpoint_sha256"), classifier.get("best_sha256"))
+    same("the evaluated classifier vs the trained one", evaluation.get("checkpoint_sha256"),
+         classifier.get("best_sha256"))
     same("the evaluated validation rows vs the subset's", evaluation.get("val_hash"), subset.get("val_hash"))
     combination = (detection or {}).get("combination") or {}
     for model, sha in (combination.get("models") or {}).items():
@@ -60,9 +59,11 @@ def chain_problems(subset: Mapping[str, Any], trained: Mapping[str, Mapping[str,
         exported = (export or {}).get(model) or {}
         if not exported.get("exported"):
             continue  # a failed export fails its own check; there is nothing of it to bind
-        same(f"the {model}'s export source vs the trained model", exported.get("source_sha256"), result.get("best_sha256"))
+        same(f"the {model}'s export source vs the trained model", exported.get("source_sha256"),
+             result.get("best_sha256"))
         path = Path(exported["path"])
-        same(f"{path} on disk now vs as exported", file_sha256(path) if path.is_file() else None, exported.get("sha256"))
+        same(f"{path} on disk now vs as exported", file_sha256(path) if path.is_file() else None,
+             exported.get("sha256"))
         served = (((api or {}).get("model") or {}).get("files") or {}).get(model)
         if served is not None:
             same(f"the {model} the API check served vs the export", served.get("sha256"), exported.get("sha256"))

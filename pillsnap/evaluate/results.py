@@ -71,7 +71,7 @@ class ApiResults:
     """The stage's API check (`pillsnap serve` on the exports)."""
     p95_ms: Optional[float] = None
     throughput_img_s: Optional[float] = None
-    success_pct: Optional[float] = None  # requests answered (what a stage's check can show; not uptime over hours)
+    success_pct: Optional[float] = None  # planned requests answered (what a stage's check can show; not uptime)
     device: Optional[str] = None
 
 
@@ -88,6 +88,9 @@ class TrainingResults:
     loss_variance: Optional[float] = None  # variance of the classifier's later-half training losses
     memory_peak_to_avg: Optional[float] = None  # the training device's memory: peak / mean over the epochs
     memory_stable_hours: Optional[float] = None  # hours trained with memory in bounds (0 when the leak test failed)
+    world_size: int = 1  # training processes
+    per_rank_throughput_img_s: Optional[float] = None  # the classifier's img/s per process (throughput / world size)
+    host_memory_peak_mb: Optional[float] = None  # the largest process's private host memory at an epoch end
 
 
 @dataclass(frozen=True)
@@ -172,10 +175,14 @@ METRICS: Dict[str, Tuple[str, ...]] = {
 
 
 def decision_metrics(results: StageResults) -> Dict[str, Any]:
-    """The figures a decision's ledger entry keeps: the classifier's, and the detector's on the validation
-    combination photos (the final test's val-vs-test gap reads both)."""
-    c, d = results.classifier, results.detector
-    out: Dict[str, Any] = {"accuracy": c.accuracy, "macro_f1": c.macro_f1, "top5": c.top5, "n": c.n}
+    """The figures a decision's ledger entry keeps: the classifier's, the training's scale (processes, throughput
+    in all and per process, the largest process's memory), and the detector's on the validation combination photos
+    (the final test's val-vs-test gap reads both)."""
+    c, d, t = results.classifier, results.detector, results.training
+    out: Dict[str, Any] = {"accuracy": c.accuracy, "macro_f1": c.macro_f1, "top5": c.top5, "n": c.n,
+                           "world_size": t.world_size, "throughput_img_s": t.throughput_img_s,
+                           "per_rank_throughput_img_s": t.per_rank_throughput_img_s,
+                           "host_memory_peak_mb": t.host_memory_peak_mb, "gpu_memory_gb": t.gpu_memory_gb}
     if d is not None:
         out.update({"mAP_0.5": d.map50, "mAP_0.5_0.95": d.map50_95, "precision": d.precision, "recall": d.recall})
     return out
@@ -216,8 +223,8 @@ def _detector_results(detection: Optional[Mapping[str, Any]]) -> Optional[Detect
 def _api_results(api: Optional[Mapping[str, Any]]) -> Optional[ApiResults]:
     if not api:
         return None
-    sent = api.get("requests")
-    success = 100.0 * (sent - api.get("errors", 0)) / sent if sent else None
+    planned, sent = api.get("planned", api.get("requests")), api.get("requests") or 0
+    success = 100.0 * (sent - api.get("errors", 0)) / planned if planned else None  # unsent = not answered
     return ApiResults(api.get("p95_ms"), api.get("throughput_img_s"), success, api.get("device"))
 
 
@@ -229,6 +236,8 @@ def _training_results(trained: Mapping[str, Mapping[str, Any]], checks: Mapping[
     peaks = [row["gpu_peak_mb"] for row in rows if row.get("gpu_peak_mb") is not None]
     mean = (lambda key: statistics.fmean(row[key] for row in own)) if own else (lambda key: None)
     probed = (classifier.get("auto_batch") or {}).get("probed")
+    world = max(int(t.get("world_size") or 1) for t in models)
+    hosts = [row["host_private_mb"] for row in rows if row.get("host_private_mb") is not None]
     return TrainingResults(
         throughput_img_s=classifier.get("mean_throughput"),
         batch_size_achieved=classifier.get("batch_size") if probed else None,
@@ -238,7 +247,9 @@ def _training_results(trained: Mapping[str, Mapping[str, Any]], checks: Mapping[
         loss=(classifier.get("val_metrics") or {}).get("val_loss"),
         loss_variance=_later_half_variance([row["train_loss"] for row in classifier.get("epochs") or []]),
         memory_peak_to_avg=_peak_to_mean([row.get("gpu_peak_mb") or row.get("host_private_mb") for row in own]),
-        memory_stable_hours=_stable_hours(rows, checks.get("memory_leak_test")))
+        memory_stable_hours=_stable_hours(rows, checks.get("memory_leak_test")), world_size=world,
+        per_rank_throughput_img_s=classifier["mean_throughput"] / world if classifier.get("mean_throughput") else None,
+        host_memory_peak_mb=max(hosts) if hosts else None)
 
 
 def _later_half_variance(losses: List[float]) -> Optional[float]:

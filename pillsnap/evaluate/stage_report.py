@@ -93,6 +93,25 @@ def _decision_line(decision: Dict) -> str:
     return line + f" (approved: {decision.get('approved')})"
 
 
+def _checks_line(checks: Optional[Dict[str, Dict]]) -> str:
+    """Every stage check that did not pass, named: never "all passed" beside one that did not."""
+    if not checks:
+        return "- stage checks: not measured"
+    short = [f"`{name}` {c['status']}" for name, c in checks.items() if c["status"] not in ("pass", "attested")]
+    return f"- stage checks not passing: {', '.join(short)}" if short else "- every stage check passed or was attested"
+
+
+def _judged_lines(decision: Dict) -> List[str]:
+    """What the decision judged (the models by sha256) and the gates it applied looser than the shipped config."""
+    models = ", ".join(f"{m} `{sha[:12]}`" for m, sha in (decision.get("models") or {}).items() if sha)
+    lines = [f"- judged: {models}"] if models else []
+    loose = decision.get("gates_loosened") or []
+    if loose:
+        lines.append("- gates looser than the shipped configs/pillsnap.yaml: " + "; ".join(
+            f"`{d['key']}` {d['shipped']!r} shipped, {d['applied']!r} applied" for d in loose))
+    return lines
+
+
 def _regression_line(evaluation: Dict, go_no_go: Dict) -> List[str]:
     row = next((c for c in go_no_go.get("rows") or [] if c.get("name") == "accuracy_regression"), None)
     previous = evaluation.get("previous_stage_val") or {}
@@ -113,12 +132,13 @@ def _attestation_lines(checks: Optional[Dict[str, Dict]]) -> List[str]:
 
 
 def _detection_lines(detection: Dict) -> List[str]:
-    lines = [f"- detector on {detection.get('measured_on', 'validation combination photos')}: mAP@0.5 "
-             f"{_num(detection.get('mAP_0.5'))}, mAP@0.5:0.95 {_num(detection.get('mAP_0.5_0.95'))}"
+    # metric names in code spans: "mAP@0.5" as plain text is a mail link in the Prefect UI's markdown
+    lines = [f"- detector on {detection.get('measured_on', 'validation combination photos')}: `mAP@0.5` "
+             f"{_num(detection.get('mAP_0.5'))}, `mAP@0.5:0.95` {_num(detection.get('mAP_0.5_0.95'))}"
              f", precision {_num(detection.get('precision'))}, recall {_num(detection.get('recall'))}"]
     singles = detection.get("single_photos") or {}
     if singles:
-        lines.append(f"- detector on {singles.get('n_images')} validation single photos (reported apart): mAP@0.5 "
+        lines.append(f"- detector on {singles.get('n_images')} validation single photos (reported apart): `mAP@0.5` "
                      f"{_num(singles.get('mAP_0.5'))}, recall {_num(singles.get('recall'))}")
     pipeline = (detection.get("combination") or {}).get("pipeline_latency") or {}
     if pipeline:
@@ -146,9 +166,11 @@ def render_stage_report(stage: int, subset: Dict, train: Dict, evaluation: Dict,
     lines = [
         f"# PillSnap Stage {stage} report", "",
         "## Overview",
-        f"- decision: **{go_no_go.get('decision')}** ({', '.join(go_no_go.get('reasons') or []) or 'all checks passed'})",
+        f"- Go/No-Go: **{go_no_go.get('decision')}** "
+        f"({', '.join(go_no_go.get('reasons') or []) or 'every row passed'})",
+        _checks_line(checks),
         f"- advisor: **{advice.get('recommendation')}** — {advice.get('message', '')}",
-        *([_decision_line(decision)] if decision else []),
+        *([_decision_line(decision), *_judged_lines(decision)] if decision else []),
         f"- data actually used: {subset['classes']} classes (asked {subset.get('classes_requested')}); "
         f"train {subset['train_single']} single + {subset['train_combination']} combination images, "
         f"val {subset['val_single']} single ({subset.get('val_per_class')} per class at most, gate min_eval_samples "
@@ -163,7 +185,8 @@ def render_stage_report(stage: int, subset: Dict, train: Dict, evaluation: Dict,
         f"p95 latency {_num(evaluation.get('latency_p95_ms'), 1)} ms",
         f"- training: {train.get('epochs_completed')} epochs, {train.get('global_step')} optimizer steps, "
         f"best {train.get('monitor')} {_num(train.get('best_metric'))} at epoch {train.get('best_epoch')}, "
-        f"mean throughput {_num(train.get('mean_throughput'), 1)} img/s ({train.get('policy')})",
+        f"mean throughput {_num(train.get('mean_throughput'), 1)} img/s on {train.get('world_size', 1)} "
+        f"process(es) ({train.get('policy')})",
     ]
     lines += _regression_line(evaluation, go_no_go)
     if detection:

@@ -131,7 +131,7 @@ def _failures(report: Dict) -> list:
     det = report["detector"]
     if det.get("exported") and not det["parity"]["passed"]:
         dp = det["parity"]
-        failures.append(f"detector: |mAP@0.5 torch {dp['map50_torch']:.4f} - onnx {dp['map50_onnx']:.4f}| = "
+        failures.append(f"detector: |mAP_0.5 torch {dp['map50_torch']:.4f} - onnx {dp['map50_onnx']:.4f}| = "
                         f"{dp['map50_diff']:.4f} > export.max_map_diff {dp['max_map_diff']} ({dp['samples']} images, "
                         f"max |Δraw| {dp['max_abs_raw_diff']:.3g})")
     return failures

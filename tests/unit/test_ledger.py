@@ -183,7 +183,8 @@ def test_an_attestation_given_ahead_lets_progress_judge_the_stored_results_again
     # ... but never where something else stopped it too: a failed measured check still needs the stage re-run
     advice = {"recommendation": "WARN_STOP", "failed_mandatory": ["cloudflare_tunnel_setup", "automated_monitoring"]}
     ledger = Ledger.of(tmp_path)
-    ledger.record(_decided(4, GO_ROWS, advice, {"cloudflare_tunnel_setup": "unattested", "automated_monitoring": "fail"}))
+    ledger.record(_decided(4, GO_ROWS, advice, {"cloudflare_tunnel_setup": "unattested",
+                                                "automated_monitoring": "fail"}))
     ledger.attest(4, "cloudflare_tunnel_setup", "pharmacist kim")
     plan = Ledger.of(tmp_path).plan()
     assert plan["action"] == "blocked" and "mandatory check automated_monitoring fail" in outcome([plan])["sentence"]

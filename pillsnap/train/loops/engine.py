@@ -331,7 +331,7 @@ class UnitLoop:
         record = {"epoch": t.epoch + 1, "global_step": u.updates, "train_loss": t.loss_sum / max(1, t.loss_count),
                   "train": {k: v / max(1, t.loss_count) for k, v in t.item_sums.items()}, "val": metrics,
                   "lr": u.lr, "batch_size": u.batch_size, "grad_accum": u.accum,
-                  "resources": m.telemetry.end_epoch()}
+                  "resources": self._every_rank(m.telemetry.end_epoch())}
         t.history.append(record)
         m.telemetry.validation({k: metrics.get(k) for k in VAL_LOG_KEYS.get(u.name, ())}, u.updates)
         m.telemetry.scalars({f"train/{k}": v for k, v in record["train"].items()}, u.updates)
@@ -355,6 +355,19 @@ class UnitLoop:
         m.tb.flush()
         if self.epoch_hook is not None:
             self.epoch_hook(u.name, t.epoch, record)
+
+    def _every_rank(self, own: Dict[str, Any]) -> Dict[str, Any]:
+        """An epoch's resources over every rank: the throughput of the global batches as rank 0 timed them, each
+        rank's own share of it, and the LARGEST rank's memory (a leak on rank 3 is a leak; rank 0 alone hid it)."""
+        if not self.comm.active:
+            return own
+        every = self.comm.gather(own)
+        largest = lambda key: max((r[key] for r in every if r.get(key) is not None), default=None)  # noqa: E731
+        ranks = [{"rank": i, "throughput_img_s": r["throughput_img_s"] / len(every) if r.get("throughput_img_s")
+                  else None, "host_private_mb": r.get("host_private_mb"), "gpu_peak_mb": r.get("gpu_peak_mb")}
+                 for i, r in enumerate(every)]
+        return {**own, "host_private_mb": largest("host_private_mb"), "gpu_peak_mb": largest("gpu_peak_mb"),
+                "ranks": ranks}
 
     # ------------------------------------------------------------------ files
     def _payload(self) -> Dict[str, Any]:

@@ -58,3 +58,26 @@ def test_clean_data_passes(tiny_manifest):
     report = validate_manifest(tiny_manifest, ValidationConfig(workers=1))
     assert report.fatal == [] and report.findings == [] and report.quarantine == []
     assert report.counts["images"] == len(tiny_manifest) and report.counts["classes"] == 6
+
+
+def test_classes_lost_to_the_quarantine_or_to_import_issues_are_counted_and_named(tiny_manifest):
+    """Issue 28 point 8: full_dataset_processing compared against the manifest less the quarantine, so a class whose
+    few photos were all quarantined vanished from both sides; classes whose label files all failed to import
+    vanished silently too. They are counted before the quarantine, each with why."""
+    from pillsnap.data.aihub import ImportIssue
+    from pillsnap.data.validate import issue_k_code, release_classes
+
+    singles = tiny_manifest[tiny_manifest.kind == "single"]
+    victim = sorted(singles.k_code.unique())[0]
+    quarantine = list(singles[singles.k_code == victim].image_id)
+    issues = [ImportIssue("malformed_json", "/d/train/labels/single/TL_1_single/K-777777_json/K-777777_0.json"),
+              ImportIssue("malformed_json", "/d/train/labels/single/TL_1_single/K-777777_json/K-777777_1.json"),
+              ImportIssue("missing_image", f"/d/train/labels/single/TL_1_single/{victim}_json/x.json")]
+    found = release_classes(tiny_manifest, quarantine, issues)
+    train_photos = int(((singles.k_code == victim) & (singles.split == "train")).sum())
+    assert found["lost"] == {victim: f"all {train_photos} training photos quarantined (validation findings)",
+                             "K-777777": "no photo imported (2 malformed_json)"}
+    assert found["classes"] == singles.k_code.nunique() + 1 and victim not in found["usable_classes"]
+    assert release_classes(tiny_manifest, [], [])["lost"] == {}
+    assert issue_k_code("/d/train/labels/combination/TL_1_combo/K-000250-000573_json/K-000573/s.json") == "K-000573"
+    assert issue_k_code("/d/somewhere/else.json") is None

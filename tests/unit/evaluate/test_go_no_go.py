@@ -152,9 +152,10 @@ def test_the_regression_guard_compares_like_with_like(cfg):
     assert _regression(evaluate_go_no_go(spec, worse, baseline=base(0.367, 2), stage=3)).status == "fail"
 
 
-@pytest.mark.parametrize("baseline, why", [({"photos": 250}, "on 300 of Stage 2's validation photos"),
-                                           ({"val_hash": "v2"}, "(rows v1), the Stage 2 model's accuracy on 300 (rows v2)"),
-                                           ({"photos": None}, "accuracy on None")])
+@pytest.mark.parametrize("baseline, why", [
+    ({"photos": 250}, "on 300 of Stage 2's validation photos"),
+    ({"val_hash": "v2"}, "(rows v1), the Stage 2 model's accuracy on 300 (rows v2)"),
+    ({"photos": None}, "accuracy on None")])
 def test_the_regression_guard_refuses_a_baseline_measured_on_other_photos(cfg, baseline, why):
     """Issue 28 point 8: the guard carried the baseline's photo count but never compared it."""
     row = _regression(evaluate_go_no_go(cfg.stage(3), good_results(previous_stage_accuracy=0.9),

@@ -160,3 +160,28 @@ def test_the_report_says_what_the_detector_trained_and_was_validated_on():
     lines = _detection_lines({"mAP_0.5": 0.99, "trained_on": facts})
     assert lines[1] == ("- detector data (exp/data/stage_1/yolo/data.yaml): train 600 photos (204 combination + "
                         "396 single), 1112 boxes; val 106 photos (36 combination + 70 single), 214 boxes; cap 600")
+
+
+def test_the_overview_names_every_check_that_did_not_pass_and_metric_names_are_text():
+    """Issue 28 point 8: the overview said "decision: GO (all checks passed)" beside cloudflare_tunnel_setup
+    unattested, and "mAP@0.5" rendered as a mail link in the Prefect UI."""
+    import re
+
+    from pillsnap.evaluate.stage_report import render_stage_report
+
+    subset = {"classes": 6, "classes_requested": 6, "train_single": 48, "train_combination": 3, "val_single": 12,
+              "val_combination": 1, "val_per_class": 2, "min_eval_samples": 6}
+    checks = {"pipeline_complete": {"status": "pass", "mandatory": True, "definition": "d"},
+              "cloudflare_tunnel_setup": {"status": "unattested", "mandatory": False, "definition": "d"},
+              "detection_model_loading": {"status": "not_applicable", "mandatory": True, "definition": "d"}}
+    decision = {"choice": "proceed", "chosen_by": "policy", "approved": True, "models": {"classifier": "ab" * 32},
+                "gates_loosened": [{"key": "data.stages.1.min_eval_samples", "shipped": 2000, "applied": 6}]}
+    text = render_stage_report(1, subset, {}, {}, {"decision": "GO", "reasons": [], "rows": []},
+                               {"recommendation": "RECOMMEND_PROCEED"}, {}, {}, {"mAP_0.5": 0.9}, checks, decision)
+    overview = text.split("## Configuration")[0]
+    assert "- Go/No-Go: **GO** (every row passed)" in overview and "all checks passed" not in text
+    assert ("stage checks not passing: `cloudflare_tunnel_setup` unattested, `detection_model_loading` "
+            "not_applicable") in overview
+    assert "judged: classifier `abababababab`" in overview
+    assert "`data.stages.1.min_eval_samples` 2000 shipped" in overview
+    assert not re.search(r"(?<!`)mAP@", text)  # every mAP@... inside a code span

@@ -49,6 +49,13 @@ def test_every_figure_comes_from_the_stage_s_own_results():
     assert r.check("no_crashes") == Status.PASS and r.check("memory_stable") == Status.NOT_MEASURED
 
 
+def test_the_api_success_share_counts_the_planned_requests():
+    """Issue 28 point 8: 14 of 48 planned requests were sent before the time budget ran out and all answered: that
+    is 29 %, not 100 %."""
+    r = _build(api={**API, "planned": 48, "requests": 14, "unsent": 34, "errors": 0})
+    assert r.api.success_pct == pytest.approx(100 * 14 / 48)
+
+
 def test_what_was_not_measured_stays_none():
     r = _build(detection=None, api=None, checks={"multi_batch_processing": "fail", "memory_leak_test": "not_measured"},
                trained={"classifier": {**CLASSIFIER, "auto_batch": None, "epochs": CLASSIFIER["epochs"][:1]}},

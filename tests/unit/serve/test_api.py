@@ -147,3 +147,16 @@ def test_metrics_count_requests_errors_and_latency(server, photos):
     assert 'pillsnap_requests_total{endpoint="/v1/predict",mode="single",status="200"}' in text
     assert 'pillsnap_errors_total{endpoint="/v1/predict",reason="status_422"}' in text
     assert 'pillsnap_request_latency_seconds_bucket{endpoint="/v1/predict",le="0.5",mode="single"}' in text
+
+
+def test_a_load_test_that_runs_out_of_time_counts_its_unsent_requests(server, photos):
+    """Issue 28 point 8: production.api_success_pct counted only the requests sent before the time budget ran out
+    (14 of 48 planned -> 100 %). The planned ones are counted, and the unsent ones said."""
+    from pillsnap.serve.smoke import _load_test
+
+    running, _, _ = server
+    assert running.ready["model"]["files"]["classifier"]["sha256"]  # what /ready said: the served files by content
+    done = _load_test(running, photos[:1], requests=6, clients=2, budget_s=0.0)
+    assert (done["planned"], done["requests"], done["unsent"], done["errors"]) == (6, 0, 6, 0)
+    full = _load_test(running, photos[:1], requests=6, clients=2, budget_s=60.0)
+    assert (full["planned"], full["requests"], full["unsent"], full["errors"]) == (6, 6, 0, 0)

@@ -165,6 +165,7 @@ def _unprobed(ev):
     ("full_dataset_processing", lambda ev: ev.subset.update(train_single=499), FAIL),
     ("full_dataset_processing", lambda ev: setattr(ev, "manifest", None), NOT_MEASURED),
     ("production_api_deployment", lambda ev: ev.api.update(deployed=False), FAIL),
+    ("production_api_deployment", lambda ev: ev.api.update(deployed=False, unsent=34, planned=48, requests=14), FAIL),
     ("production_api_deployment", lambda ev: setattr(ev, "api", None), NOT_MEASURED),
     ("automated_monitoring", lambda ev: ev.api["monitoring"].update(ok=False), FAIL),
     ("automated_monitoring", lambda ev: ev.api.update(deployed=False), FAIL),

@@ -101,8 +101,16 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(stage, tmp_
     one = stage(tmp_path / "one", "train.strategy=sequential")
     reference = _one_process_at_the_same_global_batch(one, tmp_path / "one/stage_1")
     two = stage(tmp_path / "two", "train.strategy=sequential", "train.distributed.nproc_per_node=2")
-    _assert_like_one_process(_two_ranks(two, tmp_path / "two/stage_1"), reference, tmp_path / "two/stage_1",
-                             tmp_path / "one/stage_1")
+    results = _two_ranks(two, tmp_path / "two/stage_1")
+    _assert_like_one_process(results, reference, tmp_path / "two/stage_1", tmp_path / "one/stage_1")
+    # Issue 28 point 8: what a verdict reads of a run on several processes: the world size, each rank's throughput
+    # and the largest rank's memory (rank 0 alone hid a leak elsewhere).
+    for model in ("classifier", "detector"):
+        assert results[model]["world_size"] == 2
+        for row in results[model]["epochs"]:
+            assert [r["rank"] for r in row["ranks"]] == [0, 1]
+            assert row["host_private_mb"] == max(r["host_private_mb"] for r in row["ranks"])
+            assert row["ranks"][0]["throughput_img_s"] == pytest.approx(row["throughput_img_s"] / 2)
 
 
 def test_interleaved_with_an_oom_on_rank_1_trains_like_one_process_and_a_killed_group_resumes_exactly(
