@@ -74,10 +74,6 @@ class StageRecord:
         """The gates this decision applied that ask less than the shipped ones (or otherwise): overrides."""
         return [d for d in self.gates.get("differences") or [] if d.get("direction") != "tighter"]
 
-    def model(self, name: str) -> Dict:
-        """{checkpoint, sha256} of a model this decision judged ({} when the record predates content identity)."""
-        return dict((self.evidence.get("models") or {}).get(name) or {})
-
     @property
     def approved(self) -> bool:
         """GO and proceed, or a named person's proceed over a NO_GO (an unattended policy never overrides a NO_GO; a
@@ -91,8 +87,8 @@ class StageRecord:
         return {"stage": self.stage, "decision": self.decision, "reasons": self.reasons, "choice": self.choice,
                 "chosen_by": self.chosen_by, "reviewer": self.reviewer, "override": self.override,
                 "overridden": self.overridden, "attestations": self.attestations, "predecessor": self.predecessor,
-                "gates_loosened": self.gates_loosened, "models": {m: v.get("sha256") for m, v in
-                                                                  (self.evidence.get("models") or {}).items()},
+                "gates_loosened": self.gates_loosened,
+                "models": {m: v.get("sha256") for m, v in (self.evidence.get("models") or {}).items()},
                 "config_sha256": (self.evidence.get("config") or {}).get("sha256"),
                 "scale": {k: self.metrics.get(k) for k in ("world_size", "throughput_img_s",
                                                            "per_rank_throughput_img_s", "host_memory_peak_mb",
@@ -132,6 +128,9 @@ def decide(stage: int, go_no_go: Dict, advice: Dict, choice: str, chosen_by: str
                        **fields)
 
 
+BLOCKING_STATUSES = ("fail", "not_measured", "unattested")
+
+
 def blocking(go_no_go: Dict, advice: Dict, checks: Dict[str, str]) -> Dict:
     """The Go/No-Go rows and the mandatory checks that did not pass, named with what was measured."""
     def row(r: Dict) -> str:
@@ -142,9 +141,6 @@ def blocking(go_no_go: Dict, advice: Dict, checks: Dict[str, str]) -> Dict:
 
     return {"gate_rows": [row(r) for r in go_no_go.get("rows") or [] if r.get("status") in BLOCKING_STATUSES],
             "mandatory": {name: checks.get(name, "not recorded") for name in advice.get("failed_mandatory") or []}}
-
-
-BLOCKING_STATUSES = ("fail", "not_measured", "unattested")
 
 
 def unattested_blockers(decision: str, chosen_by: str, blocked_by: Dict) -> List[str]:

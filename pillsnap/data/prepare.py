@@ -149,7 +149,10 @@ def finish_validation(cfg: PillSnapConfig, summaries: Sequence[Dict], cache_note
     checks, issues = read_checks(summaries, len(manifest)), import_issues(cfg)
     report = validate_manifest(manifest, cfg.data.validation, issues, checks)
     paths = write_report(report, data_dir(cfg))
-    write_photo_hashes(checks, photo_hashes_path(cfg))
+    if cfg.data.validation.hash_duplicates:  # without it no bytes were hashed: no list, rather than an empty one
+        write_photo_hashes(checks, photo_hashes_path(cfg))
+    else:
+        photo_hashes_path(cfg).unlink(missing_ok=True)
     lost = release_classes(manifest, report.quarantine, issues)["lost"]
     if lost:
         log.warning("validation: %d class(es) have no usable training photo: %s", len(lost),

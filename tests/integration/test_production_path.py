@@ -58,8 +58,9 @@ def test_the_sizes_touch_nothing_the_shipped_config_decides():
     assert tested.train.strategy == "interleaved" and tested.detection.enabled
 
 
-# A hang guard, not a speed target: this test took 280-480 s on 2 cores today, near the suite's 600 s default.
-@pytest.mark.timeout(1200)
+# A hang guard, not a speed target: 280-480 s on the 2-core machine of 2026-12-06, ~1,190 s on one without AVX-512
+# (bf16 autocast emulated: 4.4x an fp32 step), near the 1200 s the guard was; the suite default is 600 s.
+@pytest.mark.timeout(2400)
 def test_shipped_config_runs_stage_1_to_the_final_test(prefect_harness, release):
     overrides = [*SYNTH, *SIZES, f"paths.data_root={release / 'aihub'}", f"paths.exp_dir={release / 'exp'}"]
     exp = release / "exp"
