@@ -47,11 +47,16 @@ def result_storage(config: Dict) -> Path:
 KEPT_FOR_THE_RUN = RUN_ID + TASK_SOURCE + INPUTS
 
 
+def review_pause_key(stage: int) -> str:
+    return f"stage-{stage}-review"
+
+
 def resumed_after_review() -> bool:
     """This flow run was suspended for its review and started again from the top by the answer (the server keeps
     the keys of the suspensions it came back from)."""
     run = FlowRunContext.get()
-    return bool(run and run.flow_run and any(k.endswith("-review") for k in run.flow_run.empirical_policy.pause_keys))
+    keys = run.flow_run.empirical_policy.pause_keys if run and run.flow_run else ()
+    return any(key.startswith("stage-") and key.endswith("-review") for key in keys)  # review_pause_key's form
 
 
 def kept_for_the_run(task, storage: Path):

@@ -28,7 +28,7 @@ from pillsnap.evaluate.stage_report import embedded, linked, render_stage_report
 from pillsnap.ledger import Ledger, decide, now
 from pillsnap.notify import notify
 from pillsnap.train import run_preflight
-from tasks.common import cfg_of, library_logs_in_run, run_name
+from tasks.common import cfg_of, library_logs_in_run, review_pause_key, run_name
 
 
 class ReviewChoice(RunInput):
@@ -118,7 +118,7 @@ def review(config: Dict, stage: int, go_no_go: Dict, advice: Dict, given: Dict[s
         try:
             answer = _ask(ReviewChoice.with_initial_data(
                 description=_review_text(stage, go_no_go, advice, attested), choice=advice["recommended_option"]),
-                cfg.orchestration.review_timeout_s, f"stage-{stage}-review")
+                cfg.orchestration.review_timeout_s, review_pause_key(stage))
             unknown = sorted(set(answer.attested) - set(attested))
             if unknown:
                 logger.warning("review: %s are not attested checks (evaluation.checks.attested); ignored", unknown)
