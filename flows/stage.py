@@ -79,7 +79,7 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
     checks = kept(checks_task)(config, stage, subset, trained, evaluation, export, api, given)
     judged = {"validation": validation, "subset": subset, "trained": trained, "evaluation": evaluation,
               "detection": detection, "export": export, "api": api, "checks": checks}
-    results = kept(stage_results_task)(stage, evaluation, trained, validation, subset, checks, detection, api)
+    results = kept(stage_results_task)(stage, *_measured(judged, checks))
     go_no_go = kept(go_no_go_task)(config, stage, results, baseline, predecessor)
     decision = decide_stage(config, stage, judged, results, go_no_go, given, predecessor)
     return {"stage": stage, "accuracy": evaluation["accuracy"],
@@ -87,6 +87,12 @@ def stage_flow(stage: int = 1, profile: Optional[str] = None, overrides: Optiona
             "detection": detection, "export_ok": bool(export.get("ok")), "api": api,
             "settings_changed": settings_changed, **decision, "train_state": train_state,
             "global_step": train["global_step"], "resumed_from_step": train["resumed_from_step"]}
+
+
+def _measured(judged: Dict, checks: Dict) -> tuple:
+    """stage_results_task's arguments after the stage: what its tasks returned, with these checks."""
+    return (judged["evaluation"], judged["trained"], judged["validation"], judged["subset"], checks,
+            judged["detection"], judged["api"])
 
 
 def decide_stage(config: Dict, stage: int, judged: Dict, results: Dict, go_no_go: Dict, given: Dict[str, Dict],
@@ -97,13 +103,11 @@ def decide_stage(config: Dict, stage: int, judged: Dict, results: Dict, go_no_go
     advice = kept_for_the_run(advisor_task, result_storage(config))(config, stage, results)
     decided = review(config, stage, go_no_go, advice, given)
     checks = attest_task(config, stage, decided.attestations)
-    j = judged
-    results = stage_results_task(stage, j["evaluation"], j["trained"], j["validation"], j["subset"], checks,
-                                 j["detection"], j["api"])
+    results = stage_results_task(stage, *_measured(judged, checks))
     advice = advisor_task(config, stage, results)  # after the attestations: the word the ledger records
     decision = record_decision_task(config, stage, go_no_go, advice, decided, results, judged, predecessor, rejudged)
-    report = report_task(config, stage, j["subset"], j["trained"]["classifier"], j["evaluation"], go_no_go, advice,
-                         j["detection"], checks, decision)
+    report = report_task(config, stage, judged["subset"], judged["trained"]["classifier"], judged["evaluation"],
+                         go_no_go, advice, judged["detection"], checks, decision)
     return {"report": report, "checks": {name: c["status"] for name, c in checks.items()},
             "go_no_go": go_no_go["decision"], "reasons": go_no_go["reasons"],
             "recommendation": advice["recommendation"], **decision, "exp_dir": config["paths"]["exp_dir"],
@@ -120,8 +124,7 @@ def rejudge_flow(stage: int, profile: Optional[str] = None, overrides: Optional[
     config, j, given = stored["config"], stored["judged"], stored["given"]
     restore_checks_task(config, stage, j["checks"])
     checks = attest_task(config, stage, given)  # as the stage's own run folds in attestations given ahead
-    results = stage_results_task(stage, j["evaluation"], j["trained"], j["validation"], j["subset"], checks,
-                                 j["detection"], j["api"])
+    results = stage_results_task(stage, *_measured(j, checks))
     return {"stage": stage, "rejudged_from": stored["seq"],
             **decide_stage(config, stage, {**j, "checks": checks}, results, j["go_no_go"], given,
                            stored["predecessor"], {"evidence": stored["evidence"], "seq": stored["seq"]})}

@@ -13,7 +13,7 @@ from pillsnap.config.checks import check_augment_config, check_distributed_confi
 from pillsnap.config.evaluation import (
     TargetSpec, StageCriteria, RecommendationThresholds, AdvisorConfig, ChecksConfig, EvaluationConfig,
 )
-from pillsnap.config.gates import describe_gate, gates_record, loosened_gates, shipped_gates, stage_gates
+from pillsnap.config.gates import describe_gate, gates_record
 from pillsnap.config.load import (
     DEFAULT_CONFIG, PROFILE_DIR, REPO_ROOT, config_fingerprint, config_hash, from_dict, load_config, pick,
     profile_path, save_resolved, to_dict, to_yaml,
@@ -34,6 +34,5 @@ __all__ = [
     "PillSnapConfig", "PrepareConfig", "REPO_ROOT", "RecommendationThresholds", "ServeConfig", "StageCriteria",
     "StageOverride", "StageSpec", "SynthConfig", "TargetSpec", "TrainConfig", "ValidationConfig",
     "check_augment_config", "check_distributed_config", "config_fingerprint", "config_hash", "describe_gate",
-    "from_dict", "gates_record", "load_config", "loosened_gates", "pick", "profile_path", "save_resolved",
-    "shipped_gates", "stage_gates", "to_dict", "to_yaml",
+    "from_dict", "gates_record", "load_config", "pick", "profile_path", "save_resolved", "to_dict", "to_yaml",
 ]

@@ -9,7 +9,8 @@ command line or in a profile is on the record, and the final verdict lists it as
 
 Direction: `looser` (a lower minimum, a higher maximum, a mandatory check or a target dropped, a check moved to a
 person's word, a policy that proceeds where the shipped one stops), `tighter` (the opposite), `changed` (no
-order: a target's comparison turned around). `looser` and `changed` are overrides; `tighter` is not.
+order: a target's comparison turned around). `looser` and `changed` are overrides; `tighter` is not (the ledger's
+StageRecord.gates_loosened reads them so).
 """
 from __future__ import annotations
 
@@ -54,14 +55,11 @@ def stage_gates(cfg: PillSnapConfig, stage: int) -> Dict[str, Any]:
 
 @lru_cache(maxsize=8)
 def _shipped(stage: int) -> Dict[str, Any]:
-    from pillsnap.config.load import load_config  # the shipped file as it is in this checkout
+    """The shipped file's gates for the stage (as it is in this checkout); read once, never modified."""
+    from pillsnap.config.load import load_config
 
     shipped = load_config()
     return stage_gates(shipped, stage) if stage in shipped.data.stages else {}
-
-
-def shipped_gates(stage: int) -> Dict[str, Any]:
-    return dict(_shipped(stage))
 
 
 def gate_differences(applied: Dict[str, Any], shipped: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -77,12 +75,7 @@ def gate_differences(applied: Dict[str, Any], shipped: Dict[str, Any]) -> List[D
 def gates_record(cfg: PillSnapConfig, stage: int) -> Dict[str, Any]:
     """What a decision records of its gates: every one applied, and its differences from the shipped file."""
     applied = stage_gates(cfg, stage)
-    return {"applied": applied, "differences": gate_differences(applied, shipped_gates(stage))}
-
-
-def loosened_gates(differences: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The differences that ask less than the shipped gates (or otherwise than them): overrides."""
-    return [d for d in differences if d["direction"] != TIGHTER]
+    return {"applied": applied, "differences": gate_differences(applied, _shipped(stage))}
 
 
 def describe_gate(difference: Dict[str, Any]) -> str:

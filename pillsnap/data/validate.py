@@ -212,7 +212,7 @@ def write_photo_hashes(checks: Sequence[Check], path: Path) -> Path:
 
 
 def read_photo_hashes(path: Path) -> set:
-    return {row.tobytes() for row in np.load(path)} if Path(path).is_file() else set()
+    return {row.tobytes() for row in np.load(path)}
 
 
 _ISSUE_FOLDER = re.compile(r"^(K-\d{6})(_json)?$")

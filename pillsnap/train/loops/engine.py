@@ -44,7 +44,7 @@ from pillsnap.train.services.health import TrainingHealth
 from pillsnap.train.services.oom_state_machine import FaultInjector
 from pillsnap.train.services.guarded_step import StepGuard
 from pillsnap.train.services.schedule import scale_optimizer_hparams
-from pillsnap.train.services.telemetry import TBWriter, Telemetry
+from pillsnap.train.services.telemetry import TBWriter, Telemetry, over_ranks
 from pillsnap.train.units.base import TrainUnit
 
 log = logging.getLogger(__name__)
@@ -357,17 +357,7 @@ class UnitLoop:
             self.epoch_hook(u.name, t.epoch, record)
 
     def _every_rank(self, own: Dict[str, Any]) -> Dict[str, Any]:
-        """An epoch's resources over every rank: the throughput of the global batches as rank 0 timed them, each
-        rank's own share of it, and the LARGEST rank's memory (a leak on rank 3 is a leak; rank 0 alone hid it)."""
-        if not self.comm.active:
-            return own
-        every = self.comm.gather(own)
-        largest = lambda key: max((r[key] for r in every if r.get(key) is not None), default=None)  # noqa: E731
-        ranks = [{"rank": i, "throughput_img_s": r["throughput_img_s"] / len(every) if r.get("throughput_img_s")
-                  else None, "host_private_mb": r.get("host_private_mb"), "gpu_peak_mb": r.get("gpu_peak_mb")}
-                 for i, r in enumerate(every)]
-        return {**own, "host_private_mb": largest("host_private_mb"), "gpu_peak_mb": largest("gpu_peak_mb"),
-                "ranks": ranks}
+        return over_ranks(own, self.comm.gather(own)) if self.comm.active else own
 
     # ------------------------------------------------------------------ files
     def _payload(self) -> Dict[str, Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import psutil
 import torch
@@ -73,6 +73,18 @@ def host_private_mb() -> float:
 
 def _new_epoch() -> Dict[str, float]:
     return {"samples": 0, "steps": 0, "data_time": 0.0, "compute_time": 0.0}
+
+
+def over_ranks(own: Dict[str, Any], every: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """An epoch's resources (end_epoch) over every rank: the throughput of the global batches as this rank timed
+    them, each rank's own share of it, and the LARGEST rank's memory (a leak on rank 3 is a leak; rank 0 alone hid
+    it)."""
+    largest = lambda key: max((r[key] for r in every if r.get(key) is not None), default=None)  # noqa: E731
+    ranks = [{"rank": i, "throughput_img_s": r["throughput_img_s"] / len(every) if r.get("throughput_img_s") else None,
+              "host_private_mb": r.get("host_private_mb"), "gpu_peak_mb": r.get("gpu_peak_mb")}
+             for i, r in enumerate(every)]
+    return {**own, "host_private_mb": largest("host_private_mb"), "gpu_peak_mb": largest("gpu_peak_mb"),
+            "ranks": ranks}
 
 
 def cuda_memory_mb(device: torch.device) -> float:
