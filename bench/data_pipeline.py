@@ -6,14 +6,17 @@ the median pass counts):
   naive          a plain torch Dataset that opens, decodes, resizes and normalises each PNG on every access;
   warm cache     the pixel store (pillsnap.data.cache; its build is timed apart, per 1,000 images) read by
                  ClassificationDataset, normalised per batch: the validation loader;
+  warm jpeg      the same from a JPEG store (dataloader.cache.format=jpeg, quality --quality): each row decoded
+                 in the loader (the release's format: 1.09 TB of raw rows do not stay in RAM);
   train augment  the same loader with the training augmentation of the shipped config (augment.* defaults:
                  quarter turns, free rotation + scale + shift with the pill kept in frame, colour jitter)
                  applied to the whole uint8 batch in the loader, as on a machine without CUDA;
   uint8 batches  the training loader of a CUDA run: its workers collate uint8 batches and the step augments them
                  on the GPU (what `make gpu-check` compares with the images/s the training step consumes);
+  uint8 jpeg     the same from the JPEG store: what one loader worker feeds a GPU at the release's format;
   per-sample v2  information: the same augmentation kind done per image with torchvision v2 transform objects
                  (what the loader did before augmentation moved to batches).
-Targets: warm cache >= 10x naive, train augment >= 10x naive.
+Targets: warm cache >= 10x naive, train augment >= 10x naive, warm jpeg >= 0.5x warm cache (and its bytes per row).
 
     .venv/bin/python bench/data_pipeline.py [--images 200] [--size 384] [--workers 0] [--passes 2] [--threads 1]
 """
@@ -33,6 +36,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 TARGET = 10.0
+JPEG_TARGET = 0.5
+INFORMATION = ("per-sample v2", "uint8 batches", "uint8 jpeg")
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--passes", type=int, default=2, help="timed passes per side (alternating)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in this process (DataLoader workers run with 1 as well)")
+    p.add_argument("--quality", type=int, default=90, help="the JPEG store's quality")
     p.add_argument("--json", type=Path, help="also write the rates to this file (make gpu-check reads it)")
     return p.parse_args()
 
@@ -118,6 +124,7 @@ def main() -> None:
     from pillsnap.config import AugmentConfig, DataloaderConfig
     from pillsnap.data.augment import BatchAugment
     from pillsnap.data.cache import PixelStore
+    from pillsnap.data.row_format import RowFormat
     from pillsnap.data.datasets import (ClassificationDataset, ClassificationSamples, Collate, EpochSampler,
                                         make_loader)
 
@@ -134,18 +141,27 @@ def main() -> None:
         store = PixelStore(Path(tmp) / "cache", args.size)
         rows = store.ensure(data.samples, show_progress=False)
         build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        jpeg_store = PixelStore(Path(tmp) / "cache", args.size, 0.0, RowFormat("jpeg", args.quality))
+        jpeg_rows = jpeg_store.ensure(data.samples, show_progress=False)
+        jpeg_build_s = time.perf_counter() - t0
+        row_size = {"raw": store.bytes_on_disk() / len(store), "jpeg": jpeg_store.bytes_on_disk() / len(jpeg_store)}
         dl_cfg = DataloaderConfig(num_workers=args.workers, pin_memory=False, persistent_workers=False,
                                   prefetch_factor=2, drop_last=False)
         dataset = ClassificationDataset(data, args.size, store, rows)
+        jpeg_dataset = ClassificationDataset(data, args.size, jpeg_store, jpeg_rows)
         augment = AugmentConfig()  # the shipped defaults
         loaders = {
             "naive": torch.utils.data.DataLoader(NaiveDataset(paths, labels, args.size), batch_size=args.batch,
                                                  num_workers=args.workers, collate_fn=tuple_collate),
             "warm cache": make_loader(dataset, args.batch, dl_cfg, False, collate=Collate(normalise_only=True)),
+            "warm jpeg": make_loader(jpeg_dataset, args.batch, dl_cfg, False, collate=Collate(normalise_only=True)),
             "train augment": make_loader(dataset, args.batch, dl_cfg, True, EpochSampler(len(dataset), 0),
                                          collate=Collate(BatchAugment(augment, args.size, 20))),
             "uint8 batches": make_loader(dataset, args.batch, dl_cfg, True, EpochSampler(len(dataset), 0),
                                          collate=Collate()),
+            "uint8 jpeg": make_loader(jpeg_dataset, args.batch, dl_cfg, True, EpochSampler(len(dataset), 0),
+                                      collate=Collate()),
             "per-sample v2": torch.utils.data.DataLoader(CachedPerSample(dataset, per_sample_v2(augment)),
                                                          batch_size=args.batch, num_workers=args.workers,
                                                          collate_fn=tuple_collate),
@@ -159,20 +175,25 @@ def main() -> None:
     print(f"{len(paths)} photos 976x1280 PNG -> {args.size}px, batch {args.batch}, {args.workers} workers, "
           f"{args.threads} torch thread(s), {args.passes} passes each (median); generating them took {gen_s:.1f}s")
     for name, r in rate.items():
-        print(f"  {name:14s} {r:9.1f} images/s" + ("   (information)" if name in ("per-sample v2", "uint8 batches")
-                                                     else ""))
+        print(f"  {name:14s} {r:9.1f} images/s" + ("   (information)" if name in INFORMATION else ""))
     print(f"  pixel store build: {build_s:.2f}s for {len(paths)} images = {1000 * build_s / len(paths):.1f}s per "
-          f"1,000 images (process pool over all cores)")
-    for name in ("warm cache", "train augment"):
+          f"1,000 images raw, {1000 * jpeg_build_s / len(paths):.1f}s jpeg (process pool over all cores)")
+    print(f"  bytes per row: raw {row_size['raw']:,.0f}, jpeg q{args.quality} {row_size['jpeg']:,.0f} "
+          f"({row_size['raw'] / row_size['jpeg']:.1f}x smaller; synthetic photos are smoother than real ones)")
+    for name in ("warm cache", "train augment", "warm jpeg"):
         ratio = rate[name] / rate["naive"]
         print(f"ratio {name}/naive = {ratio:.1f}x  target >= {TARGET:.0f}x: {'PASS' if ratio >= TARGET else 'FAIL'}")
+    ratio = rate["warm jpeg"] / rate["warm cache"]
+    print(f"ratio warm jpeg/warm cache = {ratio:.2f}x  target >= {JPEG_TARGET}x: "
+          f"{'PASS' if ratio >= JPEG_TARGET else 'FAIL'}")
     print(f"ratio train augment/per-sample v2 = {rate['train augment'] / rate['per-sample v2']:.1f}x (information)")
     if args.json:
         from pillsnap.core.jsonio import write_json_atomic
 
         write_json_atomic(args.json, {"images": len(paths), "size": args.size, "batch": args.batch,
                                       "workers": args.workers, "images_per_s": rate,
-                                      "store_build_s_per_1000": 1000 * build_s / len(paths)})
+                                      "store_build_s_per_1000": 1000 * build_s / len(paths),
+                                      "row_bytes": row_size})
 
 
 if __name__ == "__main__":

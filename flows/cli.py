@@ -179,6 +179,16 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_train_node(args) -> int:
+    """Node k of a multi-node training: the library joins node 0's attempts; nothing here touches Prefect."""
+    from pillsnap.train.distributed.node import NoAttempt, join_stage_training
+    try:
+        return join_stage_training(_load(args), args.stage, args.follow, args.wait_s)
+    except NoAttempt as e:
+        print(f"pillsnap train-node: {e}", file=sys.stderr)
+        return 1
+
+
 def cmd_demo(args) -> int:
     """Synthesize → import → validate → Stage 1 on the CPU, with Prefect's embedded server."""
     _flow_env()
@@ -241,6 +251,8 @@ COMMANDS: Dict[str, tuple[Callable, str]] = {
     "export": (cmd_export, "export a stage's classifier (and detector) to ONNX with a torch parity check"),
     "serve": (cmd_serve, "serve a trained stage over HTTP (FastAPI on uvicorn): health, ready, predict, metrics"),
     "demo": (cmd_demo, "the Stage 1 demo: synthetic data, Prefect's embedded server, CPU"),
+    "train-node": (cmd_train_node, "on a node other than node 0: join the stage's training started by node 0's "
+                                   "stage run (no flow, no lock; exits with the training group)"),
 }
 
 
@@ -253,7 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         if name == "synth":
             p.add_argument("--out", help="output folder (default: synth.out_dir)")
-        if name in ("subset", "stage", "attest"):
+        if name == "train-node":
+            p.add_argument("--follow", action="store_true",
+                           help="after a training group ends, wait for the next attempt (a retry, or this stage "
+                                "again) instead of exiting")
+            p.add_argument("--wait-s", type=float, help="give up when no attempt starts within this many seconds")
+        if name in ("subset", "stage", "attest", "train-node"):
             p.add_argument("--stage", type=int, default=1, help="stage number 1-4 (default 1)")
         if name == "stage":
             p.add_argument("--without-approved-predecessor", metavar="'NAME: REASON'",

@@ -27,6 +27,7 @@ _CHOICES = {
     "evaluation.device": {"auto", "cpu", "cuda"},
     "orchestration.task_runner": {"local", "dask"},
     "augment.policy": {"none", "randaugment", "trivialaugment"},
+    "dataloader.cache.format": {"auto", "raw", "jpeg"},
 }
 
 
@@ -46,6 +47,9 @@ def check_values(cfg: Any, source: str) -> None:
         raise ConfigError(f"{source}: data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     if cfg.data.prepare.shard_size < 1:
         raise ConfigError(f"{source}: data.prepare.shard_size={cfg.data.prepare.shard_size} must be >= 1")
+    if not 50 <= cfg.dataloader.cache.jpeg_quality <= 100:
+        raise ConfigError(f"{source}: dataloader.cache.jpeg_quality={cfg.dataloader.cache.jpeg_quality} must be in "
+                          "[50, 100]")
     bad = check_distributed_config(cfg.train.distributed)
     if bad:
         raise ConfigError(f"{source}: {bad}")
@@ -61,6 +65,8 @@ def check_distributed_config(cfg: Any, prefix: str = "train.distributed") -> Opt
         return f"{prefix}.nproc_per_node={cfg.nproc_per_node!r}: a number of processes >= 1, or auto"
     if cfg.nnodes < 1 or not 0 <= cfg.node_rank < cfg.nnodes:
         return f"{prefix}.node_rank={cfg.node_rank}: must be in [0, nnodes={cfg.nnodes})"
+    if not cfg.timeout_minutes > 0:
+        return f"{prefix}.timeout_minutes={cfg.timeout_minutes}: must be > 0"
     if cfg.backend not in ("auto", "nccl", "gloo"):
         return f"{prefix}.backend={cfg.backend!r}: one of auto, nccl, gloo"
     host, _, port = str(cfg.rdzv_endpoint).rpartition(":")

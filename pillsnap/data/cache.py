@@ -1,4 +1,5 @@
-"""Decode-once pixel store: every sample resized to S×S uint8 RGB, one store per (size, crop padding) for ALL stages.
+"""Decode-once pixel store: every sample resized to S×S uint8 RGB, one store per (size, crop padding, row format)
+for ALL stages.
 
 Decoding a 976×1280 PNG costs ~25 ms per core; reading a 384×384 row from a memmap costs microseconds. A sample
 (photo path + optional crop box) is stored once, under a key of its path, box and the file's stamp (size and
@@ -7,8 +8,10 @@ later stage, and a photo rewritten since it was decoded (truncated, replaced) is
 
 <cache_dir>/px<S>_pad<P>/pixels.u8     rows appended in order (S×S×3 bytes each) by training-time builds
 <cache_dir>/px<S>_pad<P>/seg-<key>.u8  rows one data-preparation shard decoded (and seg-<key>.npz, its keys)
-<cache_dir>/px<S>_pad<P>/index.npz     keys (sha1 of "path|box"), valid flags, each row's file and offset: the
-                                       commit record
+<cache_dir>/px<S>_pad<P>/index.npz     keys (sha1 of "path|box"), valid flags, each row's file, offset and
+                                       length: the commit record
+A JPEG store (`row_format`) lives in px<S>_pad<P>_jpeg<Q>/ with .jpg row files: one encoded row after another,
+the index giving each row's byte offset and length.
 Rows are written first and the index is replaced atomically afterwards, so rows past the committed count (a
 crash mid-build) are ignored and overwritten by the next build. A file lock keeps two builders apart. Shards
 running on other processes or machines write their own segment files, which a build adopts by reference (no copy).
@@ -29,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from pillsnap.core.identity import file_stamp
+from pillsnap.data.row_format import RAW, RowFormat
 from pillsnap.lock import wait_for_lock
 from pillsnap.progress import progress
 
@@ -90,8 +94,8 @@ def row_bytes(size: int) -> int:
     return size * size * 3
 
 
-def store_dir(cache_dir: Path, size: int, padding: float) -> Path:
-    return Path(cache_dir) / f"px{size}_pad{padding:g}"
+def store_dir(cache_dir: Path, size: int, padding: float, fmt: RowFormat = RAW) -> Path:
+    return Path(cache_dir) / f"px{size}_pad{padding:g}{fmt.tag}"
 
 
 @dataclass(frozen=True)
@@ -115,15 +119,12 @@ class CachePlan:
                 f"free {self.free_bytes / gb:.2f} GB")
 
 
-MAIN_SEGMENT = "pixels.u8"
-
-
 class PixelStore:
     """Read side: rows(samples) -> row indices; get(row) -> HxWx3 uint8 or None when the photo was unreadable."""
 
-    def __init__(self, cache_dir: Path, size: int, padding: float = 0.0):
-        self.dir, self.size, self.padding = store_dir(cache_dir, size, padding), size, padding
-        self.data_path, self.index_path = self.dir / MAIN_SEGMENT, self.dir / "index.npz"
+    def __init__(self, cache_dir: Path, size: int, padding: float = 0.0, fmt: RowFormat = RAW):
+        self.dir, self.size, self.padding, self.fmt = store_dir(cache_dir, size, padding, fmt), size, padding, fmt
+        self.data_path, self.index_path = self.dir / f"pixels{fmt.suffix}", self.dir / "index.npz"
         self._load_index()
         self._arrays: Dict[int, np.memmap] = {}  # opened lazily, so the object pickles into workers cheaply
 
@@ -134,12 +135,14 @@ class PixelStore:
         return len(self.keys)
 
     def _load_index(self) -> None:
-        """keys, valid, and where each row lives: segment (0 = pixels.u8, else segment_names[i]) and offset."""
+        """keys, valid, and where each row lives: segment (0 = pixels.*, else segment_names[i]), offset (a row
+        number in raw files, a byte offset in JPEG files) and length in bytes."""
         self.keys: List[bytes] = []
         self.valid = np.zeros(0, dtype=bool)
         self.segment = np.zeros(0, dtype=np.int32)
         self.offset = np.zeros(0, dtype=np.int64)
-        self.segment_names: List[str] = [MAIN_SEGMENT]
+        self.length = np.zeros(0, dtype=np.int64)
+        self.segment_names: List[str] = [self.data_path.name]
         if self.index_path.is_file():
             with np.load(self.index_path) as z:
                 self.keys = [row.tobytes() for row in z["keys"]]
@@ -150,6 +153,7 @@ class PixelStore:
                 else:
                     self.segment = np.zeros(len(self.keys), dtype=np.int32)
                     self.offset = np.arange(len(self.keys), dtype=np.int64)
+                self.length = z["length"] if "length" in z.files else np.full(len(self.keys), row_bytes(self.size))
         self._row_of = {k: i for i, k in enumerate(self.keys)}
 
     def rows(self, samples: Sequence[Sample], keys: Optional[Sequence[bytes]] = None) -> np.ndarray:
@@ -163,21 +167,37 @@ class PixelStore:
     def get(self, row: int) -> Optional[np.ndarray]:
         if not self.has(row):
             return None
-        segment = int(self.segment[row])
+        array, offset = self._segment_array(int(self.segment[row])), int(self.offset[row])
+        if self.fmt.kind == "raw":
+            return np.array(array[offset])
+        return self.fmt.decode(array[offset:offset + int(self.length[row])], self.size)
+
+    def _segment_array(self, segment: int) -> np.ndarray:
+        """A row file, memory-mapped once per process: rows × S × S × 3 (raw) or its bytes (JPEG)."""
         array = self._arrays.get(segment)
         if array is None:
             path = self.dir / self.segment_names[segment]
-            array = np.memmap(path, dtype=np.uint8, mode="r",
-                              shape=(path.stat().st_size // row_bytes(self.size), self.size, self.size, 3))
+            n = path.stat().st_size
+            shape = (n // row_bytes(self.size), self.size, self.size, 3) if self.fmt.kind == "raw" else (n,)
+            array = np.memmap(path, dtype=np.uint8, mode="r", shape=shape) if n else np.zeros(shape, np.uint8)
             self._arrays[segment] = array
-        return np.array(array[int(self.offset[row])])
+        return array
+
+    def bytes_on_disk(self) -> int:
+        return int(self.length.sum())
+
+    def row_bytes_expected(self) -> int:
+        """A new row's bytes: exact for raw, the stored rows' mean for JPEG once there are enough of them."""
+        stored = self.length[self.valid] if len(self.valid) else self.length
+        if self.fmt.kind == "jpeg" and len(stored) >= 64:
+            return int(stored.mean()) + 1
+        return self.fmt.estimated_row_bytes(self.size)
 
     def plan(self, samples: Sequence[Sample], keys: Optional[Sequence[bytes]] = None) -> CachePlan:
         keys = sample_keys(samples) if keys is None else keys
         missing = len(set(keys) - set(self._row_of))
-        on_disk = len(self.keys) * row_bytes(self.size)
-        return CachePlan(len(samples), len(samples) - missing, missing, missing * row_bytes(self.size), on_disk,
-                         shutil.disk_usage(_nearest_existing(self.dir)).free)
+        return CachePlan(len(samples), len(samples) - missing, missing, missing * self.row_bytes_expected(),
+                         self.bytes_on_disk(), shutil.disk_usage(nearest_existing(self.dir)).free)
 
     # ------------------------------------------------------------------ building
     def ensure(self, samples: Sequence[Sample], workers: int = 0, show_progress: bool = True) -> np.ndarray:
@@ -199,24 +219,27 @@ class PixelStore:
         """Add the rows of committed shard segments (seg-<key>) by reference; returns how many rows were new."""
         with wait_for_lock(self.dir / ".lock"):
             self._load_index()
-            valid, segment, offset = [self.valid], [self.segment], [self.offset]  # joined once: 800+ segments
+            # joined once: 800+ segments
+            valid, segment, offset, length = [self.valid], [self.segment], [self.offset], [self.length]
             before = len(self.keys)
             for name in segments:
-                keys, flags = read_segment(self.dir, name)
-                if f"{name}.u8" not in self.segment_names:
-                    self.segment_names.append(f"{name}.u8")
-                number = self.segment_names.index(f"{name}.u8")
+                keys, flags, starts, sizes = read_segment(self.dir, name, self.size, self.fmt)
+                file = f"{name}{self.fmt.suffix}"
+                if file not in self.segment_names:
+                    self.segment_names.append(file)
+                number = self.segment_names.index(file)
                 new = [i for i, k in enumerate(keys) if k not in self._row_of]
                 for i in new:
                     self._row_of[keys[i]] = len(self.keys)
                     self.keys.append(keys[i])
                 valid.append(flags[new])
                 segment.append(np.full(len(new), number, dtype=np.int32))
-                offset.append(np.array(new, dtype=np.int64))
+                offset.append(starts[new])
+                length.append(sizes[new])
             added = len(self.keys) - before
             if added:
-                self.valid, self.segment, self.offset = (np.concatenate(valid), np.concatenate(segment),
-                                                         np.concatenate(offset))
+                self.valid, self.segment, self.offset, self.length = (
+                    np.concatenate(valid), np.concatenate(segment), np.concatenate(offset), np.concatenate(length))
                 self._commit()
         self._arrays = {}
         return added
@@ -225,30 +248,40 @@ class PixelStore:
         plan = self.plan([s for _, s in todo], [k for k, _ in todo])
         if not plan.fits:
             raise CacheSpaceError(f"pixel cache {self.dir}: not enough disk for {plan.describe()}; free space, "
-                                  "point dataloader.cache.dir at a larger disk, or lower classification.image_size")
-        start, n = int((self.segment == 0).sum()), len(todo)  # rows already in pixels.u8
-        per_row = row_bytes(self.size)
-        with open(self.data_path, "a+b") as f:  # drop an uncommitted tail, then grow to the new row count
-            f.truncate((start + n) * per_row)
+                                  "point dataloader.cache.dir at a larger disk, lower classification.image_size, "
+                                  "or set dataloader.cache.format=jpeg")
+        main = self.segment == 0
+        n, raw = len(todo), self.fmt.kind == "raw"
+        # rows past the committed ones (a crash mid-build) are dropped: raw rows by number, JPEG rows by byte end
+        start = int(main.sum()) if raw else int((self.offset[main] + self.length[main]).max(initial=0))
+        with open(self.data_path, "a+b") as f:  # drop an uncommitted tail (and grow raw to the new row count)
+            f.truncate((start + n) * row_bytes(self.size) if raw else start)
         chunk = 64
-        jobs = [(self.data_path, start + n, self.size, self.padding, start + s, [smp for _, smp in todo[s:s + chunk]])
-                for s in range(0, n, chunk)]
-        valid = np.ones(n, dtype=bool)
-        errors: List[str] = []
-        with progress(total=n, desc=f"cache {self.size}px", unit="img", enabled=show_progress) as bar:
-            with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-                for results in pool.map(_fill, jobs):
-                    for row, err in results:
-                        if err:
-                            valid[row - start] = False
-                            errors.append(err)
-                    bar.update(len(results))
+        jobs = [(self.data_path, start + n, self.size, self.padding, self.fmt, start + s,
+                 [smp for _, smp in todo[s:s + chunk]]) for s in range(0, n, chunk)]
+        valid, errors = np.ones(n, dtype=bool), []
+        offsets, lengths = np.arange(start, start + n, dtype=np.int64), np.full(n, row_bytes(self.size))
+        with progress(total=n, desc=f"cache {self.size}px", unit="img", enabled=show_progress) as bar, \
+                open(self.data_path, "ab") as out, \
+                ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            written = 0
+            for results in pool.map(_fill, jobs):
+                for err, payload in results:
+                    if err:
+                        valid[written] = False
+                        errors.append(err)
+                    if not raw:  # encoded in the worker, appended here in order
+                        offsets[written], lengths[written] = start, len(payload or b"")
+                        start += out.write(payload or b"")
+                    written += 1
+                bar.update(len(results))
         for err in errors[:10]:
             log.warning("cache: skipped unreadable sample %s", err)
         self.keys = self.keys + [k for k, _ in todo]
         self.valid = np.concatenate([self.valid, valid])
         self.segment = np.concatenate([self.segment, np.zeros(n, dtype=np.int32)])
-        self.offset = np.concatenate([self.offset, np.arange(start, start + n, dtype=np.int64)])
+        self.offset = np.concatenate([self.offset, offsets])
+        self.length = np.concatenate([self.length, lengths])
         self._commit()
         self._row_of = {k: i for i, k in enumerate(self.keys)}
         log.info("pixel cache %s: +%d samples (%d unreadable), %d in all", self.dir, n, len(errors), len(self.keys))
@@ -256,7 +289,7 @@ class PixelStore:
     def _commit(self) -> None:
         tmp = self.index_path.with_name(f".index.{os.getpid()}.npz")
         np.savez(tmp, keys=_key_array(self.keys), valid=self.valid, segment=self.segment, offset=self.offset,
-                 segment_names=np.array(self.segment_names))
+                 length=self.length, segment_names=np.array(self.segment_names))
         tmp.replace(self.index_path)  # the index appears last: its presence commits the rows it lists
 
 
@@ -267,7 +300,7 @@ def _key_array(keys: Sequence[bytes]) -> np.ndarray:
 
 # ---------------------------------------------------------------------- shard segments
 def segment_rows(directory: Path, name: str, n: int, size: int) -> np.memmap:
-    """A shard's own row file, n rows, opened for writing (created or resized)."""
+    """A raw shard's own row file, n rows, opened for writing (created or resized)."""
     path = Path(directory) / f"{name}.u8"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
@@ -275,41 +308,68 @@ def segment_rows(directory: Path, name: str, n: int, size: int) -> np.memmap:
     return np.memmap(path, dtype=np.uint8, mode="r+", shape=(n, size, size, 3)) if n else np.zeros((0,))
 
 
-def commit_segment(directory: Path, name: str, keys: Sequence[bytes], valid: np.ndarray) -> None:
-    """The segment's keys, written after its rows: present = every row is in place."""
+def write_encoded_rows(directory: Path, name: str, payloads: Sequence[Optional[bytes]]) -> np.ndarray:
+    """A JPEG shard's row file, written whole (an unreadable sample is 0 bytes); returns each row's length."""
+    path = Path(directory) / f"{name}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for payload in payloads:
+            f.write(payload or b"")
+    return np.array([len(p or b"") for p in payloads], dtype=np.int64)
+
+
+def commit_segment(directory: Path, name: str, keys: Sequence[bytes], valid: np.ndarray,
+                   lengths: Optional[np.ndarray] = None) -> None:
+    """The segment's keys (and a JPEG segment's row lengths), written after its rows: present = every row is in
+    place."""
     path = Path(directory) / f"{name}.npz"
     tmp = path.with_name(f".{name}.{os.getpid()}.npz")
-    np.savez(tmp, keys=_key_array(keys), valid=valid)
+    np.savez(tmp, keys=_key_array(keys), valid=valid, **({} if lengths is None else {"length": lengths}))
     tmp.replace(path)
 
 
-def segment_committed(directory: Path, name: str) -> bool:
-    return (Path(directory) / f"{name}.npz").is_file() and (Path(directory) / f"{name}.u8").is_file()
+def segment_committed(directory: Path, name: str, fmt: RowFormat = RAW) -> bool:
+    return (Path(directory) / f"{name}.npz").is_file() and (Path(directory) / f"{name}{fmt.suffix}").is_file()
 
 
-def read_segment(directory: Path, name: str) -> Tuple[List[bytes], np.ndarray]:
-    if not segment_committed(directory, name):
+def read_segment(directory: Path, name: str, size: int,
+                 fmt: RowFormat = RAW) -> Tuple[List[bytes], np.ndarray, np.ndarray, np.ndarray]:
+    """A committed segment's keys, valid flags, and each row's offset (row number or byte offset) and length."""
+    if not segment_committed(directory, name, fmt):
         raise FileNotFoundError(f"pixel cache segment {Path(directory) / name}: not committed (its shard did not "
                                 "finish); run the data preparation again")
     with np.load(Path(directory) / f"{name}.npz") as z:
-        return [row.tobytes() for row in z["keys"]], z["valid"].astype(bool)
+        keys, valid = [row.tobytes() for row in z["keys"]], z["valid"].astype(bool)
+        if fmt.kind == "raw":
+            return keys, valid, np.arange(len(keys), dtype=np.int64), np.full(len(keys), row_bytes(size))
+        lengths = z["length"].astype(np.int64)
+    return keys, valid, np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths
 
 
-def _fill(args) -> List[Tuple[int, Optional[str]]]:
-    data_path, n, size, padding, start, samples = args
-    out = np.memmap(data_path, dtype=np.uint8, mode="r+", shape=(n, size, size, 3))
-    results = []
+def _fill(args) -> List[Tuple[Optional[str], Optional[bytes]]]:
+    """Decode some samples: raw rows are written into the row file here, JPEG rows returned encoded (their
+    lengths are known only once encoded)."""
+    data_path, n, size, padding, fmt, start, samples = args
+    out = np.memmap(data_path, dtype=np.uint8, mode="r+", shape=(n, size, size, 3)) if fmt.kind == "raw" else None
+    results: List[Tuple[Optional[str], Optional[bytes]]] = []
     for offset, (path, box) in enumerate(samples):
         try:
-            out[start + offset] = decode_sample(path, box, size, padding)
-            results.append((start + offset, None))
+            row = decode_sample(path, box, size, padding)
         except Exception as e:  # a broken file is reported and skipped, never fatal
-            results.append((start + offset, f"{path}: {type(e).__name__}: {e}"))
-    out.flush()
+            results.append((f"{path}: {type(e).__name__}: {e}", None))
+            continue
+        if out is None:
+            results.append((None, fmt.encode(row)))
+        else:
+            out[start + offset] = row
+            results.append((None, None))
+    if out is not None:
+        out.flush()
     return results
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """disk_usage needs an existing path; a store or experiment folder may not exist before its first run."""
     path = Path(path).resolve()
     while not path.exists() and path != path.parent:
         path = path.parent

@@ -109,6 +109,20 @@ class ClassificationDataset(Dataset):
         return torch.from_numpy(pixels), self.data.labels[i], i, seed, self.data.pill_boxes[i]
 
 
+class RankSlice(torch.utils.data.Sampler):
+    """Positions rank, rank + world, ...: with every rank validating its slice, each sample is seen exactly once
+    (no padding, unlike torch's DistributedSampler, so gathered counts equal one process's)."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.n, self.rank, self.world = n, rank, world
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """A seeded permutation per epoch, optionally starting mid-epoch (resume, OOM replay).
 

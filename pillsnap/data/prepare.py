@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
+import psutil
 
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.aihub import ImportIssue, ImportResult, assemble_split, import_aihub, training_split
-from pillsnap.data.cache import PixelStore, sample_key
+from pillsnap.core.jsonio import read_json, write_json_atomic
+from pillsnap.data.cache import PixelStore, nearest_existing, sample_key
 from pillsnap.data.class_map import build_class_map
 from pillsnap.data.csv_import import import_csv
 from pillsnap.core import layout
 from pillsnap.data.manifest import assign_splits, manifest_hash, read_manifest, write_manifest
 from pillsnap.data.label_shards import LabelShard, plan_label_shards, read_label_parts
 from pillsnap.data.shards import Shard, ShardSettings, manifest_photos, read_checks, run_shard, shard_photos
+from pillsnap.data.row_format import RowFormat, choose_format
 from pillsnap.data.subsets import build_stage_subset, write_subset
 from pillsnap.progress import progress
 from pillsnap.data.validate import (load_quarantine, raise_if_fatal, release_classes, validate_manifest,
@@ -42,10 +46,55 @@ def class_map_path(cfg: PillSnapConfig) -> Path:
     return data_dir(cfg) / "class_map.json"
 
 
-def pixel_store(cfg: PillSnapConfig) -> PixelStore:
-    """The experiment's decode-once pixel store at the classifier's size and crop padding (shared by stages)."""
+def cache_root(cfg: PillSnapConfig) -> Path:
+    return Path(cfg.dataloader.cache.dir or data_dir(cfg) / "cache")
+
+
+def pixel_store(cfg: PillSnapConfig, samples: Optional[int] = None) -> PixelStore:
+    """The experiment's decode-once pixel store at the classifier's size, crop padding and row format (shared by
+    stages). `samples`: what the caller will store, counted where no manifest was imported (`store_format`)."""
     c = cfg.classification
-    return PixelStore(Path(cfg.dataloader.cache.dir or data_dir(cfg) / "cache"), c.image_size, c.crop_padding)
+    return PixelStore(cache_root(cfg), c.image_size, c.crop_padding, store_format(cfg, samples=samples)[0])
+
+
+def store_format_path(cfg: PillSnapConfig) -> Path:
+    return data_dir(cfg) / "cache_format.json"
+
+
+def store_format(cfg: PillSnapConfig, ram_bytes: Optional[int] = None, free_bytes: Optional[int] = None,
+                 samples: Optional[int] = None) -> Tuple[RowFormat, str]:
+    """The pixel store's row format and why. `auto` is decided once per experiment, from the manifest's sample
+    count (or, with no manifest imported, the `samples` a caller is about to store), this machine's RAM and the
+    cache's disk, and recorded: every later stage, process and node then reads the same store (another machine's
+    RAM would otherwise pick another one)."""
+    c = cfg.dataloader.cache
+    if c.format != "auto":
+        return choose_format(c.format, c.jpeg_quality, 0, 0, 0, 0)
+    record = store_format_path(cfg)
+    if record.is_file():
+        chosen = read_json(record)
+        if chosen["format"] == "raw" or chosen["quality"] == c.jpeg_quality:
+            return RowFormat(chosen["format"], c.jpeg_quality), f"{chosen['why']} (recorded in {record})"
+    if samples is None or manifest_path(cfg).is_file():
+        samples = manifest_samples(read_manifest(manifest_path(cfg)), cfg.data.include_combination_crops)
+    fmt, why = choose_format("auto", c.jpeg_quality, samples, cfg.classification.image_size,
+                             psutil.virtual_memory().total if ram_bytes is None else ram_bytes,
+                             disk_free(cache_root(cfg)) if free_bytes is None else free_bytes)
+    write_json_atomic(record, {"format": fmt.kind, "quality": fmt.quality, "why": why, "samples": samples})
+    log.info("pixel store format: %s", why)
+    return fmt, why
+
+
+def manifest_samples(manifest: pd.DataFrame, include_crops: bool) -> int:
+    """The classifier samples the manifest gives: each single photo, and each pill of a combination photo when
+    crops are included."""
+    single = manifest["kind"] == "single"
+    crops = int(manifest.loc[~single, "boxes"].str.count('"bbox"').sum()) if include_crops else 0
+    return int(single.sum()) + crops
+
+
+def disk_free(path: Path) -> int:
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def source_root(cfg: PillSnapConfig) -> Path:
@@ -139,7 +188,7 @@ def plan_validation(cfg: PillSnapConfig) -> Tuple[List[Shard], ShardSettings, st
                                 f"({plan.describe()}); each stage fills its own rows when it trains")
             log.warning("pixel cache %s", why)
     settings = ShardSettings(v.check_images, v.hash_duplicates, str(store.dir.parent.resolve()) if fill else None,
-                             c.image_size, c.crop_padding, cfg.data.include_combination_crops)
+                             c.image_size, c.crop_padding, cfg.data.include_combination_crops, store.fmt)
     return shard_photos(photos, settings, cfg.data.prepare.shard_size), settings, why
 
 

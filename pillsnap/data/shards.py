@@ -8,8 +8,9 @@ shard's own pixel-cache segment. Separately, validation and the cache each decod
 A shard is named by the hash of its photos (each one's path, label size, samples, and file size + modification
 time: a truncated or replaced photo makes its shard new) and the settings. Its result is written under
 <data>/shards/ and its rows to the store's seg-<key> files, both committed last, so a shard that finished is never
-redone (also by another process or machine sharing the folder) and one that did not leaves nothing that is read. Bad photos are
-findings, never errors; anything else raised while inspecting a photo fails the shard with the photo named.
+redone (also by another process or machine sharing the folder) and one that did not leaves nothing that is read.
+Bad photos are findings, never errors; anything else raised while inspecting a photo fails the shard with the
+photo named.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from PIL import Image, UnidentifiedImageError
 from pillsnap.core.identity import file_stamp
 from pillsnap.core.jsonio import read_json, write_json_atomic
 from pillsnap.data.cache import (Sample, commit_segment, photo_samples, sample_key, sample_pixels, segment_committed,
-                                 segment_rows, store_dir)
+                                 segment_rows, store_dir, write_encoded_rows)
+from pillsnap.data.row_format import RAW, RowFormat
 
 Check = Tuple[Optional[str], Optional[str]]  # (what is wrong with the photo or None, sha1 of its bytes or None)
 CHUNK = 64  # photos per process-pool job inside a shard
@@ -49,6 +51,7 @@ class ShardSettings:
     size: int
     padding: float
     include_crops: bool
+    fmt: RowFormat = RAW  # how the cache keeps a row
 
     def fingerprint(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -141,29 +144,33 @@ def inspect_photo(photo: Photo, settings: ShardSettings) -> Tuple[Check, List[Op
     return (error if settings.check_images else None, digest), rows
 
 
-def _inspect_chunk(args) -> Tuple[List[Check], List[bool]]:
-    """Some photos of a shard; their rows go to the shard's segment from the given sample offset on."""
+def _inspect_chunk(args) -> Tuple[List[Check], List[bool], List[Optional[bytes]]]:
+    """Some photos of a shard. Raw rows go to the shard's segment from the given sample offset on; JPEG rows come
+    back encoded, for the shard to write in order (their lengths are known only once encoded)."""
     shard_name, segment, segment_samples, settings, photos, sample_offset = args
-    out = segment_rows(_store(settings), segment, segment_samples, settings.size) if settings.cache_dir else None
-    checks, valid = [], []
+    raw = settings.cache_dir is not None and settings.fmt.kind == "raw"
+    out = segment_rows(_store(settings), segment, segment_samples, settings.size) if raw else None
+    checks, valid, encoded = [], [], []
     for photo in photos:
         try:
             check, rows = inspect_photo(photo, settings)
+            checks.append(check)
+            for row in rows:
+                if out is not None and row is not None:
+                    out[sample_offset] = row
+                elif settings.cache_dir is not None and not raw:
+                    encoded.append(None if row is None else settings.fmt.encode(row))
+                valid.append(row is not None)
+                sample_offset += 1
         except Exception as e:  # not a property of the photo (memory, a bug, the disk): the shard fails
             raise ShardError(f"{shard_name}: {photo.path}: {type(e).__name__}: {e}") from e
-        checks.append(check)
-        for row in rows:
-            if out is not None and row is not None:
-                out[sample_offset] = row
-            valid.append(row is not None)
-            sample_offset += 1
     if out is not None and len(out):
         out.flush()
-    return checks, valid
+    return checks, valid, encoded
 
 
 def _store(settings: ShardSettings) -> Path:
-    return store_dir(Path(settings.cache_dir), settings.size, settings.padding)
+    return store_dir(Path(settings.cache_dir), settings.size, settings.padding, settings.fmt)
 
 
 def result_path(results_dir: Path, shard: Shard) -> Path:
@@ -173,7 +180,7 @@ def result_path(results_dir: Path, shard: Shard) -> Path:
 def shard_finished(shard: Shard, settings: ShardSettings, results_dir: Path) -> bool:
     """Its result and (when it fills the cache) its rows are committed."""
     return result_path(results_dir, shard).is_file() and (
-        settings.cache_dir is None or segment_committed(_store(settings), shard.segment))
+        settings.cache_dir is None or segment_committed(_store(settings), shard.segment, settings.fmt))
 
 
 def run_shard(shard: Shard, settings: ShardSettings, results_dir: Path, workers: int = 1) -> Dict:
@@ -193,10 +200,13 @@ def run_shard(shard: Shard, settings: ShardSettings, results_dir: Path, workers:
             done = list(pool.map(_inspect_chunk, jobs))
     else:
         done = [_inspect_chunk(job) for job in jobs]
-    checks = [c for part, _ in done for c in part]
+    checks = [c for part, _, _ in done for c in part]
     if filled:
         keys = [sample_key(s, p.stamp) for p in shard.photos for s in p.samples]
-        commit_segment(_store(settings), shard.segment, keys, np.array([v for _, part in done for v in part], bool))
+        lengths = (None if settings.fmt.kind == "raw" else
+                   write_encoded_rows(_store(settings), shard.segment, [e for _, _, part in done for e in part]))
+        commit_segment(_store(settings), shard.segment, keys, np.array([v for _, part, _ in done for v in part], bool),
+                       lengths)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     # last: a result on disk means the shard finished
     write_json_atomic(path, {"shard": shard.index, "first": shard.first, "worker": worker, "checks": checks})

@@ -40,7 +40,7 @@ def _val_logits(cfg: PillSnapConfig, model: torch.nn.Module, labels: ClassMap, r
     size, pad = cfg.classification.image_size, cfg.classification.crop_padding
     store, store_rows = None, None
     if cfg.dataloader.cache.enabled:
-        store = pixel_store(cfg)
+        store = pixel_store(cfg, len(data.samples))
         store_rows = store.ensure(data.samples, show_progress=False)
     dataset = ClassificationDataset(data, size, store, store_rows, pad)
     loader = make_loader(dataset, batch_size, cfg.dataloader, False, num_workers=0, collate=Collate())

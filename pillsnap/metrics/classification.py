@@ -9,13 +9,25 @@ from sklearn.metrics import f1_score
 
 def classification_metrics(y_true: np.ndarray, logits: np.ndarray, class_names: Optional[Sequence[str]] = None,
                            worst: int = 5) -> Dict:
+    return metrics_from_top(y_true, top_predictions(logits), class_names, worst)
+
+
+def top_predictions(logits: np.ndarray) -> np.ndarray:
+    """n × k class indices (k = 5, or the class count), best first (ties: the lower class index, as argmax).
+    What the metrics need of the logits: ranks that validate apart gather these, not n × classes floats."""
+    k = min(5, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    scores = np.take_along_axis(logits, top, axis=1)
+    return np.take_along_axis(top, np.lexsort((top, -scores), axis=-1), axis=1)
+
+
+def metrics_from_top(y_true: np.ndarray, top: np.ndarray, class_names: Optional[Sequence[str]] = None,
+                     worst: int = 5) -> Dict:
     y_true = np.asarray(y_true)
     n = int(len(y_true))
     if n == 0:
         return {"n": 0, "accuracy": None, "macro_f1": None, "top5": None}
-    y_pred = logits.argmax(1)
-    k = min(5, logits.shape[1])
-    topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    y_pred, topk = top[:, 0], top
     present = np.unique(y_true)  # F1 over classes that have validation samples
     per_class = f1_score(y_true, y_pred, labels=present, average=None, zero_division=0)
     per_class_top1 = [float((y_pred[y_true == c] == c).mean()) for c in present]

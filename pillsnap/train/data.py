@@ -18,7 +18,7 @@ from pillsnap.config import PillSnapConfig
 from pillsnap.data.augment import BatchAugment
 from pillsnap.data.class_map import ClassMap
 from pillsnap.data.prepare import pixel_store
-from pillsnap.data.datasets import (ClassificationDataset, ClassificationSamples, Collate, EpochSampler,
+from pillsnap.data.datasets import (ClassificationDataset, ClassificationSamples, Collate, EpochSampler, RankSlice,
                                     classification_samples, make_loader)
 from pillsnap.data.yolo_dataset import YoloDataset, stage_detector_dataset
 from pillsnap.lock import wait_for_lock
@@ -63,8 +63,9 @@ def stage_samples(cfg: PillSnapConfig, subset: pd.DataFrame, class_map: ClassMap
 
 
 def classifier_data(cfg: PillSnapConfig, subset: pd.DataFrame, labels: ClassMap, device: torch.device,
-                    show_progress: bool = True) -> ClassifierData:
-    """Datasets over the pixel store; augmentation in the loader's workers on a CPU, on the device otherwise."""
+                    show_progress: bool = True, rank: int = 0, world: int = 1) -> ClassifierData:
+    """Datasets over the pixel store; augmentation in the loader's workers on a CPU, on the device otherwise. The
+    validation loader reads this rank's slice of the validation samples, in the loader's workers."""
     train_samples = classifier_samples(cfg, subset, labels, "train")
     val_samples = classifier_samples(cfg, subset, labels, "val")
     if not train_samples.samples:
@@ -72,7 +73,7 @@ def classifier_data(cfg: PillSnapConfig, subset: pd.DataFrame, labels: ClassMap,
     size, pad = cfg.classification.image_size, cfg.classification.crop_padding
     store, rows = None, [None, None]
     if cfg.dataloader.cache.enabled:
-        store = pixel_store(cfg)
+        store = pixel_store(cfg, len(train_samples.samples) + len(val_samples.samples))
         rows = [store.ensure(d.samples, show_progress=show_progress) for d in (train_samples, val_samples)]
     train_ds = ClassificationDataset(train_samples, size, store, rows[0], pad)
     if store is not None and not train_ds.cache_coverage()["cached"]:
@@ -89,8 +90,8 @@ def classifier_data(cfg: PillSnapConfig, subset: pd.DataFrame, labels: ClassMap,
     def build(batch_size: int, workers: int) -> DataLoader:
         return make_loader(train_ds, batch_size, dl, True, sampler, workers, Collate(augment))
 
-    val_loader = make_loader(val_ds, cfg.train.classification.batch_size, dl, False, None, 0,
-                             Collate(normalise_only=on_cpu))
+    val_loader = make_loader(val_ds, cfg.train.classification.batch_size, dl, False,
+                             RankSlice(len(val_ds), rank, world), dl.num_workers, Collate(normalise_only=on_cpu))
     train = UnitData(train_ds, sampler, build, dl.num_workers, dl.drop_last)
     return ClassifierData(train_samples, val_samples, train, val_loader)
 

@@ -16,7 +16,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import psutil
 import torch
 
-from pillsnap.data.prepare import pixel_store
+from pillsnap.data.cache import nearest_existing
+from pillsnap.data.manifest import read_manifest
+from pillsnap.data.prepare import cache_root, manifest_path, manifest_samples, pixel_store, store_format
+from pillsnap.data.row_format import RowFormat
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +64,9 @@ class PreflightError(RuntimeError):
         super().__init__("pre-training checks failed: " + "; ".join(report.problems))
 
 
-def _nearest_existing(path: Path) -> Path:
-    """disk_usage needs an existing path; the experiment dir may not exist before the first run."""
-    path = path.resolve()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_disk(name: str, path: Path, min_free_gb: float,
                disk_usage: Callable[[Path], Any] = shutil.disk_usage) -> PreflightItem:
-    free_gb = disk_usage(_nearest_existing(path)).free / GB
+    free_gb = disk_usage(nearest_existing(path)).free / GB
     ok = free_gb >= min_free_gb
     relation = ">=" if ok else "<"
     return PreflightItem(name, ok, f"free disk at {path}: {free_gb:.1f} GB {relation} required {min_free_gb:g} GB")
@@ -132,6 +127,9 @@ def check_config(cfg: Any, stage: Optional[int] = None, class_map_size: Optional
     if cfg.train.oom.min_batch < 1 or cfg.train.oom.max_grad_accum < 1:
         problems.append(f"train.oom: min_batch={cfg.train.oom.min_batch} and max_grad_accum="
                         f"{cfg.train.oom.max_grad_accum} must be >= 1")
+    if cfg.train.distributed.node_rank != 0:  # two flows would decide, report and write the ledger for one stage
+        problems.append(f"train.distributed.node_rank={cfg.train.distributed.node_rank}: only node 0 runs a stage; "
+                        "on this node run `pillsnap train-node`, which joins node 0's training")
     if class_map_size is not None and stage is not None:
         stage_classes = cfg.stage(stage).classes
         if stage_classes is not None and stage_classes > class_map_size:
@@ -159,11 +157,30 @@ def check_pretrained_weights(cfg: Any, reachable: Optional[Callable[[str], bool]
     return results
 
 
+def describe_pixel_store(cfg: Any, ram_bytes: int, free_bytes: int) -> PreflightItem:
+    """Information before any work: the store's size in each format for the manifest's samples, the RAM and the
+    free disk, and the format chosen with its reason (the stage's own rows are checked by check_pixel_cache)."""
+    c = cfg.dataloader.cache
+    if not c.enabled:
+        return PreflightItem("pixel_store", True, "dataloader.cache.enabled=false: no pixel store")
+    if not manifest_path(cfg).is_file():
+        return PreflightItem("pixel_store", True, f"format {c.format}: decided after import from the manifest's "
+                             f"samples, RAM {ram_bytes / GB:.1f} GB and free disk {free_bytes / GB:.1f} GB")
+    samples = manifest_samples(read_manifest(manifest_path(cfg)), cfg.data.include_combination_crops)
+    size = cfg.classification.image_size
+    raw, jpeg = (RowFormat(kind, c.jpeg_quality).estimated_row_bytes(size) * samples / GB for kind in ("raw", "jpeg"))
+    fmt, why = store_format(cfg, ram_bytes, free_bytes)
+    return PreflightItem("pixel_store", True,
+                         f"{samples} samples at {size}px: raw {raw:.1f} GB, jpeg ~{jpeg:.1f} GB (estimated); RAM "
+                         f"{ram_bytes / GB:.1f} GB, free disk {free_bytes / GB:.1f} GB at {cache_root(cfg)}; "
+                         f"format {fmt.kind}: {why}")
+
+
 def check_pixel_cache(cfg: Any, samples: Sequence[Any]) -> PreflightItem:
     """The decode-once pixel store must hold this stage's samples: the rows it lacks x S x S x 3 bytes."""
     if not cfg.dataloader.cache.enabled:
         return PreflightItem("pixel_cache", True, "dataloader.cache.enabled=false: images are decoded on the fly")
-    store = pixel_store(cfg)
+    store = pixel_store(cfg, len(samples))
     plan = store.plan(samples)
     verdict = "fits" if plan.fits else "does NOT fit (set dataloader.cache.dir to a larger disk or free space)"
     return PreflightItem("pixel_cache", plan.fits, f"pixel cache at {store.dir}: {plan.describe()}: {verdict}")
@@ -191,6 +208,7 @@ def run_preflight(
         check_ram(req.min_available_ram_gb, virtual_memory),
         check_disk("disk_data", data_dir_of(cfg), req.min_free_disk_gb_data, disk_usage),
         check_disk("disk_exp", Path(cfg.paths.exp_dir), req.min_free_disk_gb_exp, disk_usage),
+        describe_pixel_store(cfg, virtual_memory().total, disk_usage(nearest_existing(cache_root(cfg))).free),
         *check_config(cfg, stage, class_map_size, model_num_classes),
         *([check_pixel_cache(cfg, cache_samples)] if cache_samples is not None else []),
     ])

@@ -18,6 +18,7 @@ from pillsnap.config import PillSnapConfig
 from pillsnap.core.identity import file_sha256
 from pillsnap.data.class_map import ClassMap
 from pillsnap.data.manifest import manifest_hash
+from pillsnap.data.prepare import store_format
 from pillsnap.train.services.collectives import Collectives
 from pillsnap.train.loops.engine import INTERLEAVED, EpochHook, Plans, StepHook, UnitLoop
 from pillsnap.train.loops.members import Injectors, classifier_member, detector_member, run_policy
@@ -69,11 +70,14 @@ def data_identity(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int,
                   init_checkpoints: Mapping[str, Optional[Path]]) -> Dict[str, Any]:
     """What a run trains on and starts from, by content: the subset's row hash, the detector's cap on it (and the
     val share its rows follow) and each warm start's sha256. Part of the training fingerprint, so a run on other
-    photos never resumes this one's checkpoints."""
+    photos never resumes this one's checkpoints. JPEG rows are other pixels than raw ones: their format joins it
+    (raw rows, the pixels of a fresh decode, add nothing)."""
     detector = {"detector_images": cfg.stage(stage).detector_images, "val_fraction": cfg.data.val_fraction} \
         if cfg.detection.enabled else None
+    rows = store_format(cfg, samples=len(subset))[0] if cfg.dataloader.cache.enabled else None
     return {"subset": manifest_hash(subset), "detector": detector,
-            "warm_start": {model: file_sha256(path) for model, path in sorted(init_checkpoints.items()) if path}}
+            "warm_start": {model: file_sha256(path) for model, path in sorted(init_checkpoints.items()) if path},
+            **({"pixel_rows": f"jpeg{rows.quality}"} if rows and rows.kind == "jpeg" else {})}
 
 
 def _path(value) -> Optional[Path]:

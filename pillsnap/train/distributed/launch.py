@@ -2,6 +2,10 @@
 
     results = run_training_processes(cfg_dict, stage, stage_dir, init, plans, spec)   # {model: result dict}
 
+On several machines node 0's training task runs this; every other node runs `pillsnap train-node`
+(`pillsnap/train/distributed/node.py`), which reads the attempt's job from the shared stage folder and joins its
+rendezvous (`join_training_processes`).
+
 The child runs in its own process session, so cancelling, crashing or timing out kills the whole group (the
 torchrun agent and every rank) and no rank keeps holding a GPU; on Linux it also dies with its parent. Rank 0's log
 lines go to this process's "pillsnap" logger (the task forwards them to its run log), its progress to this process's
@@ -18,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -37,9 +42,15 @@ class DistributedRunFailed(RuntimeError):
         self.exception_type = exception_type
 
 
+JOB, ENDED = "job.json", "ended.json"  # in <stage>/distributed/: what an attempt runs, and that it is over
+
+
 def torchrun_command(spec: LaunchSpec, job: Path) -> list:
+    """Several nodes meet at node 0 by torchrun's static rendezvous: node k's processes are group k, so global rank
+    0 (which writes checkpoints and the results) is on node 0, which runs the stage. (The c10d rendezvous ignores
+    --node_rank and numbers the nodes by host name and process id.)"""
     rendezvous = (["--standalone"] if spec.nnodes == 1 else
-                  ["--rdzv_backend=c10d", f"--rdzv_endpoint={spec.rdzv_endpoint}", f"--rdzv_id={job.parent.name}"])
+                  ["--rdzv_backend=static", f"--rdzv_endpoint={spec.rdzv_endpoint}"])
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.nproc_per_node}",
             f"--nnodes={spec.nnodes}", f"--node_rank={spec.node_rank}", *rendezvous,
             "-m", "pillsnap.train.distributed.worker", str(job)]
@@ -75,23 +86,38 @@ def run_training_processes(config: Dict[str, Any], stage: int, stage_dir: Path,
     work.mkdir(parents=True, exist_ok=True)
     for stale in [*work.glob("error_rank*.json"), work / "result.json"]:
         stale.unlink(missing_ok=True)
-    job = write_json_atomic(work / "job.json", {"config": config, "stage": stage, "stage_dir": str(stage_dir),
-                                                "init_checkpoints": init_checkpoints, "plans": plans,
-                                                "backend": spec.backend})
-    command = torchrun_command(spec, job)
-    log.info("training on %d process(es) x %d node(s) (%s): %s", spec.nproc_per_node, spec.nnodes, spec.backend,
-             " ".join(command))
+    attempt = uuid.uuid4().hex[:16]
+    job = write_json_atomic(work / JOB, {"config": config, "stage": stage, "stage_dir": str(stage_dir),
+                                         "init_checkpoints": init_checkpoints, "plans": plans,
+                                         "backend": spec.backend, "attempt": attempt, "nnodes": spec.nnodes,
+                                         "rdzv_endpoint": spec.rdzv_endpoint})
+    code = None
+    try:
+        code = run_torchrun(torchrun_command(spec, job), spec, timeout_s)
+    finally:  # the other nodes stop waiting for this attempt
+        write_json_atomic(work / ENDED, {"attempt": attempt, "code": code})
+    if code != 0:
+        raise _failure(work, code)
+    return json.loads((work / "result.json").read_text())
+
+
+def join_training_processes(job: Path, spec: LaunchSpec, timeout_s: Optional[float] = None) -> int:
+    """Another node's ranks in node 0's attempt (`job`): rank 0, on node 0, writes the results; returns torchrun's
+    exit code."""
+    return run_torchrun(torchrun_command(spec, Path(job)), spec, timeout_s)
+
+
+def run_torchrun(command: list, spec: LaunchSpec, timeout_s: Optional[float]) -> int:
+    log.info("training on %d process(es) x %d node(s) (%s), this node %d: %s", spec.nproc_per_node, spec.nnodes,
+             spec.backend, spec.node_rank, " ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                                preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         for line in _lines(process, timeout_s):
             _relay(line)
-        code = process.wait()
+        return process.wait()
     finally:  # a cancel, a crash of this process or a timeout: no rank survives it
         kill_group(process)
-    if code != 0:
-        raise _failure(work, code)
-    return json.loads((work / "result.json").read_text())
 
 
 def _lines(process: subprocess.Popen, timeout_s: Optional[float]) -> Iterator[str]:

@@ -49,10 +49,10 @@ def run(job_path: Path) -> None:
     from pillsnap.train.services.policy import resolve_policy
 
     job = json.loads(job_path.read_text())
-    comm = join_world(job["backend"], *torchrun_rank())
+    cfg = from_dict(job["config"])
+    comm = join_world(job["backend"], *torchrun_rank(), cfg.train.distributed.timeout_minutes)
     _logging(comm.rank)
     try:
-        cfg = from_dict(job["config"])
         if comm.is_main:
             progress.add_listener(_report_progress)
         subset, _ = read_subset(cfg.exp_dir, job["stage"])

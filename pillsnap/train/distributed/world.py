@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -45,12 +46,14 @@ def launch_spec(cfg: DistributedConfig, gpus: Optional[int] = None) -> LaunchSpe
     return spec
 
 
-def join_world(backend: str, rank: int, world: int, local: int) -> Collectives:
-    """Inside a process torchrun started: join the process group; the rank's device is cuda:local or the CPU."""
+def join_world(backend: str, rank: int, world: int, local: int, timeout_minutes: float) -> Collectives:
+    """Inside a process torchrun started: join the process group; the rank's device is cuda:local or the CPU. A
+    collective that waits past `timeout_minutes` (train.distributed.timeout_minutes) fails the group."""
     device = torch.device("cpu")
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend, rank=rank, world_size=world)
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world,
+                                             timeout=timedelta(minutes=timeout_minutes))
     return Collectives(rank, world, device)

@@ -47,7 +47,7 @@ def classifier_member(cfg: PillSnapConfig, subset: pd.DataFrame, class_map: Clas
                       ratio: int = 1, comm: Optional[Collectives] = None) -> Member:
     comm = comm or Collectives()
     labels = stage_label_space(subset, class_map)
-    data = classifier_data(cfg, subset, labels, policy.device, show_progress)
+    data = classifier_data(cfg, subset, labels, policy.device, show_progress, comm.rank, comm.world_size)
     unit = ClassifierUnit(cfg, labels, data.train_samples.labels, policy, data.train_samples.image_ids,
                           data.val_loader, init_checkpoint, compile_backend, comm.world_size)
     facts = {"train_samples": len(data.train_samples.samples), "val_samples": len(data.val_samples.samples),

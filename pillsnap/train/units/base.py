@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 
 from pillsnap.config import ModelTrainConfig, PillSnapConfig
+from pillsnap.train.services.collectives import Collectives
 from pillsnap.train.services.oom_state_machine import OomDecision, OomPolicy, OomRecovery, OomState
 from pillsnap.train.services.policy import CompiledModel, Policy
 from pillsnap.train.services.schedule import lr_schedule, scale_optimizer_hparams, switch_to_samples
@@ -128,8 +129,18 @@ class TrainUnit(ABC):
     def sample_ids(self, batch: Batch) -> List[str]: ...
 
     @abstractmethod
-    def validate(self) -> Dict[str, Any]:
-        """Metrics on the validation data with the eval weights; must hold self.monitor (NaN when unmeasured)."""
+    def validate(self, comm: Collectives = Collectives()) -> Dict[str, Any]:
+        """Metrics on the validation data with the eval weights; must hold self.monitor (NaN when unmeasured).
+        With several ranks every rank calls it and gets the same metrics (see `sharded_validation`)."""
+
+    sharded_validation = False  # True: each rank validates its slice and the counts are gathered; False: rank 0
+    # validates alone while the others wait, and sends its metrics
+
+    def validate_group(self, comm: Collectives) -> Dict[str, Any]:
+        """The metrics every rank agrees on."""
+        if self.sharded_validation:
+            return self.validate(comm)
+        return comm.broadcast(self.validate() if comm.is_main else None)
 
     @abstractmethod
     def identity(self) -> Dict[str, Any]:

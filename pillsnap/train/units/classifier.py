@@ -18,9 +18,10 @@ from pillsnap.core.checkpoints import load_checkpoint
 from pillsnap.data.augment import BatchAugment
 from pillsnap.data.class_map import ClassMap
 from pillsnap.data.datasets import Batch, finish_batch
-from pillsnap.metrics.classification import classification_metrics
+from pillsnap.metrics.classification import metrics_from_top, top_predictions
 from pillsnap.models.classifier import build_classifier
 from pillsnap.train.loss import build_criterion
+from pillsnap.train.services.collectives import Collectives
 from pillsnap.train.services.policy import Policy, prepare_model
 from pillsnap.train.units.base import TrainUnit
 from pillsnap.train.warm_start import warm_start_from
@@ -75,29 +76,36 @@ class ClassifierUnit(TrainUnit):
         return [self.image_ids[int(i)] for i in batch["indices"]]
 
     # ------------------------------------------------------------------ evaluation and checkpoints
+    sharded_validation = True
+
     @torch.no_grad()
-    def validate(self) -> Dict[str, Any]:
+    def validate(self, comm: Collectives = Collectives()) -> Dict[str, Any]:
+        """Each rank predicts its slice of the validation samples (the loader's RankSlice); the ranks gather each
+        sample's position, label, top-5 and loss, and every rank computes the metrics of the whole set from them
+        in sample order: the figures of one process, n × 7 numbers sent instead of n × classes logits."""
         model = self.eval_module
         was_training = model.training
         model.eval()
-        logits, labels, loss_sum = [], [], 0.0
-        ce = torch.nn.CrossEntropyLoss(reduction="sum")
+        parts: List[np.ndarray] = []
         try:
             for batch in self.val_loader:
                 if batch is None:
                     continue
                 b = self.to_device(batch, train=False)
                 out = model(b["images"]).float()  # fp32 validation, no autocast (D-6)
-                loss_sum += float(ce(out, b["targets"]))
-                logits.append(out.cpu().numpy())
-                labels.append(b["targets"].cpu().numpy())
+                loss = torch.nn.functional.cross_entropy(out, b["targets"], reduction="none").double().cpu().numpy()
+                top = top_predictions(out.cpu().numpy())
+                parts.append(np.column_stack([batch["indices"].numpy(), b["targets"].cpu().numpy(), top, loss]))
         finally:
             model.train(was_training)
-        if not logits:
+        mine = np.concatenate(parts) if parts else np.zeros((0, 0))
+        rows = np.concatenate([p for p in comm.gather(mine) if len(p)] or [np.zeros((0, 3))])
+        if not len(rows):
             return {"n": 0, **{k: float("nan") for k in VAL_KEYS}}
-        y_true, all_logits = np.concatenate(labels), np.concatenate(logits)
-        metrics = classification_metrics(y_true, all_logits, self.labels.k_codes)
-        metrics["val_loss"] = loss_sum / len(y_true)
+        rows = rows[np.argsort(rows[:, 0], kind="stable")]
+        y_true, top = rows[:, 1].astype(np.int64), rows[:, 2:-1].astype(np.int64)
+        metrics = metrics_from_top(y_true, top, self.labels.k_codes)
+        metrics["val_loss"] = float(rows[:, -1].sum() / len(rows))
         return metrics
 
     def identity(self) -> Dict[str, Any]:

@@ -18,6 +18,7 @@ from pillsnap.infer.detection import detection_samples, evaluate_detector
 from pillsnap.infer.detection import map_detector
 from pillsnap.models.detector import (DETECTOR_CLASS_MAP_HASH, backbone_name, build_detector, detector_payload,
                                       transfer_pretrained)
+from pillsnap.train.services.collectives import Collectives
 from pillsnap.train.services.policy import Policy, prepare_model
 from pillsnap.train.units.base import TrainUnit
 
@@ -109,7 +110,8 @@ class DetectorUnit(TrainUnit):
         return [Path(p).stem for p in batch.get("im_file", [])]
 
     # ------------------------------------------------------------------ evaluation and checkpoints
-    def validate(self) -> Dict[str, Any]:
+    def validate(self, comm: Collectives = Collectives()) -> Dict[str, Any]:
+        """On rank 0 alone (sharded_validation is False): the others wait, within train.distributed.timeout_minutes."""
         model = self.eval_module
         was_training = model.training
         try:

@@ -29,7 +29,7 @@ def cfg(base_cfg, tmp_path):
 def plenty_of_everything(**overrides):
     fakes = dict(
         disk_usage=lambda path: SimpleNamespace(total=1000 * GB, used=100 * GB, free=900 * GB),
-        virtual_memory=lambda: SimpleNamespace(available=64 * GB),
+        virtual_memory=lambda: SimpleNamespace(available=64 * GB, total=128 * GB),
         gpu_free_total=lambda: None,
         reachable=lambda host: True,  # the hubs (no download happens in a precheck)
     )
@@ -59,7 +59,7 @@ def test_short_disk_names_path_and_numbers(cfg):
 
 
 def test_low_ram_and_required_gpu_missing_are_both_reported(cfg):
-    fakes = plenty_of_everything(virtual_memory=lambda: SimpleNamespace(available=2 * GB))
+    fakes = plenty_of_everything(virtual_memory=lambda: SimpleNamespace(available=2 * GB, total=4 * GB))
     with pytest.raises(PreflightError) as info:
         run_preflight(cfg, requirements=PrecheckRequirements(min_available_ram_gb=8, min_free_gpu_gb=10), **fakes)
     problems = info.value.report.problems
@@ -86,15 +86,21 @@ def test_config_sanity(cfg):
 
 
 def test_the_stage_4_pixel_cache_is_sized_before_anything_is_decoded(cfg, monkeypatch, tmp_path):
-    """500K photos at 384 px need ~221 GB; with 100 GB free the check names both numbers and stops the stage."""
+    """500K photos at 384 px need ~221 GB raw; with 100 GB free the check names both numbers and stops the stage.
+    The JPEG rows that `auto` picks at the release's size (~22 GB estimated) fit."""
     monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=100 * GB, total=1000 * GB))
     samples = [(f"/data/aihub/train/K-{i % 4523:06d}_{i}.png", None) for i in range(500_000)]
+    fakes = plenty_of_everything(disk_usage=lambda p: SimpleNamespace(free=100 * GB))
+    cfg.dataloader.cache.format = "raw"
     with pytest.raises(PreflightError, match=r"pixel_cache|pixel cache") as info:
-        run_preflight(cfg, cache_samples=samples, **plenty_of_everything(disk_usage=lambda p: SimpleNamespace(
-            free=100 * GB)))
+        run_preflight(cfg, cache_samples=samples, **fakes)
     detail = next(r.detail for r in info.value.report.results if r.name == "pixel_cache")
     assert "500000 samples, 0 already cached, 500000 to decode = 221.18 GB more" in detail
     assert "free 100.00 GB" in detail and "does NOT fit" in detail
+    cfg.dataloader.cache.format = "jpeg"
+    report = run_preflight(cfg, cache_samples=samples, **fakes)
+    details = {r.name: r.detail for r in report.results}
+    assert "500000 to decode = 22.12 GB more" in details["pixel_cache"] and "_jpeg90" in details["pixel_cache"]
 
 
 def test_missing_pretrained_weights_offline_stop_the_run_before_any_data_work(cfg, monkeypatch, tmp_path):
@@ -116,3 +122,26 @@ def test_missing_pretrained_weights_offline_stop_the_run_before_any_data_work(cf
     report = run_preflight(cfg, **plenty_of_everything(reachable=lambda host: False))
     details = {r.name: r.detail for r in report.results}
     assert "local file" in details["weights_detector"] and "pretrained=false" in details["weights_classifier"]
+
+
+def test_the_environment_check_says_which_pixel_store_format_and_why(cfg, tiny_aihub):
+    """Before any work: the store's size in each format, the RAM and the disk, and the format `auto` chose."""
+    from pillsnap.data.aihub import import_aihub
+    from pillsnap.data.manifest import write_manifest
+    from pillsnap.data.prepare import manifest_path
+
+    before = run_preflight(cfg, weights=False, **plenty_of_everything())
+    assert "decided after import" in {r.name: r.detail for r in before.results}["pixel_store"]
+    write_manifest(import_aihub(tiny_aihub, show_progress=False).manifest, manifest_path(cfg))
+    small_ram = plenty_of_everything(virtual_memory=lambda: SimpleNamespace(available=64 * GB, total=1000))
+    detail = {r.name: r.detail for r in run_preflight(cfg, weights=False, **small_ram).results}["pixel_store"]
+    assert " samples at 384px: raw " in detail and "jpeg ~" in detail and "free disk 900.0 GB" in detail
+    assert "format jpeg: auto: jpeg (quality 90" in detail and "would not fit in half of the RAM" in detail
+
+
+def test_only_node_0_runs_a_stage(cfg):
+    """Two flows would decide, report and write the ledger for one stage: node k only joins (`train-node`)."""
+    cfg.train.distributed.nnodes, cfg.train.distributed.node_rank = 2, 1
+    with pytest.raises(PreflightError, match=r"train.distributed.node_rank=1: only node 0 runs a stage; .*"
+                                             r"`pillsnap train-node`"):
+        run_preflight(cfg, weights=False, **plenty_of_everything())

@@ -22,6 +22,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pillsnap.config import to_dict
+from pillsnap.core import layout
 from pillsnap.core.checkpoints import load_checkpoint
 from pillsnap.data.prepare import run_import, run_subset
 from pillsnap.data.subsets import read_subset
@@ -176,3 +177,86 @@ def test_killing_the_launching_process_leaves_no_rank_alive(stage, tmp_path, how
     assert code == (143 if how == "sigterm" else -signal.SIGKILL)
     gone, alive = psutil.wait_procs(children, timeout=60)
     assert not alive, f"still alive after the launcher died: {[p.pid for p in alive]}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_1(cfg, outcome: dict, **kwargs):
+    """`pillsnap train-node` on node 1 (in a thread: it is torchrun's parent, as on a machine of its own)."""
+    import copy
+    import threading
+
+    from pillsnap.train.distributed.node import join_stage_training
+
+    node = copy.deepcopy(cfg)
+    node.train.distributed.node_rank = 1
+
+    def run():
+        try:
+            outcome["code"] = join_stage_training(node, 1, wait_s=300, **kwargs)
+        except BaseException as e:  # the test reads it
+            outcome["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_two_nodes_train_like_one_process_and_a_lost_node_fails_the_attempt_and_its_retry_resumes(stage, tmp_path):
+    """2 "nodes" x 1 process on 127.0.0.1: node 0 runs the training as its stage's task does, node 1 only joins
+    (`pillsnap train-node`). Their per-step losses are one process's at the same global batch. Then node 1 is
+    killed mid-epoch: node 0's attempt fails within the group's timeout; its retry waits for node 1, which comes
+    back, and resumes from the newest checkpoint to the same weights as the run that was not interrupted."""
+    one = stage(tmp_path / "one", "train.strategy=sequential")
+    reference = _one_process_at_the_same_global_batch(one, tmp_path / "one/stage_1")
+    nodes = ("train.strategy=sequential", "train.distributed.nnodes=2", "train.distributed.timeout_minutes=1",
+             f"train.distributed.rdzv_endpoint=127.0.0.1:{_free_port()}")
+    cfg = stage(tmp_path / "a", *nodes)
+    a = layout.stage_dir(cfg.exp_dir, 1)  # where node 0's training task trains, and node 1 looks for its job
+    outcome: dict = {}
+    node_1 = _node_1(cfg, outcome)
+    results = _two_ranks(cfg, a)
+    node_1.join(timeout=60)
+    assert outcome == {"code": 0}
+    _assert_like_one_process(results, reference, a, tmp_path / "one/stage_1")
+    assert results["classifier"]["world_size"] == 2
+
+    lost = stage(tmp_path / "b", *nodes[:-1], f"train.distributed.rdzv_endpoint=127.0.0.1:{_free_port()}")
+    b = layout.stage_dir(lost.exp_dir, 1)
+    outcome = {}
+    node_1 = _node_1(lost, outcome)
+
+    def kill_node_1_after_a_recovery_checkpoint():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if any(b.rglob("recovery*.pt")):
+                break
+            time.sleep(0.2)
+        for p in psutil.Process().children(recursive=True):
+            line = " ".join(p.cmdline())
+            if "--node_rank=1" in line and "torch.distributed.run" in line:
+                for q in [*p.children(recursive=True), p]:
+                    q.kill()
+    import threading
+    killer = threading.Thread(target=kill_node_1_after_a_recovery_checkpoint, daemon=True)
+    killer.start()
+    started = time.monotonic()
+    with pytest.raises(DistributedRunFailed):
+        _two_ranks(lost, b)
+    assert time.monotonic() - started < 300  # within minutes of the loss, not torch's 30-minute default
+    node_1.join(timeout=60)
+    assert outcome.get("code", 0) != 0 or "error" in outcome  # node 1's group did not finish
+    outcome = {}
+    node_1 = _node_1(lost, outcome)  # node 1 comes back; node 0's task retries
+    resumed = _two_ranks(lost, b)
+    node_1.join(timeout=60)
+    assert outcome == {"code": 0} and resumed["classifier"]["resumed_from_step"] >= 4
+    theirs = _weights(a)
+    for model, weights in _weights(b).items():
+        for key, value in weights.items():
+            assert torch.equal(value, theirs[model][key]), f"{model} {key}"
