@@ -15,8 +15,13 @@ the median pass counts):
                  on the GPU (what `make gpu-check` compares with the images/s the training step consumes);
   uint8 jpeg     the same from the JPEG store: what one loader worker feeds a GPU at the release's format;
   per-sample v2  information: the same augmentation kind done per image with torchvision v2 transform objects
-                 (what the loader did before augmentation moved to batches).
-Targets: warm cache >= 10x naive, train augment >= 10x naive, warm jpeg >= 0.5x warm cache (and its bytes per row).
+                 (what the loader did before augmentation moved to batches);
+  detector PNG   the detector's training samples (ultralytics' recipe at detection.image_size 640: mosaic of 4
+                 photos, HSV, flips, affine) as the loader made them before the detector store: every photo and
+                 mosaic partner decoded from its PNG;
+  detector store the same samples, the photos read from the decode-once detector store (its build timed apart).
+Targets: warm cache >= 10x naive, train augment >= 10x naive, warm jpeg >= 0.5x warm cache (and its bytes per row),
+detector store >= 10x detector PNG.
 
     .venv/bin/python bench/data_pipeline.py [--images 200] [--size 384] [--workers 0] [--passes 2] [--threads 1]
 """
@@ -28,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -120,6 +125,37 @@ def one_pass(loader) -> Tuple[float, int]:
     return time.perf_counter() - start, seen
 
 
+def detector_rates(tmp: Path, passes: int) -> Tuple[Dict[str, float], float]:
+    """Detector training samples per second from PNGs and from the store, one process (the loader's work per
+    worker), the same seeded samples on both sides; and the store's build time per 1,000 photos."""
+    from pillsnap.config import load_config
+    from pillsnap.data.aihub import import_aihub
+    from pillsnap.data.manifest import assign_splits
+    from pillsnap.train.data import SeededItems, detector_data
+    from pillsnap.train.units.detector import detector_hyperparameters
+
+    manifest = assign_splits(import_aihub(tmp / "aihub", show_progress=False).manifest, 0.15, 0)
+    sides, build_s = {}, 0.0
+    for name, cache in (("detector PNG", "false"), ("detector store", "true")):
+        cfg = load_config(profile="ci", overrides=[
+            f"paths.exp_dir={tmp / name.replace(' ', '-')}", "detection.image_size=640",
+            "detection.include_single_images=true", f"data.stages.1.detector_images={len(manifest)}",
+            f"dataloader.cache.enabled={cache}", f"dataloader.cache.dir={tmp / 'cache'}"])
+        t0 = time.perf_counter()
+        dataset = detector_data(cfg, manifest, 1, detector_hyperparameters(cfg), 10, show_progress=False).train.dataset
+        build_s = time.perf_counter() - t0 if cache == "true" else build_s
+        sides[name] = SeededItems(dataset)
+    times: Dict[str, List[float]] = {name: [] for name in sides}
+    n = len(sides["detector PNG"])
+    for p in range(passes):
+        for name, items in sides.items():
+            t0 = time.perf_counter()
+            for i in range(n):
+                items[(i, 1000 * p + i)]
+            times[name].append(time.perf_counter() - t0)
+    return {name: n / statistics.median(t) for name, t in times.items()}, 1000 * build_s / n
+
+
 def main() -> None:
     from pillsnap.config import AugmentConfig, DataloaderConfig
     from pillsnap.data.augment import BatchAugment
@@ -171,7 +207,9 @@ def main() -> None:
         for _ in range(args.passes):
             for name, loader in loaders.items():
                 times[name].append(one_pass(loader)[0])
+        detector, detector_build_s = detector_rates(Path(tmp), args.passes)
     rate = {name: len(paths) / statistics.median(t) for name, t in times.items()}
+    rate.update(detector)
     print(f"{len(paths)} photos 976x1280 PNG -> {args.size}px, batch {args.batch}, {args.workers} workers, "
           f"{args.threads} torch thread(s), {args.passes} passes each (median); generating them took {gen_s:.1f}s")
     for name, r in rate.items():
@@ -183,6 +221,10 @@ def main() -> None:
     for name in ("warm cache", "train augment", "warm jpeg"):
         ratio = rate[name] / rate["naive"]
         print(f"ratio {name}/naive = {ratio:.1f}x  target >= {TARGET:.0f}x: {'PASS' if ratio >= TARGET else 'FAIL'}")
+    print(f"  detector store build: {detector_build_s:.1f}s per 1,000 photos (with ultralytics' label scan)")
+    ratio = rate["detector store"] / rate["detector PNG"]
+    print(f"ratio detector store/detector PNG = {ratio:.1f}x  target >= {TARGET:.0f}x: "
+          f"{'PASS' if ratio >= TARGET else 'FAIL'}")
     ratio = rate["warm jpeg"] / rate["warm cache"]
     print(f"ratio warm jpeg/warm cache = {ratio:.2f}x  target >= {JPEG_TARGET}x: "
           f"{'PASS' if ratio >= JPEG_TARGET else 'FAIL'}")

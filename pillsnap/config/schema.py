@@ -209,9 +209,10 @@ class DistributedConfig:
     node_rank: int = 0
     rdzv_endpoint: str = "127.0.0.1:29500"  # host:port of node 0, the same on every node
     backend: str = "auto"  # auto (nccl on CUDA, gloo on a CPU) | nccl | gloo
-    # How long a rank waits in a collective before the group fails (torch's own default is 10 min for NCCL). The
-    # longest step one rank does alone is the detector's validation on rank 0: ~6-11 min for Stage 4's ~10K photos
-    # (one photo at a time); 30 min covers it with margin and still stops a group whose node died within the hour.
+    # How long a rank waits in a collective before the group fails (torch's own default is 10 min for NCCL). Every
+    # rank validates its slice and rank 0 alone only writes checkpoints (seconds), so what it must cover is one rank
+    # far behind the others: a first-step compile or a validation slice on a slower GPU (minutes). 30 min leaves
+    # that margin and still stops a group whose node died well within the hour.
     timeout_minutes: float = 30.0
     # BatchNorm statistics over the global batch: a collective in every forward, CUDA only (torch); the ranks then
     # cannot agree on an OOM recovery step (the others wait in that collective), so an OOM stops the run.

@@ -94,8 +94,8 @@ def row_bytes(size: int) -> int:
     return size * size * 3
 
 
-def store_dir(cache_dir: Path, size: int, padding: float, fmt: RowFormat = RAW) -> Path:
-    return Path(cache_dir) / f"px{size}_pad{padding:g}{fmt.tag}"
+def store_dir(cache_dir: Path, size: int, padding: float, fmt: RowFormat = RAW, prefix: str = "px") -> Path:
+    return Path(cache_dir) / f"{prefix}{size}_pad{padding:g}{fmt.tag}"
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,12 @@ class CachePlan:
 class PixelStore:
     """Read side: rows(samples) -> row indices; get(row) -> HxWx3 uint8 or None when the photo was unreadable."""
 
+    PREFIX = "px"  # the store's folder name starts with it: another kind of row is another store
+    decode = staticmethod(decode_sample)  # (path, box, size, padding) -> one row; module-level: pickled by name
+
     def __init__(self, cache_dir: Path, size: int, padding: float = 0.0, fmt: RowFormat = RAW):
-        self.dir, self.size, self.padding, self.fmt = store_dir(cache_dir, size, padding, fmt), size, padding, fmt
+        self.dir = store_dir(cache_dir, size, padding, fmt, self.PREFIX)
+        self.size, self.padding, self.fmt = size, padding, fmt
         self.data_path, self.index_path = self.dir / f"pixels{fmt.suffix}", self.dir / "index.npz"
         self._load_index()
         self._arrays: Dict[int, np.memmap] = {}  # opened lazily, so the object pickles into workers cheaply
@@ -257,7 +261,7 @@ class PixelStore:
         with open(self.data_path, "a+b") as f:  # drop an uncommitted tail (and grow raw to the new row count)
             f.truncate((start + n) * row_bytes(self.size) if raw else start)
         chunk = 64
-        jobs = [(self.data_path, start + n, self.size, self.padding, self.fmt, start + s,
+        jobs = [(self.decode, self.data_path, start + n, self.size, self.padding, self.fmt, start + s,
                  [smp for _, smp in todo[s:s + chunk]]) for s in range(0, n, chunk)]
         valid, errors = np.ones(n, dtype=bool), []
         offsets, lengths = np.arange(start, start + n, dtype=np.int64), np.full(n, row_bytes(self.size))
@@ -349,12 +353,12 @@ def read_segment(directory: Path, name: str, size: int,
 def _fill(args) -> List[Tuple[Optional[str], Optional[bytes]]]:
     """Decode some samples: raw rows are written into the row file here, JPEG rows returned encoded (their
     lengths are known only once encoded)."""
-    data_path, n, size, padding, fmt, start, samples = args
+    decode, data_path, n, size, padding, fmt, start, samples = args
     out = np.memmap(data_path, dtype=np.uint8, mode="r+", shape=(n, size, size, 3)) if fmt.kind == "raw" else None
     results: List[Tuple[Optional[str], Optional[bytes]]] = []
     for offset, (path, box) in enumerate(samples):
         try:
-            row = decode_sample(path, box, size, padding)
+            row = decode(path, box, size, padding)
         except Exception as e:  # a broken file is reported and skipped, never fatal
             results.append((f"{path}: {type(e).__name__}: {e}", None))
             continue

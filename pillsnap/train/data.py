@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.augment import BatchAugment
 from pillsnap.data.class_map import ClassMap
-from pillsnap.data.prepare import pixel_store
+from pillsnap.data.detector_store import DetectorStore, StoredImages
+from pillsnap.data.prepare import cache_root, pixel_store
 from pillsnap.data.datasets import (ClassificationDataset, ClassificationSamples, Collate, EpochSampler, RankSlice,
                                     classification_samples, make_loader)
 from pillsnap.data.yolo_dataset import YoloDataset, stage_detector_dataset
@@ -133,8 +134,10 @@ class DetectorData:
     val_rows: pd.DataFrame
 
 
-def detector_data(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, hyp, epochs: int) -> DetectorData:
-    """The stage's YOLO dataset (one class "pill") through ultralytics' augmenting dataset, in our epoch order."""
+def detector_data(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, hyp, epochs: int,
+                  show_progress: bool = True) -> DetectorData:
+    """The stage's YOLO dataset (one class "pill") through ultralytics' augmenting dataset, in our epoch order, its
+    photos read from the decode-once detector store (with the pixel cache on)."""
     from ultralytics.data import build_yolo_dataset as ultralytics_dataset
 
     yolo, val_rows = stage_detector_dataset(cfg, subset, stage)
@@ -144,6 +147,12 @@ def detector_data(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, hyp, ep
         dataset = ultralytics_dataset(hyp, yolo.train_list, cfg.train.detection.batch_size, yolo.ultralytics_data(),
                                       mode="train", stride=32)
     _mosaic_partners_from_the_whole_dataset(dataset.transforms)
+    if cfg.dataloader.cache.enabled:
+        # the YOLO folder's links are named <image_id><ext>; the store is keyed by the original photos
+        originals = {f"{i}{Path(p).suffix}": p for i, p in zip(subset["image_id"], subset["image_path"])}
+        store = DetectorStore(cache_root(cfg), cfg.detection.image_size)
+        rows = store.ensure([(originals[Path(f).name], None) for f in dataset.im_files], show_progress=show_progress)
+        dataset.load_image = StoredImages(dataset, store, rows)
     sampler = EpochSampler(len(dataset), cfg.train.seed)
     dl = cfg.dataloader
 

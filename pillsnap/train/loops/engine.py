@@ -326,7 +326,7 @@ class UnitLoop:
     def _end_epoch(self, m: Member) -> None:
         u, t = m.unit, m.track
         self._average_buffers()
-        metrics = u.validate_group(self.comm)  # the same verdicts everywhere
+        metrics = u.validate(self.comm)  # every rank its slice; the same metrics everywhere
         value = metrics.get(u.monitor)
         record = {"epoch": t.epoch + 1, "global_step": u.updates, "train_loss": t.loss_sum / max(1, t.loss_count),
                   "train": {k: v / max(1, t.loss_count) for k, v in t.item_sums.items()}, "val": metrics,

@@ -131,16 +131,7 @@ class TrainUnit(ABC):
     @abstractmethod
     def validate(self, comm: Collectives = Collectives()) -> Dict[str, Any]:
         """Metrics on the validation data with the eval weights; must hold self.monitor (NaN when unmeasured).
-        With several ranks every rank calls it and gets the same metrics (see `sharded_validation`)."""
-
-    sharded_validation = False  # True: each rank validates its slice and the counts are gathered; False: rank 0
-    # validates alone while the others wait, and sends its metrics
-
-    def validate_group(self, comm: Collectives) -> Dict[str, Any]:
-        """The metrics every rank agrees on."""
-        if self.sharded_validation:
-            return self.validate(comm)
-        return comm.broadcast(self.validate() if comm.is_main else None)
+        With several ranks every rank calls it, validates its slice, and gets the metrics of the whole set."""
 
     @abstractmethod
     def identity(self) -> Dict[str, Any]:

@@ -76,8 +76,6 @@ class ClassifierUnit(TrainUnit):
         return [self.image_ids[int(i)] for i in batch["indices"]]
 
     # ------------------------------------------------------------------ evaluation and checkpoints
-    sharded_validation = True
-
     @torch.no_grad()
     def validate(self, comm: Collectives = Collectives()) -> Dict[str, Any]:
         """Each rank predicts its slice of the validation samples (the loader's RankSlice); the ranks gather each

@@ -111,12 +111,13 @@ class DetectorUnit(TrainUnit):
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def validate(self, comm: Collectives = Collectives()) -> Dict[str, Any]:
-        """On rank 0 alone (sharded_validation is False): the others wait, within train.distributed.timeout_minutes."""
+        """Each rank scores its slice of the validation photos; the matches are gathered (one process's figures)."""
         model = self.eval_module
         was_training = model.training
         try:
             detector = map_detector(model, self.cfg.detection.image_size, self.eval_batch_size)
-            return evaluate_detector(detector, self.val_samples, self.cfg.detection.conf_threshold)
+            return evaluate_detector(detector, self.val_samples, self.cfg.detection.conf_threshold, comm.rank,
+                                     comm.world_size, comm.gather)
         finally:
             model.train(was_training)
 
