@@ -14,7 +14,7 @@ Each training step runs at the slower of the GPU and its loader (`--workers` loa
 interleaved strategy shares one GPU, so the two models' times add. Epochs are the configured ones (early stopping
 may end sooner: the estimate is the budget). Validation runs every epoch on every rank's slice.
 
-    .venv/bin/python bench/release_estimate.py [--photos 24] [--cores 16] [--gpus 8] [--workers 8] [--json out]
+    .venv/bin/python bench/release_estimate.py [--photos 60] [--cores 16] [--gpus 8] [--workers 8] [--json out]
 """
 from __future__ import annotations
 
@@ -44,8 +44,9 @@ OTHER_STEPS_S = 15 * 60  # per stage: evaluation, export + parity, API check, re
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--photos", type=int, default=24, help="synthetic photos to measure on")
-    p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="CPU cores of the training machine")
+    p.add_argument("--photos", type=int, default=60, help="synthetic photos to measure on")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+                   help="CPU cores per GPU (an N-GPU column has N times as many: loaders and data preparation)")
     p.add_argument("--gpus", type=int, default=8, help="N for the N-GPU column")
     p.add_argument("--workers", type=int, default=8, help="loader processes per GPU (dataloader.num_workers)")
     p.add_argument("--gpu-table", type=json.loads, default={},
@@ -120,11 +121,12 @@ def stage_sizes(cfg, stage: int) -> Dict[str, float]:
 
 def training_s(cfg, stage: int, rates: Dict[str, float], gpus: int, workers: int, gpu: Dict[str, float],
                detector_sample_s: float, det_val_photo_s: float) -> Dict[str, float]:
-    """One stage's training wall time: each model's epochs at min(GPU, loader), plus validation every epoch."""
+    """One stage's training wall time: each model's epochs at min(GPU, loader), plus validation every epoch.
+    `workers`: the loader processes that get a core of their own, over all GPUs."""
     size, t = stage_sizes(cfg, stage), cfg.train
     scale = gpus * (DDP_EFFICIENCY if gpus > 1 else 1.0)
-    loader_cls = gpus * workers / rates["classifier_row_s"]
-    loader_det = gpus * workers / detector_sample_s
+    loader_cls = workers / rates["classifier_row_s"]
+    loader_det = workers / detector_sample_s
     cls = t.classification.epochs * (size["train"] / min(gpu["classifier_train"] * scale, loader_cls)
                                      + size["val"] / min(gpu["classifier_infer"] * gpus, loader_cls))
     det_val_rate = min(gpu["detector_infer"] * gpus, gpus * 4 / det_val_photo_s)  # 4 reader threads per rank
@@ -148,7 +150,7 @@ def main() -> None:
     for key, value in m.items():
         print(f"  {key:20s} {value * 1e3:9.2f} ms" if key.endswith("_s") else f"  {key:20s} {value:9.0f}")
     print(f"GPU rates (img/s on one GPU): {gpu}{'  (stated table)' if not args.gpu_table else ''}")
-    print(f"\nrelease: {photos:,} training photos, {RELEASE['classes']:,} classes; a {args.cores}-core machine, "
+    print(f"\nrelease: {photos:,} training photos, {RELEASE['classes']:,} classes; {args.cores} cores and up to "
           f"{args.workers} loader workers per GPU")
     print(f"pixel store: raw {raw_tb:.2f} TB; jpeg ~{jpeg_tb:.2f} TB at 10x (synthetic rows measure "
           f"{m['jpeg_row_bytes'] / 1e3:.1f} KB = {384 * 384 * 3 / m['jpeg_row_bytes']:.0f}x; real photos are noisier)")
@@ -156,8 +158,6 @@ def main() -> None:
     print(f"detector store: Stage 4's {cfg.stage(4).detector_images:,} photos x 640x640x3 = {det_store_gb:.0f} GB "
           "uint8 (raw rows)")
     steps: Dict[str, Dict[str, float]] = {}
-    prep = {"import": photos * m["import_s"] / args.cores,
-            "validate + store fill (jpeg)": photos * m["fused_prep_jpeg_s"] / args.cores}
     # detector validation still reads PNGs (4 reader threads per rank), before and now
     variants = {
         "before (the detector from PNGs)": {"classifier_row_s": m["jpeg_row_decode_s"],
@@ -169,16 +169,21 @@ def main() -> None:
     }
     for name, v in variants.items():
         for gpus in (1, args.gpus):
+            cores = args.cores * gpus
+            prep = {"import": photos * m["import_s"] / cores,
+                    "validate + store fill (jpeg)": photos * m["fused_prep_jpeg_s"] / cores}
             total, lines = sum(prep.values()), []
+            workers = min(gpus * args.workers, cores)
             for stage in (1, 2, 3, 4):
-                t = training_s(cfg, stage, v, gpus, args.workers, gpu, v["detector_sample_s"], v["det_val_photo_s"])
+                t = training_s(cfg, stage, v, gpus, workers, gpu, v["detector_sample_s"], v["det_val_photo_s"])
                 stage_s = t["classifier_s"] + t["detector_s"] + OTHER_STEPS_S
                 total += stage_s
                 bound = [k.split("_")[0] for k in ("classifier_loader_bound", "detector_loader_bound") if t[k]]
                 lines.append(f"    stage {stage}: {stage_s / 3600:6.1f} h (classifier {t['classifier_s'] / 3600:.1f} h, "
                              f"detector {t['detector_s'] / 3600:.1f} h{'; loader-bound: ' + ', '.join(bound) if bound else ''})")
             steps[f"{name}, {gpus} GPU"] = {"total_h": total / 3600}
-            print(f"\n{name}, {gpus} GPU(s): import -> Stage 4 verdict = {total / 3600:.1f} h")
+            print(f"\n{name}, {gpus} GPU(s), {cores} cores, {workers} loader workers: import -> Stage 4 verdict = "
+                  f"{total / 3600:.1f} h")
             for step, seconds in prep.items():
                 print(f"    {step}: {seconds / 3600:6.1f} h")
             print("\n".join(lines))
