@@ -62,18 +62,18 @@ def environment_check_task(config: Dict, stage: int) -> Dict:
 
 @task(name="pixel-cache-check")
 def pixel_cache_check_task(config: Dict, stage: int) -> Dict:
-    """Whether the stage's pixel cache fits on its disk (needs the stage's subset)."""
+    """Whether the stage's pixel cache and detector store fit on their disk (needs the stage's subset)."""
     from pillsnap.data.class_map import ClassMap
     from pillsnap.data.prepare import class_map_path
     from pillsnap.data.subsets import read_subset
     from pillsnap.train.data import stage_samples
-    from pillsnap.train.preflight import PreflightError, PreflightReport, check_pixel_cache
+    from pillsnap.train.preflight import PreflightError, PreflightReport, check_stage_stores
 
     cfg = cfg_of(config)
     with library_logs_in_run():
         subset = read_subset(cfg.exp_dir, stage)[0]
-        result = check_pixel_cache(cfg, stage_samples(cfg, subset, ClassMap.load(class_map_path(cfg))))
-        report = PreflightReport([result])
+        report = PreflightReport(check_stage_stores(cfg, subset, stage,
+                                                    stage_samples(cfg, subset, ClassMap.load(class_map_path(cfg)))))
         if not report.ok:
             raise PreflightError(report)
         return report.to_dict()

@@ -16,10 +16,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import psutil
 import torch
 
-from pillsnap.data.cache import nearest_existing
+from pillsnap.data.cache import DISK_MARGIN_BYTES, nearest_existing
+from pillsnap.data.detector_store import DetectorStore
 from pillsnap.data.manifest import read_manifest
 from pillsnap.data.prepare import cache_root, manifest_path, manifest_samples, pixel_store, store_format
 from pillsnap.data.row_format import RowFormat
+from pillsnap.data.yolo_dataset import detection_rows
 
 logger = logging.getLogger(__name__)
 
@@ -176,14 +178,41 @@ def describe_pixel_store(cfg: Any, ram_bytes: int, free_bytes: int) -> Preflight
                          f"format {fmt.kind}: {why}")
 
 
+def check_detector_store(cfg: Any, subset: Any, stage: int, classifier_bytes: int = 0) -> Optional[PreflightItem]:
+    """The detector store must hold the stage's detector training photos (S×S×3 bytes each) beside the bytes the
+    classifier's store still needs on the same disk."""
+    if not (cfg.dataloader.cache.enabled and cfg.detection.enabled):
+        return None
+    rows = detection_rows(subset, cfg.detection.include_single_images, cfg.stage(stage).detector_images,
+                          cfg.data.val_fraction)
+    store = DetectorStore(cache_root(cfg), cfg.detection.image_size)
+    plan = store.plan([(path, None) for path in rows.loc[rows["split"] == "train", "image_path"]])
+    fits = plan.bytes_needed + classifier_bytes + DISK_MARGIN_BYTES <= plan.free_bytes
+    verdict = "fits" if fits else "does NOT fit (set dataloader.cache.dir to a larger disk or free space)"
+    both = f" + {classifier_bytes / GB:.2f} GB for the classifier's rows" if classifier_bytes else ""
+    return PreflightItem("detector_store", fits, f"detector store at {store.dir}: {plan.describe()}{both}: {verdict}")
+
+
 def check_pixel_cache(cfg: Any, samples: Sequence[Any]) -> PreflightItem:
     """The decode-once pixel store must hold this stage's samples: the rows it lacks x S x S x 3 bytes."""
+    return _pixel_cache(cfg, samples)[0]
+
+
+def check_stage_stores(cfg: Any, subset: Any, stage: int, samples: Sequence[Any]) -> List[PreflightItem]:
+    """Both stores of a stage on their one disk: the classifier's rows, then the detector's beside them."""
+    item, needed = _pixel_cache(cfg, samples)
+    detector = check_detector_store(cfg, subset, stage, needed)
+    return [item, *([detector] if detector else [])]
+
+
+def _pixel_cache(cfg: Any, samples: Sequence[Any]) -> Tuple[PreflightItem, int]:
     if not cfg.dataloader.cache.enabled:
-        return PreflightItem("pixel_cache", True, "dataloader.cache.enabled=false: images are decoded on the fly")
+        return PreflightItem("pixel_cache", True, "dataloader.cache.enabled=false: images are decoded on the fly"), 0
     store = pixel_store(cfg, len(samples))
     plan = store.plan(samples)
     verdict = "fits" if plan.fits else "does NOT fit (set dataloader.cache.dir to a larger disk or free space)"
-    return PreflightItem("pixel_cache", plan.fits, f"pixel cache at {store.dir}: {plan.describe()}: {verdict}")
+    return (PreflightItem("pixel_cache", plan.fits, f"pixel cache at {store.dir}: {plan.describe()}: {verdict}"),
+            plan.bytes_needed)
 
 
 def run_preflight(

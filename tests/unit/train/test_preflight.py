@@ -145,3 +145,26 @@ def test_only_node_0_runs_a_stage(cfg):
     with pytest.raises(PreflightError, match=r"train.distributed.node_rank=1: only node 0 runs a stage; .*"
                                              r"`pillsnap train-node`"):
         run_preflight(cfg, weights=False, **plenty_of_everything())
+
+
+def test_the_detector_store_is_sized_beside_the_classifier_rows_before_anything_is_decoded(cfg, monkeypatch):
+    """Stage 4's 60K detector photos at 640 px are ~74 GB of rows on the classifier store's disk. With 76 GB free
+    each store alone fits, both together do not: the check says so with both numbers."""
+    import pandas as pd
+
+    from pillsnap.train.preflight import check_stage_stores
+
+    monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=76 * GB, total=1000 * GB))
+    cfg.dataloader.cache.format = "jpeg"
+    photos = [f"/data/aihub/train/K-{i % 4523:06d}_{i}.png" for i in range(75_000)]
+    subset = pd.DataFrame({"image_id": [f"p{i}" for i in range(len(photos))], "image_path": photos,
+                           "kind": "single", "split": ["val" if i % 7 == 0 else "train" for i in range(len(photos))],
+                           "boxes": '[{"bbox": [1, 2, 3, 4]}]'})
+    samples = [(p, None) for p in photos]
+    items = {i.name: i for i in check_stage_stores(cfg, subset, 4, samples)}
+    assert items["pixel_cache"].ok and "75000 to decode = 3.32 GB more" in items["pixel_cache"].detail
+    detector = items["detector_store"]
+    assert not detector.ok and "60000 samples, 0 already cached, 60000 to decode = 73.73 GB more" in detector.detail
+    assert "+ 3.32 GB for the classifier's rows" in detector.detail and "does NOT fit" in detector.detail
+    cfg.detection.enabled = False
+    assert [i.name for i in check_stage_stores(cfg, subset, 4, samples)] == ["pixel_cache"]
