@@ -130,10 +130,13 @@ class PixelStore:
         self.size, self.padding, self.fmt = size, padding, fmt
         self.data_path, self.index_path = self.dir / f"pixels{fmt.suffix}", self.dir / "index.npz"
         self._load_index()
-        self._arrays: Dict[int, np.memmap] = {}  # opened lazily, so the object pickles into workers cheaply
+        self._files: Dict[int, int] = {}  # segment -> file descriptor, opened lazily (never pickled)
 
     def __getstate__(self):
-        return {**self.__dict__, "_arrays": {}, "_row_of": None}
+        return {**self.__dict__, "_files": {}, "_row_of": None}
+
+    def __del__(self):
+        self._close()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -169,23 +172,30 @@ class PixelStore:
         return row >= 0 and bool(self.valid[row])
 
     def get(self, row: int) -> Optional[np.ndarray]:
+        """The row, read with pread into a fresh array. Not a memory map: the pages a map touches count as the
+        process's own memory (a 74 GB detector store read over an epoch looks like a leak of that size to the
+        memory check); read this way they stay in the kernel's page cache, shared and reclaimable."""
         if not self.has(row):
             return None
-        array, offset = self._segment_array(int(self.segment[row])), int(self.offset[row])
-        if self.fmt.kind == "raw":
-            return np.array(array[offset])
-        return self.fmt.decode(array[offset:offset + int(self.length[row])], self.size)
+        fd, offset, length = self._file(int(self.segment[row])), int(self.offset[row]), int(self.length[row])
+        raw = self.fmt.kind == "raw"
+        out = np.empty((self.size, self.size, 3) if raw else length, np.uint8)
+        done = os.preadv(fd, [memoryview(out).cast("B")], offset * row_bytes(self.size) if raw else offset)
+        if done != length:
+            raise OSError(f"pixel store {self.dir / self.segment_names[int(self.segment[row])]}: row {row} is cut "
+                          f"short ({done} of {length} bytes): the file changed after its index was written")
+        return out if raw else self.fmt.decode(out, self.size)
 
-    def _segment_array(self, segment: int) -> np.ndarray:
-        """A row file, memory-mapped once per process: rows × S × S × 3 (raw) or its bytes (JPEG)."""
-        array = self._arrays.get(segment)
-        if array is None:
-            path = self.dir / self.segment_names[segment]
-            n = path.stat().st_size
-            shape = (n // row_bytes(self.size), self.size, self.size, 3) if self.fmt.kind == "raw" else (n,)
-            array = np.memmap(path, dtype=np.uint8, mode="r", shape=shape) if n else np.zeros(shape, np.uint8)
-            self._arrays[segment] = array
-        return array
+    def _file(self, segment: int) -> int:
+        fd = self._files.get(segment)
+        if fd is None:
+            fd = self._files[segment] = os.open(self.dir / self.segment_names[segment], os.O_RDONLY)
+        return fd
+
+    def _close(self) -> None:
+        for fd in getattr(self, "_files", {}).values():
+            os.close(fd)
+        self._files = {}
 
     def bytes_on_disk(self) -> int:
         return int(self.length.sum())
@@ -216,7 +226,7 @@ class PixelStore:
                     todo.append((key, sample))
             if todo:
                 self._append(todo, workers, show_progress)
-        self._arrays = {}
+        self._close()
         return self.rows(samples, keys)
 
     def adopt(self, segments: Sequence[str]) -> int:
@@ -245,7 +255,7 @@ class PixelStore:
                 self.valid, self.segment, self.offset, self.length = (
                     np.concatenate(valid), np.concatenate(segment), np.concatenate(offset), np.concatenate(length))
                 self._commit()
-        self._arrays = {}
+        self._close()
         return added
 
     def _append(self, todo: List[Tuple[bytes, Sample]], workers: int, show_progress: bool) -> None:
