@@ -123,6 +123,7 @@ class PixelStore:
     """Read side: rows(samples) -> row indices; get(row) -> HxWx3 uint8 or None when the photo was unreadable."""
 
     PREFIX = "px"  # the store's folder name starts with it: another kind of row is another store
+    SPACE_HINT = ", lower classification.image_size, or set dataloader.cache.format=jpeg"  # when the disk is full
     decode = staticmethod(decode_sample)  # (path, box, size, padding) -> one row; module-level: pickled by name
 
     def __init__(self, cache_dir: Path, size: int, padding: float = 0.0, fmt: RowFormat = RAW):
@@ -262,8 +263,7 @@ class PixelStore:
         plan = self.plan([s for _, s in todo], [k for k, _ in todo])
         if not plan.fits:
             raise CacheSpaceError(f"pixel cache {self.dir}: not enough disk for {plan.describe()}; free space, "
-                                  "point dataloader.cache.dir at a larger disk, lower classification.image_size, "
-                                  "or set dataloader.cache.format=jpeg")
+                                  f"point dataloader.cache.dir at a larger disk{self.SPACE_HINT}")
         main = self.segment == 0
         n, raw = len(todo), self.fmt.kind == "raw"
         # rows past the committed ones (a crash mid-build) are dropped: raw rows by number, JPEG rows by byte end

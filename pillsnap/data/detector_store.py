@@ -42,6 +42,7 @@ def fit_long_side(path: str, box: Box, size: int, padding: float = 0.0) -> np.nd
 
 class DetectorStore(PixelStore):
     PREFIX = "det"
+    SPACE_HINT = ", or lower detection.image_size"
     decode = staticmethod(fit_long_side)
 
     def __init__(self, cache_dir, size: int):

@@ -1,6 +1,6 @@
 """How the classifier's pixel store keeps a row: raw uint8 or JPEG, and which one `dataloader.cache.format: auto` picks.
 
-raw   S×S×3 bytes a row, read by memory map in microseconds: 432 KB at 384 px, 1.09 TB for the release's 2.5M
+raw   S×S×3 bytes a row, written and read as arrays (no codec) in microseconds: 432 KB at 384 px, 1.09 TB for the release's 2.5M
       samples, more than a workstation's RAM (so every epoch would read the disk) and more than many disks.
 jpeg  the same row encoded once at `dataloader.cache.jpeg_quality` with full-resolution colour (4:4:4: a pill's
       colour and a coloured imprint are what tell two drugs apart); decoded in the loader workers (~1-2 ms a row
@@ -43,16 +43,13 @@ class RowFormat:
         return "" if self.kind == "raw" else f"_jpeg{self.quality}"
 
     def encode(self, row: np.ndarray) -> bytes:
-        if self.kind == "raw":
-            return np.ascontiguousarray(row, dtype=np.uint8).tobytes()
+        """A JPEG row's bytes (raw rows are written as arrays, never encoded)."""
         out = io.BytesIO()
         Image.fromarray(row).save(out, "JPEG", quality=self.quality, subsampling=0)
         return out.getvalue()
 
     def decode(self, data, size: int) -> np.ndarray:
-        """A writable array (torch.from_numpy shares it with the batch)."""
-        if self.kind == "raw":
-            return np.frombuffer(bytes(data), dtype=np.uint8).reshape(size, size, 3).copy()
+        """A JPEG row as a writable array (torch.from_numpy shares it with the batch)."""
         with Image.open(io.BytesIO(bytes(data))) as im:
             return np.array(im.convert("RGB"))
 

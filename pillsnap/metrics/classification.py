@@ -27,7 +27,7 @@ def metrics_from_top(y_true: np.ndarray, top: np.ndarray, class_names: Optional[
     n = int(len(y_true))
     if n == 0:
         return {"n": 0, "accuracy": None, "macro_f1": None, "top5": None}
-    y_pred, topk = top[:, 0], top
+    y_pred = top[:, 0]
     present = np.unique(y_true)  # F1 over classes that have validation samples
     per_class = f1_score(y_true, y_pred, labels=present, average=None, zero_division=0)
     per_class_top1 = [float((y_pred[y_true == c] == c).mean()) for c in present]
@@ -37,7 +37,7 @@ def metrics_from_top(y_true: np.ndarray, top: np.ndarray, class_names: Optional[
         "n": n,
         "accuracy": float((y_pred == y_true).mean()),
         "macro_f1": float(per_class.mean()),
-        "top5": float((topk == y_true[:, None]).any(1).mean()),
+        "top5": float((top == y_true[:, None]).any(1).mean()),
         "per_class_f1_min": float(per_class.min()),
         "per_class_min_top1": min(per_class_top1),  # the worst class's top-1 accuracy (its recall)
         "worst_classes": [{"class": name(int(present[i])), "f1": float(per_class[i])} for i in order],
