@@ -3,8 +3,11 @@ import to the Stage 4 verdict, for the shipped config, on 1 and on N GPUs.
 
 An estimate, not a test. Measured in this run, on one core each, from synthetic photos at the release's size
 (976×1280 PNG): a label file parsed (import), a photo's fused data-preparation pass (read, sha1, full decode, the
-classifier's row resized and stored: `pillsnap.data.shards.inspect_photo`), a raw row read and a JPEG row decoded
-from the pixel store, a full PNG decode letterboxed to the detector's size (a validation photo), and a detector
+classifier's row resized and stored: `pillsnap.data.shards.inspect_photo`; and what fitting a combination photo
+into the detector store adds to it), a raw row read and a JPEG row decoded
+from the pixel store, a validation photo letterboxed to the detector's size from its PNG (before) and from its
+detector store row (now), the NMS of one photo's head output at the mAP protocol's conf 0.001 (torchvision's, on a CPU
+core: an upper bound for the GPU, where validation runs it), and a detector
 training sample (ultralytics' recipe at 640 px: a mosaic of 4 photos, HSV, flips, affine) made from the PNGs
 (before the detector store) and from the decode-once detector store (now), by `bench/data_pipeline.py`'s
 detector_rates. GPU step rates are a stated table (`--gpu-table`), or measured ones when you pass them
@@ -38,6 +41,9 @@ RELEASE = {"train_photos": 2_468_000, "classes": 4523, "combination_share": 0.00
 # 400-600 img/s (ultralytics' figures); inference is ~3x training.
 GPU_TABLE = {"classifier_train": 1000.0, "classifier_infer": 3000.0, "detector_train": 500.0,
              "detector_infer": 1500.0}
+# A trained detector leaves a few hundred of its 8,400 anchors above the mAP protocol's conf 0.001 on a pill photo
+# (an untrained one most of them: torchvision's NMS on a CPU core then takes ~120 ms a photo, not ~4)
+NMS_CANDIDATES = 1000
 DDP_EFFICIENCY = 0.9  # per added GPU: the gradient all-reduce does not overlap the backward pass here
 OTHER_STEPS_S = 15 * 60  # per stage: evaluation, export + parity, API check, report (a stated allowance)
 
@@ -76,10 +82,14 @@ def measure(photos: int) -> Dict[str, float]:
     from pillsnap.data.row_format import RowFormat
     from pillsnap.data.shards import ShardSettings, inspect_photo, manifest_photos
     from pillsnap.data.synth import synthesize
-    from pillsnap.infer.detection import letterbox
+    import torch
+
+    from pillsnap.data.detector_store import fit_long_side, fitted_shape
+    from pillsnap.infer.detection import MAP_CONF, MAP_IOU, MAP_MAX_DET, FittedPhoto, letterbox, nms_batch
     from bench.data_pipeline import detector_rates
 
     cv2.setNumThreads(1)
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="pillsnap-estimate-") as tmp:
         root = Path(tmp) / "aihub"
         synthesize(SynthConfig(num_classes=4, images_per_class=max(2, photos // 4), test_images_per_class=0,
@@ -92,11 +102,22 @@ def measure(photos: int) -> Dict[str, float]:
         n = min(photos, len(listed))
         jpeg = RowFormat("jpeg", 90)
         settings = ShardSettings(True, True, str(Path(tmp) / "cache"), 384, 0.15, False)  # its rows: + encode
+        fitting = ShardSettings(True, True, str(Path(tmp) / "cache"), 384, 0.15, False, detector_size=640)
         rows = [sample_pixels(Image.open(p.path).convert("RGB"), None, 384) for p in listed[:n]]
         encoded = [jpeg.encode(r) for r in rows]
         raw = np.lib.format.open_memmap(Path(tmp) / "rows.npy", "w+", np.uint8, (n, 384, 384, 3))
         raw[:] = np.stack(rows)
         detector, _ = detector_rates(Path(tmp), passes=1)
+        fitted = np.lib.format.open_memmap(Path(tmp) / "det.npy", "w+", np.uint8, (n, 640, 640, 3))
+        fitted[:] = np.stack([fit_long_side(p.path, None, 640) for p in listed[:n]])
+        shape = (listed[0].height, listed[0].width)
+        h, w = fitted_shape(*shape, 640)
+        # YOLO's 8,400 anchors at 640 px, NMS_CANDIDATES of them above conf 0.001
+        head = torch.rand(1, 5, 8400)
+        head[:, :2] *= 640
+        head[:, 2:4] = head[:, 2:4] * 60 + 10
+        head[:, 4] = 0.0
+        head[0, 4, torch.randperm(8400)[:NMS_CANDIDATES]] = torch.rand(NMS_CANDIDATES) ** 3 * 0.999 + 0.001
         out = {
             "import_s": import_s,
             "fused_prep_raw_s": per_item(lambda i: inspect_photo(listed[i % n], settings), n),
@@ -104,6 +125,11 @@ def measure(photos: int) -> Dict[str, float]:
             "raw_row_read_s": per_item(lambda i: np.array(raw[i % n]), n),
             "jpeg_row_decode_s": per_item(lambda i: jpeg.decode(encoded[i % n], 384), n),
             "png_letterbox_s": per_item(lambda i: letterbox(cv2.imread(listed[i % n].path), 640), n),
+            "store_letterbox_s": per_item(lambda i: letterbox(FittedPhoto(np.array(fitted[i % n, :h, :w]), shape),
+                                                              640), n),
+            "nms_s": per_item(lambda i: nms_batch(head, MAP_CONF, MAP_IOU, MAP_MAX_DET), n),
+            "detector_fit_s": per_item(lambda i: inspect_photo(listed[i % n]._replace(combination=True), fitting), n)
+            - per_item(lambda i: inspect_photo(listed[i % n], fitting), n),
             "detector_sample_png_s": 1 / detector["detector PNG"],
             "detector_sample_store_s": 1 / detector["detector store"],
             "jpeg_row_bytes": float(np.mean([len(e) for e in encoded])),
@@ -120,7 +146,7 @@ def stage_sizes(cfg, stage: int) -> Dict[str, float]:
 
 
 def training_s(cfg, stage: int, rates: Dict[str, float], gpus: int, workers: int, gpu: Dict[str, float],
-               detector_sample_s: float, det_val_photo_s: float) -> Dict[str, float]:
+               detector_sample_s: float, det_val_photo_s: float, nms_s: float = 0.0) -> Dict[str, float]:
     """One stage's training wall time: each model's epochs at min(GPU, loader), plus validation every epoch.
     `workers`: the loader processes that get a core of their own, over all GPUs."""
     size, t = stage_sizes(cfg, stage), cfg.train
@@ -129,7 +155,8 @@ def training_s(cfg, stage: int, rates: Dict[str, float], gpus: int, workers: int
     loader_det = workers / detector_sample_s
     cls = t.classification.epochs * (size["train"] / min(gpu["classifier_train"] * scale, loader_cls)
                                      + size["val"] / min(gpu["classifier_infer"] * gpus, loader_cls))
-    det_val_rate = min(gpu["detector_infer"] * gpus, gpus * 4 / det_val_photo_s)  # 4 reader threads per rank
+    # 4 reader threads per rank; the NMS runs in the rank's own thread
+    det_val_rate = min(gpu["detector_infer"] * gpus, gpus * 4 / det_val_photo_s, gpus / nms_s if nms_s else np.inf)
     det = t.detection.epochs * (size["det_train"] / min(gpu["detector_train"] * scale, loader_det)
                                 + size["det_val"] / det_val_rate)
     return {"classifier_s": cls, "detector_s": det,
@@ -158,24 +185,28 @@ def main() -> None:
     print(f"detector store: Stage 4's {cfg.stage(4).detector_images:,} photos x 640x640x3 = {det_store_gb:.0f} GB "
           "uint8 (raw rows)")
     steps: Dict[str, Dict[str, float]] = {}
-    # detector validation still reads PNGs (4 reader threads per rank), before and now
+    # before: PNGs for the detector's training and validation (its NumPy NMS not counted: it is gone);
+    # now: the detector store for both, and torch's NMS at its CPU rate
     variants = {
         "before (the detector from PNGs)": {"classifier_row_s": m["jpeg_row_decode_s"],
                                             "detector_sample_s": m["detector_sample_png_s"],
-                                            "det_val_photo_s": m["png_letterbox_s"]},
+                                            "det_val_photo_s": m["png_letterbox_s"], "nms_s": 0.0},
         "now (the detector store)": {"classifier_row_s": m["jpeg_row_decode_s"],
                                      "detector_sample_s": m["detector_sample_store_s"],
-                                     "det_val_photo_s": m["png_letterbox_s"]},
+                                     "det_val_photo_s": m["store_letterbox_s"], "nms_s": m["nms_s"]},
     }
     for name, v in variants.items():
         for gpus in (1, args.gpus):
             cores = args.cores * gpus
             prep = {"import": photos * m["import_s"] / cores,
-                    "validate + store fill (jpeg)": photos * m["fused_prep_jpeg_s"] / cores}
+                    "validate + store fill (jpeg)": photos * m["fused_prep_jpeg_s"] / cores,
+                    "  + combination photos into the detector store":
+                        photos * RELEASE["combination_share"] * m["detector_fit_s"] / cores}
             total, lines = sum(prep.values()), []
             workers = min(gpus * args.workers, cores)
             for stage in (1, 2, 3, 4):
-                t = training_s(cfg, stage, v, gpus, workers, gpu, v["detector_sample_s"], v["det_val_photo_s"])
+                t = training_s(cfg, stage, v, gpus, workers, gpu, v["detector_sample_s"], v["det_val_photo_s"],
+                               v["nms_s"])
                 stage_s = t["classifier_s"] + t["detector_s"] + OTHER_STEPS_S
                 total += stage_s
                 bound = [k.split("_")[0] for k in ("classifier_loader_bound", "detector_loader_bound") if t[k]]

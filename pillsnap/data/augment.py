@@ -237,14 +237,18 @@ class BatchAugment:
         return ops, bins, signs
 
     def _policy_colour(self, x: torch.Tensor, ops, bins, signs) -> torch.Tensor:
+        """The policy's colour ops on the batch's device; the choices (host tensors) are read on the host, and
+        what enters the batch's arithmetic goes to its device first (CUDA refuses a mix)."""
         for slot in range(len(ops)):
             for k, op in enumerate(POLICY_OPS):
                 chosen = ops[slot] == k
                 if op not in COLOUR or not chosen.any():
                     continue
-                mag = _policy_magnitude(op, bins[slot], self.wide, self.size)[chosen].to(x.dtype)
-                sign = signs[slot][chosen].to(x.dtype)
-                x[chosen] = _COLOUR_OPS[op](x[chosen].clamp(0, 1), mag, sign)
+                mag = _policy_magnitude(op, bins[slot], self.wide, self.size)[chosen].to(x.device, x.dtype)
+                sign = signs[slot][chosen].to(x.device, x.dtype)
+                # host indices: a boolean mask on the device would make it count the chosen ones (a sync)
+                index = chosen.nonzero().squeeze(1).to(x.device)
+                x.index_copy_(0, index, _COLOUR_OPS[op](x.index_select(0, index).clamp(0, 1), mag, sign))
         return x
 
     # ------------------------------------------------------------------ erasing and mixing

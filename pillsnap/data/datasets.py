@@ -206,9 +206,11 @@ def finish_batch(batch: Batch, augment: Optional[BatchAugment]) -> Batch:
 
 def make_loader(dataset: Dataset, batch_size: int, cfg: DataloaderConfig, train: bool,
                 sampler: Optional[torch.utils.data.Sampler] = None, num_workers: Optional[int] = None,
-                collate: Optional[Collate] = None) -> DataLoader:
+                collate: Optional[Collate] = None, persistent: Optional[bool] = None) -> DataLoader:
+    """`persistent`: keep the workers between passes (default: dataloader.persistent_workers)."""
     workers = cfg.num_workers if num_workers is None else num_workers
-    extra = {"persistent_workers": cfg.persistent_workers, "prefetch_factor": cfg.prefetch_factor} if workers else {}
+    keep = cfg.persistent_workers if persistent is None else persistent
+    extra = {"persistent_workers": keep, "prefetch_factor": cfg.prefetch_factor} if workers else {}
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=False, sampler=sampler,
         num_workers=workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),

@@ -29,9 +29,19 @@ def fitted_shape(h0: int, w0: int, size: int) -> Tuple[int, int]:
 
 def fit_long_side(path: str, box: Box, size: int, padding: float = 0.0) -> np.ndarray:
     """One row: the photo read as ultralytics reads it (BGR), resized as its training resizes it, top-left."""
-    im = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+    return fitted_row(decode_bgr(np.fromfile(path, np.uint8), path), size)
+
+
+def decode_bgr(data: np.ndarray, path: str) -> np.ndarray:
+    """A photo's bytes decoded as ultralytics' `imread` decodes them."""
+    im = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if im is None:
         raise ValueError(f"{path}: not an image OpenCV can decode")
+    return im
+
+
+def fitted_row(im: np.ndarray, size: int) -> np.ndarray:
+    """A decoded BGR photo as a store row: long side resized as ultralytics' training resizes it, top-left."""
     h, w = fitted_shape(*im.shape[:2], size)
     if (h, w) != im.shape[:2]:
         im = cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR)

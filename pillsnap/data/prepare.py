@@ -18,13 +18,14 @@ import psutil
 from pillsnap.config import PillSnapConfig
 from pillsnap.data.aihub import ImportIssue, ImportResult, assemble_split, import_aihub, training_split
 from pillsnap.core.jsonio import read_json, write_json_atomic
-from pillsnap.data.cache import PixelStore, nearest_existing, sample_key
+from pillsnap.data.cache import DISK_MARGIN_BYTES, PixelStore, nearest_existing, sample_key
+from pillsnap.data.detector_store import DetectorStore
 from pillsnap.data.class_map import build_class_map
 from pillsnap.data.csv_import import import_csv
 from pillsnap.core import layout
 from pillsnap.data.manifest import assign_splits, manifest_hash, read_manifest, write_manifest
 from pillsnap.data.label_shards import LabelShard, plan_label_shards, read_label_parts
-from pillsnap.data.shards import Shard, ShardSettings, manifest_photos, read_checks, run_shard, shard_photos
+from pillsnap.data.shards import Photo, Shard, ShardSettings, manifest_photos, read_checks, run_shard, shard_photos
 from pillsnap.data.row_format import RowFormat, choose_format
 from pillsnap.data.subsets import build_stage_subset, write_subset
 from pillsnap.progress import progress
@@ -154,6 +155,7 @@ def import_issues(cfg: PillSnapConfig) -> List[ImportIssue]:
 VALIDATION_KEYS = ("data.validation",)
 # Validation's shards also fill the classifier's pixel cache: its size, padding, samples and place.
 PREPARE_KEYS = (*VALIDATION_KEYS, "data.prepare", "data.include_combination_crops", "classification.image_size",
+                "detection.enabled", "detection.image_size",
                 "classification.crop_padding", "dataloader.cache")
 
 
@@ -187,9 +189,28 @@ def plan_validation(cfg: PillSnapConfig) -> Tuple[List[Shard], ShardSettings, st
             fill, why = False, (f"not filled by validation: the disk cannot hold the manifest's rows "
                                 f"({plan.describe()}); each stage fills its own rows when it trains")
             log.warning("pixel cache %s", why)
+    detector_size = 0
+    if fill and cfg.detection.enabled:
+        detector_size, note = detector_fill(cfg, photos, plan.bytes_needed)
+        why = f"{why}; {note}"
     settings = ShardSettings(v.check_images, v.hash_duplicates, str(store.dir.parent.resolve()) if fill else None,
-                             c.image_size, c.crop_padding, cfg.data.include_combination_crops, store.fmt)
+                             c.image_size, c.crop_padding, cfg.data.include_combination_crops, store.fmt,
+                             detector_size)
     return shard_photos(photos, settings, cfg.data.prepare.shard_size), settings, why
+
+
+def detector_fill(cfg: PillSnapConfig, photos: Sequence[Photo], classifier_bytes: int) -> Tuple[int, str]:
+    """The detector store's size for validation to fill its combination photos (a detector photo at every stage;
+    the single photos a stage's detector takes depend on its subset, so its training fills those), or 0 where the
+    disk cannot also hold them."""
+    store = DetectorStore(cache_root(cfg), cfg.detection.image_size)
+    combos = [p for p in photos if p.combination]
+    plan = store.plan([(p.path, None) for p in combos], [sample_key((p.path, None), p.stamp) for p in combos])
+    if plan.bytes_needed + classifier_bytes + DISK_MARGIN_BYTES > plan.free_bytes:
+        log.warning("detector store: not filled by validation: the disk cannot hold its %d combination photos "
+                    "beside the classifier's rows (%s)", plan.missing, plan.describe())
+        return 0, "the detector store's combination photos are left to each stage's training (disk)"
+    return cfg.detection.image_size, f"the detector store's {len(combos)} combination photos too"
 
 
 def finish_validation(cfg: PillSnapConfig, summaries: Sequence[Dict], cache_note: str) -> Dict:
@@ -206,12 +227,15 @@ def finish_validation(cfg: PillSnapConfig, summaries: Sequence[Dict], cache_note
     if lost:
         log.warning("validation: %d class(es) have no usable training photo: %s", len(lost),
                     "; ".join(f"{k}: {why}" for k, why in list(lost.items())[:5]))
-    segments = [s["segment"] for s in sorted(summaries, key=lambda s: s["shard"]) if s["segment"]]
+    ordered = sorted(summaries, key=lambda s: s["shard"])
+    segments = [s["segment"] for s in ordered if s["segment"]]
     adopted = pixel_store(cfg).adopt(segments) if segments else 0
+    fitted = [s["detector_segment"] for s in ordered if s.get("detector_segment")]
+    detector_adopted = (DetectorStore(cache_root(cfg), cfg.detection.image_size).adopt(fitted) if fitted else 0)
     computed = sum(1 for s in summaries if s["computed"])
-    log.info("validation: %s (%d shards: %d computed, %d finished before); pixel cache %s: %d new rows",
-             "FAIL" if report.fatal else "PASS", len(summaries), computed, len(summaries) - computed, cache_note,
-             adopted)
+    log.info("validation: %s (%d shards: %d computed, %d finished before); pixel cache %s: %d new rows, detector "
+             "store %d new rows", "FAIL" if report.fatal else "PASS", len(summaries), computed,
+             len(summaries) - computed, cache_note, adopted, detector_adopted)
     raise_if_fatal(report)
     return {"report": str(paths["json"]), "summary": str(paths["summary"]), "quarantine": len(report.quarantine),
             "findings": report.finding_counts(), "counts": report.counts,
@@ -219,7 +243,7 @@ def finish_validation(cfg: PillSnapConfig, summaries: Sequence[Dict], cache_note
             "lost_classes": lost,
             "manifest_hash": manifest_hash(manifest),
             "shards": {"total": len(summaries), "computed": computed},
-            "pixel_cache": {"note": cache_note, "rows_added": adopted}}
+            "pixel_cache": {"note": cache_note, "rows_added": adopted, "detector_rows_added": detector_adopted}}
 
 
 def validation_workers(cfg: PillSnapConfig) -> int:

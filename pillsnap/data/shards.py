@@ -3,7 +3,8 @@
 A shard is a slice of a few thousand manifest photos. Each is inspected once: its bytes are read and hashed
 (duplicates across splits), decoded fully (truncated files are caught), its size compared with the label, and,
 when the cache is filled, every classifier sample it gives is cut from that decoded image and written to the
-shard's own pixel-cache segment. Separately, validation and the cache each decoded every photo: two passes.
+shard's own pixel-cache segment, and a combination photo (a detector photo at every stage) is also fitted into the
+detector's store (pillsnap.data.detector_store). Separately, validation and the caches each decoded every photo.
 
 A shard is named by the hash of its photos (each one's path, label size, samples, and file size + modification
 time: a truncated or replaced photo makes its shard new) and the settings. Its result is written under
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
@@ -32,6 +34,7 @@ from pillsnap.core.identity import file_stamp
 from pillsnap.core.jsonio import read_json, write_json_atomic
 from pillsnap.data.cache import (Sample, commit_segment, photo_samples, sample_key, sample_pixels, segment_committed,
                                  segment_rows, store_dir, write_encoded_rows)
+from pillsnap.data.detector_store import DetectorStore, decode_bgr, fitted_row
 from pillsnap.data.row_format import RAW, RowFormat
 
 Check = Tuple[Optional[str], Optional[str]]  # (what is wrong with the photo or None, sha1 of its bytes or None)
@@ -52,6 +55,7 @@ class ShardSettings:
     padding: float
     include_crops: bool
     fmt: RowFormat = RAW  # how the cache keeps a row
+    detector_size: int = 0  # > 0: combination photos also fill the detector store at this size (in cache_dir)
 
     def fingerprint(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -67,6 +71,7 @@ class Photo(NamedTuple):  # a tuple: millions are made when the release is plann
     height: int
     samples: Tuple[Sample, ...]
     stamp: str  # the file's size and modification time when planned (core.identity.file_stamp)
+    combination: bool = False  # a combination photo with boxes: a detector photo at every stage
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,8 @@ def manifest_photos(manifest: pd.DataFrame, include_crops: bool) -> List[Photo]:
     """Every manifest photo with the classifier samples it gives and its file's stamp, in manifest order (one
     stat per photo: ~10 s for the release's 2.47M on a local disk)."""
     columns = [manifest[c].tolist() for c in ("image_path", "kind", "boxes", "width", "height")]
-    return [Photo(path, int(w), int(h), tuple(photo_samples(path, kind, boxes, include_crops)), file_stamp(path))
+    return [Photo(path, int(w), int(h), tuple(photo_samples(path, kind, boxes, include_crops)), file_stamp(path),
+                  kind == "combination" and len(boxes or "") > 2)  # "[]" has no box
             for path, kind, boxes, w, h in zip(*columns)]
 
 
@@ -111,50 +117,86 @@ def shard_photos(photos: Sequence[Photo], settings: ShardSettings, shard_size: i
         part = tuple(photos[first:first + shard_size])
         h = hashlib.sha1(settings.fingerprint().encode())
         for p in part:
-            h.update(f"{p.path}|{p.width}|{p.height}|{p.samples}|{p.stamp}\n".encode())
+            h.update(f"{p.path}|{p.width}|{p.height}|{p.samples}|{p.stamp}|{p.combination}\n".encode())
         shards.append(Shard(index, first, part, h.hexdigest()[:20]))
     return shards
 
 
-def inspect_photo(photo: Photo, settings: ShardSettings) -> Tuple[Check, List[Optional[np.ndarray]]]:
-    """One read, one hash, one decode: the photo's check and the rows of its samples (None where unreadable)."""
+def fills_detector(photo: Photo, settings: ShardSettings) -> bool:
+    return photo.combination and settings.detector_size > 0 and settings.cache_dir is not None
+
+
+class Inspected(NamedTuple):
+    check: Check
+    rows: List[Optional[np.ndarray]]  # its classifier samples' rows (None where unreadable)
+    detector_row: Optional[np.ndarray]  # its detector store row, when it fills one and is readable
+
+
+def inspect_photo(photo: Photo, settings: ShardSettings) -> Inspected:
+    """One read, one hash, one decode: the photo's check and its rows."""
     no_rows: List[Optional[np.ndarray]] = [None] * len(photo.samples)
     try:
         data = Path(photo.path).read_bytes()
     except OSError as e:
-        return (f"cannot read: {e}", None), no_rows
+        return Inspected((f"cannot read: {e}", None), no_rows, None)
     digest = hashlib.sha1(data).hexdigest() if settings.hash_duplicates else None
     if not settings.decodes:
-        return (None, digest), no_rows
+        return Inspected((None, digest), no_rows, None)
     if not data:
-        return ("empty file (0 bytes)", digest), no_rows
+        return Inspected(("empty file (0 bytes)", digest), no_rows, None)
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            size = im.size
+            size, lossless_rgb = im.size, im.format == "PNG" and im.mode == "RGB"
             rgb = im.convert("RGB") if settings.cache_dir is not None else None
     except UnidentifiedImageError:  # its message holds the address of the in-memory buffer: not repeatable
-        return ("cannot decode: UnidentifiedImageError: not an image format Pillow can read", digest), no_rows
+        return Inspected(("cannot decode: UnidentifiedImageError: not an image format Pillow can read", digest),
+                         no_rows, None)
     except Exception as e:  # PIL raises many types for broken files
-        return (f"cannot decode: {type(e).__name__}: {e}", digest), no_rows
+        return Inspected((f"cannot decode: {type(e).__name__}: {e}", digest), no_rows, None)
     rows = [sample_pixels(rgb, box, settings.size, settings.padding) for _, box in photo.samples] if rgb else no_rows
+    detector_row = None
+    if fills_detector(photo, settings):
+        # an 8-bit RGB PNG decodes to the same pixels in Pillow and OpenCV (lossless): reuse this decode; other
+        # files go through OpenCV as ultralytics reads them (its JPEG decoder and EXIF rotation are its own)
+        try:
+            if lossless_rgb:  # resized, then reordered: each channel is resized alone, and the copy is 3x smaller
+                detector_row = cv2.cvtColor(fitted_row(np.asarray(rgb), settings.detector_size), cv2.COLOR_RGB2BGR)
+            else:
+                detector_row = fitted_row(decode_bgr(np.frombuffer(data, np.uint8), photo.path), settings.detector_size)
+        except ValueError:  # Pillow reads it, OpenCV does not: no row (ultralytics will not read it either)
+            pass
     error = None
     if settings.check_images and tuple(size) != (photo.width, photo.height):
         error = f"size_mismatch: file is {size[0]}x{size[1]}, label says {photo.width}x{photo.height}"
-    return (error if settings.check_images else None, digest), rows
+    return Inspected((error if settings.check_images else None, digest), rows, detector_row)
 
 
-def _inspect_chunk(args) -> Tuple[List[Check], List[bool], List[Optional[bytes]]]:
-    """Some photos of a shard. Raw rows go to the shard's segment from the given sample offset on; JPEG rows come
-    back encoded, for the shard to write in order (their lengths are known only once encoded)."""
-    shard_name, segment, segment_samples, settings, photos, sample_offset = args
+class ChunkResult(NamedTuple):
+    checks: List[Check]
+    valid: List[bool]  # per classifier sample
+    encoded: List[Optional[bytes]]  # JPEG rows, in order
+    detector_valid: List[bool]  # per photo filling the detector store
+
+
+def _inspect_chunk(args) -> ChunkResult:
+    """Some photos of a shard. Raw rows go to the shard's segments from the given offsets on; JPEG rows come back
+    encoded, for the shard to write in order (their lengths are known only once encoded)."""
+    shard_name, segment, segment_samples, settings, photos, sample_offset, detector_rows, detector_offset = args
     raw = settings.cache_dir is not None and settings.fmt.kind == "raw"
     out = segment_rows(_store(settings), segment, segment_samples, settings.size) if raw else None
-    checks, valid, encoded = [], [], []
+    detector_out = (segment_rows(_detector_store(settings), segment, detector_rows, settings.detector_size)
+                    if detector_rows else None)
+    checks, valid, encoded, detector_valid = [], [], [], []
     for photo in photos:
         try:
-            check, rows = inspect_photo(photo, settings)
+            check, rows, detector_row = inspect_photo(photo, settings)
             checks.append(check)
+            if fills_detector(photo, settings):
+                if detector_row is not None:
+                    detector_out[detector_offset] = detector_row
+                detector_valid.append(detector_row is not None)
+                detector_offset += 1
             for row in rows:
                 if out is not None and row is not None:
                     out[sample_offset] = row
@@ -164,13 +206,22 @@ def _inspect_chunk(args) -> Tuple[List[Check], List[bool], List[Optional[bytes]]
                 sample_offset += 1
         except Exception as e:  # not a property of the photo (memory, a bug, the disk): the shard fails
             raise ShardError(f"{shard_name}: {photo.path}: {type(e).__name__}: {e}") from e
-    if out is not None and len(out):
-        out.flush()
-    return checks, valid, encoded
+    for rows_out in (out, detector_out):
+        if rows_out is not None and len(rows_out):
+            rows_out.flush()
+    return ChunkResult(checks, valid, encoded, detector_valid)
 
 
 def _store(settings: ShardSettings) -> Path:
     return store_dir(Path(settings.cache_dir), settings.size, settings.padding, settings.fmt)
+
+
+def _detector_store(settings: ShardSettings) -> Path:
+    return store_dir(Path(settings.cache_dir), settings.detector_size, 0.0, RAW, DetectorStore.PREFIX)
+
+
+def detector_photos(shard: Shard, settings: ShardSettings) -> List[Photo]:
+    return [p for p in shard.photos if fills_detector(p, settings)]
 
 
 def result_path(results_dir: Path, shard: Shard) -> Path:
@@ -180,7 +231,8 @@ def result_path(results_dir: Path, shard: Shard) -> Path:
 def shard_finished(shard: Shard, settings: ShardSettings, results_dir: Path) -> bool:
     """Its result and (when it fills the cache) its rows are committed."""
     return result_path(results_dir, shard).is_file() and (
-        settings.cache_dir is None or segment_committed(_store(settings), shard.segment, settings.fmt))
+        settings.cache_dir is None or segment_committed(_store(settings), shard.segment, settings.fmt)) and (
+        not detector_photos(shard, settings) or segment_committed(_detector_store(settings), shard.segment))
 
 
 def run_shard(shard: Shard, settings: ShardSettings, results_dir: Path, workers: int = 1) -> Dict:
@@ -191,22 +243,28 @@ def run_shard(shard: Shard, settings: ShardSettings, results_dir: Path, workers:
         done = read_json(path)
         return _summary(shard, path, done["checks"], computed=False, settings=settings, worker=done["worker"])
     jobs, offset, total = [], 0, sum(len(p.samples) for p in shard.photos)
+    fitted, fitted_total = 0, len(detector_photos(shard, settings))
     for start in range(0, len(shard.photos), CHUNK):
         part = shard.photos[start:start + CHUNK]
-        jobs.append((shard.describe(), shard.segment, total, settings, part, offset))
+        jobs.append((shard.describe(), shard.segment, total, settings, part, offset, fitted_total, fitted))
         offset += sum(len(p.samples) for p in part)
+        fitted += sum(1 for p in part if fills_detector(p, settings))
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
             done = list(pool.map(_inspect_chunk, jobs))
     else:
         done = [_inspect_chunk(job) for job in jobs]
-    checks = [c for part, _, _ in done for c in part]
+    checks = [c for part in done for c in part.checks]
     if filled:
         keys = [sample_key(s, p.stamp) for p in shard.photos for s in p.samples]
         lengths = (None if settings.fmt.kind == "raw" else
-                   write_encoded_rows(_store(settings), shard.segment, [e for _, _, part in done for e in part]))
-        commit_segment(_store(settings), shard.segment, keys, np.array([v for _, part, _ in done for v in part], bool),
+                   write_encoded_rows(_store(settings), shard.segment, [e for part in done for e in part.encoded]))
+        commit_segment(_store(settings), shard.segment, keys, np.array([v for part in done for v in part.valid], bool),
                        lengths)
+    if fitted_total:  # the detector store keys a photo as the whole-photo sample (path, None)
+        commit_segment(_detector_store(settings), shard.segment,
+                       [sample_key((p.path, None), p.stamp) for p in detector_photos(shard, settings)],
+                       np.array([v for part in done for v in part.detector_valid], bool))
     worker = f"{socket.gethostname()}:{os.getpid()}"
     # last: a result on disk means the shard finished
     write_json_atomic(path, {"shard": shard.index, "first": shard.first, "worker": worker, "checks": checks})
@@ -216,10 +274,12 @@ def run_shard(shard: Shard, settings: ShardSettings, results_dir: Path, workers:
 def _summary(shard: Shard, path: Path, checks: Sequence[Check], computed: bool, settings: ShardSettings,
              worker: str) -> Dict:
     samples = sum(len(p.samples) for p in shard.photos) if settings.cache_dir is not None else 0
+    fitted = len(detector_photos(shard, settings))
     return {"shard": shard.index, "first": shard.first, "photos": len(shard.photos), "result": str(path),
             "worker": worker,
             "segment": shard.segment if samples else None, "bad_photos": sum(1 for err, _ in checks if err),
-            "cached_samples": samples, "computed": computed}
+            "cached_samples": samples, "detector_segment": shard.segment if fitted else None,
+            "detector_rows": fitted, "computed": computed}
 
 
 def read_checks(summaries: Sequence[Dict], photos: int) -> List[Check]:

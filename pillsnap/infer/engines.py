@@ -118,7 +118,7 @@ def detector_engine(cfg: PillSnapConfig, path: Path, engine: str, batch_size: in
     if check_engine(engine) == "torch":
         from pillsnap.models.detector import load_detector_checkpoint
 
-        predict_raw = torch_raw_predictor(load_detector_checkpoint(path, device))
+        predict_raw = torch_raw_predictor(load_detector_checkpoint(path, device), on_device=True)  # NMS there too
     else:
         exported = read_metadata(path).get("image_size")
         if exported is not None and int(exported) != cfg.detection.image_size:

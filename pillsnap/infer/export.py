@@ -3,7 +3,7 @@
 <stage_dir>/export/
   classifier.onnx      input `images` (B, 3, S, S) normalised RGB, output `logits` (B, K); K-codes in metadata
   detector.onnx        input `images` (B, 3, S, S) letterboxed RGB in [0, 1], output the RAW head (B, 5, N):
-                       NMS stays outside the graph so torch and ONNX share pillsnap.infer.detection.nms
+                       NMS stays outside the graph so torch and ONNX share pillsnap.infer.detection.nms_batch
   export_report.json   opset, shapes, parity numbers, pass/fail, file sizes, K-code hash
 
 The classifier is exported even when the stage has no detector (the report says why the detector was not).
@@ -105,7 +105,7 @@ def _export_detector(cfg: PillSnapConfig, stage: int, subset: pd.DataFrame, out:
     activations = verify_onnx_activations(path, activation).as_dict()  # raises when the graph lost the activation
     write_metadata(path, {"image_size": str(size), "backbone": str(payload["backbone"]),
                           "classes": payload.get("classes", ["pill"]), "source_checkpoint": str(checkpoint),
-                          "nms": "outside the graph: pillsnap.infer.detection.nms"})
+                          "nms": "outside the graph: pillsnap.infer.detection.nms_batch"})
     rows = detector_parity_rows(subset, cfg.export.parity_samples)
     parity = check_detector_parity(model, path, rows, size, cfg.export.max_map_diff, evaluation_device(cfg))
     return {"exported": True, "path": str(path), "onnxslim": slimmed, **_file_facts(path), "image_size": size,

@@ -22,6 +22,7 @@ from pillsnap.data.prepare import cache_root, pixel_store
 from pillsnap.data.datasets import (ClassificationDataset, ClassificationSamples, Collate, EpochSampler, RankSlice,
                                     classification_samples, make_loader)
 from pillsnap.data.yolo_dataset import YoloDataset, stage_detector_dataset
+from pillsnap.infer.detection import DetSample, StoredPhotos, detection_samples
 from pillsnap.lock import wait_for_lock
 from pillsnap.train.loss import sample_weights
 
@@ -91,10 +92,11 @@ def classifier_data(cfg: PillSnapConfig, subset: pd.DataFrame, labels: ClassMap,
     def build(batch_size: int, workers: int) -> DataLoader:
         return make_loader(train_ds, batch_size, dl, True, sampler, workers, Collate(augment))
 
-    # In this process, as before: persistent validation workers kept 8 processes alive between validations, which
-    # the memory check (the process and its children) counted as a 2.5 GB leak of the detector at Stage 3.
+    # Rows are decoded (JPEG) in loader workers that live for one validation only: persistent ones stayed alive
+    # between validations, and the memory check (the process and its children) read them as a 2.5 GB leak.
     val_loader = make_loader(val_ds, cfg.train.classification.batch_size, dl, False,
-                             RankSlice(len(val_ds), rank, world), 0, Collate(normalise_only=on_cpu))
+                             RankSlice(len(val_ds), rank, world), dl.num_workers, Collate(normalise_only=on_cpu),
+                             persistent=False)
     train = UnitData(train_ds, sampler, build, dl.num_workers, dl.drop_last)
     return ClassifierData(train_samples, val_samples, train, val_loader)
 
@@ -133,7 +135,8 @@ def _mosaic_partners_from_the_whole_dataset(transform: Any) -> None:
 class DetectorData:
     yolo: YoloDataset
     train: UnitData
-    val_rows: pd.DataFrame
+    val_samples: List[DetSample]
+    val_read: Optional[Callable[[int], Any]]  # validation's photos from the store (None: from their files)
 
 
 def detector_data(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, hyp, epochs: int,
@@ -149,12 +152,15 @@ def detector_data(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, hyp, ep
         dataset = ultralytics_dataset(hyp, yolo.train_list, cfg.train.detection.batch_size, yolo.ultralytics_data(),
                                       mode="train", stride=32)
     _mosaic_partners_from_the_whole_dataset(dataset.transforms)
+    val_samples, val_read = detection_samples(val_rows), None
     if cfg.dataloader.cache.enabled:
         # the YOLO folder's links are named <image_id><ext>; the store is keyed by the original photos
         originals = {f"{i}{Path(p).suffix}": p for i, p in zip(subset["image_id"], subset["image_path"])}
         store = DetectorStore(cache_root(cfg), cfg.detection.image_size)
-        rows = store.ensure([(originals[Path(f).name], None) for f in dataset.im_files], show_progress=show_progress)
-        dataset.load_image = StoredImages(dataset, store, rows)
+        train_photos = [(originals[Path(f).name], None) for f in dataset.im_files]
+        rows = store.ensure([*train_photos, *((s.image_path, None) for s in val_samples)], show_progress=show_progress)
+        dataset.load_image = StoredImages(dataset, store, rows[:len(train_photos)])
+        val_read = StoredPhotos(val_samples, store, rows[len(train_photos):])
     sampler = EpochSampler(len(dataset), cfg.train.seed)
     dl = cfg.dataloader
 
@@ -170,4 +176,4 @@ def detector_data(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, hyp, ep
         return False
 
     train = UnitData(dataset, sampler, build, dl.num_workers, False, close_mosaic)
-    return DetectorData(yolo, train, val_rows)
+    return DetectorData(yolo, train, val_samples, val_read)

@@ -62,7 +62,7 @@ def detector_member(cfg: PillSnapConfig, subset: pd.DataFrame, stage: int, stage
                     comm: Optional[Collectives] = None) -> Member:
     comm = comm or Collectives()
     data = detector_data(cfg, subset, stage, detector_hyperparameters(cfg), cfg.train.detection.epochs)
-    unit = DetectorUnit(cfg, policy, layout.detector_model_dir(stage_dir), data.val_rows, init_checkpoint,
-                        compile_backend, comm.world_size)
+    unit = DetectorUnit(cfg, policy, layout.detector_model_dir(stage_dir), data.val_samples, data.val_read,
+                        init_checkpoint, compile_backend, comm.world_size)
     return Member(cfg, unit, data.train, Path(stage_dir), "detection", _injector(cfg, "detector", injectors, comm),
                   ratio, detector_facts(data.yolo), comm)

@@ -83,7 +83,6 @@ class StepGuard:
             if self._recovered(error, step_number, epoch, emergency):
                 continue
             unit.apply_update()  # the weights change: from here on nothing may be replayed
-            unit.train_model.confirm()
             unit.after_update()
             return value, samples
 

@@ -97,7 +97,15 @@ def _chain(exc: BaseException) -> list:
 
 
 def _is_compile_error(exc: BaseException) -> bool:
-    return any(type(e).__module__.startswith(("torch._dynamo", "torch._inductor")) for e in _chain(exc))
+    """The compiler failed (dynamo could not trace, a backend or inductor broke), as opposed to the model's own op
+    failing while dynamo traced it (TorchRuntimeError: eager would raise the same error) or memory running out
+    during compilation or CUDA-graph capture (an OOM: the D-8 state machine's, not a reason to train eagerly)."""
+    from pillsnap.train.services.oom_state_machine import is_oom_error
+
+    chain = _chain(exc)
+    if is_oom_error(exc) or any(type(e).__name__ == "TorchRuntimeError" for e in chain):
+        return False
+    return any(type(e).__module__.startswith(("torch._dynamo", "torch._inductor")) for e in chain)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -110,13 +118,14 @@ def _first_line(exc: BaseException) -> str:
 class CompiledModel:
     """What a training step calls: the torch.compile'd model when the policy says so, the eager one otherwise.
 
-    torch.compile is lazy: a backend that cannot compile fails at the first forward or backward, not at the
-    compile call. `fall_back(exc)` switches to the eager model (one warning) when the compiled one failed before
-    its first successful step, or later with a compiler error (a recompile); the caller then replays the step.
+    torch.compile is lazy: a backend that cannot compile fails at the first forward or backward (or at a later
+    recompile), not at the compile call. `fall_back(exc)` switches to the eager model (one warning) when the
+    compiled one failed with a compiler error; the caller then replays the step. Any other error (the model's own,
+    an OOM) is not the compiler's: it is raised, or recovered from, with compile kept.
     """
 
     def __init__(self, model: nn.Module, mode: str, backend: Union[str, Callable, None] = None):
-        self.eager, self.mode, self.confirmed = model, mode, False
+        self.eager, self.mode = model, mode
         self.current: nn.Module = model
         self.state = "eager"
         if mode == "none" and not callable(backend):
@@ -135,12 +144,8 @@ class CompiledModel:
     def __call__(self, *args, **kwargs):
         return self.current(*args, **kwargs)
 
-    def confirm(self) -> None:
-        """A step completed with the current model."""
-        self.confirmed = True
-
     def fall_back(self, exc: BaseException) -> bool:
-        if self.current is self.eager or (self.confirmed and not _is_compile_error(exc)):
+        if self.current is self.eager or not _is_compile_error(exc):
             return False
         log.warning("torch.compile(mode=%s) failed while running (%s); falling back to eager and replaying the step",
                     self.mode, _first_line(exc))

@@ -58,8 +58,9 @@ class TBWriter:
 def host_private_mb() -> float:
     """Private resident memory (RSS less file-backed pages) of this process and its DataLoader workers, in MiB.
 
-    File-backed pages are left out on purpose: the pixel store is memory-mapped, so its pages count in RSS while
-    the kernel may drop them at will; a leak is anonymous memory.
+    File-backed pages are left out on purpose: mapped files (libraries, a shard's rows being written) count in RSS
+    while the kernel may drop them at will; a leak is anonymous memory. Workers that live for one pass (the
+    classifier's validation loader) are gone when it is measured, at the epoch's end.
     """
     me, total = psutil.Process(), 0
     for process in (me, *me.children(recursive=True)):

@@ -7,15 +7,13 @@ summed loss / B), so the learning rate means the same at any batch size.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import pandas as pd
 import torch
 import torch.nn as nn
 
 from pillsnap.config import PillSnapConfig
-from pillsnap.infer.detection import detection_samples, evaluate_detector
-from pillsnap.infer.detection import map_detector
+from pillsnap.infer.detection import DetSample, evaluate_detector, map_detector
 from pillsnap.models.detector import (DETECTOR_CLASS_MAP_HASH, backbone_name, build_detector, detector_payload,
                                       transfer_pretrained)
 from pillsnap.train.services.collectives import Collectives
@@ -50,8 +48,9 @@ class DetectorUnit(TrainUnit):
     name, log_tag, config_key = "detector", "[train/det]", "train.detection"
     monitor, mode = "mAP_0.5", "max"  # D-6: the detector's early stopping and best.pt follow mAP@0.5
 
-    def __init__(self, cfg: PillSnapConfig, policy: Policy, model_dir: Path, val_rows: pd.DataFrame,
-                 init_checkpoint: Optional[Path] = None, compile_backend: Optional[Callable] = None,
+    def __init__(self, cfg: PillSnapConfig, policy: Policy, model_dir: Path, val_samples: Sequence[DetSample],
+                 val_read: Optional[Callable[[int], Any]] = None, init_checkpoint: Optional[Path] = None,
+                 compile_backend: Optional[Callable] = None,
                  world_size: int = 1):
         # A warm start replaces the COCO weights anyway: no need to fetch them.
         model = build_detector(cfg.detection, model_dir, pretrained=False if init_checkpoint else None)
@@ -64,7 +63,7 @@ class DetectorUnit(TrainUnit):
         model.args = self.hyp  # the detection loss reads its box/cls/dfl gains here
         self.criterion = model.init_criterion()
         self.backbone = backbone_name(cfg.detection)
-        self.val_samples = detection_samples(val_rows)
+        self.val_samples, self.val_read = val_samples, val_read  # val_read: the photos from the detector store
         self.last_items: Dict[str, float] = {}
 
     # ------------------------------------------------------------------ batches
@@ -117,7 +116,7 @@ class DetectorUnit(TrainUnit):
         try:
             detector = map_detector(model, self.cfg.detection.image_size, self.eval_batch_size)
             return evaluate_detector(detector, self.val_samples, self.cfg.detection.conf_threshold, comm.rank,
-                                     comm.world_size, comm.gather)
+                                     comm.world_size, comm.gather, self.val_read)
         finally:
             model.train(was_training)
 

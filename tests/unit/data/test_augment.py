@@ -125,3 +125,19 @@ def test_bad_values_are_named():
     assert check_augment_config(AugmentConfig()) is None
     with pytest.raises(ConfigError, match=r"augment.hue=0.9"):
         load_config(profile="ci", overrides=["augment.hue=0.9"])
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+def test_the_policy_colour_ops_keep_to_the_batchs_device(policy):
+    """CUDA refuses arithmetic between a CUDA batch and host tensors; the `meta` device refuses it the same way, so
+    every colour op of the policy runs here on a meta batch with its choices made on the host, as on a GPU."""
+    from pillsnap.data.augment import COLOUR, POLICY_OPS
+
+    aug = BatchAugment(AugmentConfig(policy=policy, policy_ops=1), 32, 3)
+    colour_ops = [k for k, op in enumerate(POLICY_OPS) if op in COLOUR]
+    n = 2 * len(colour_ops)
+    ops = [torch.tensor(colour_ops * 2)]
+    bins, signs = [torch.arange(n) % 10 + 1], [torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).double()]
+    x = torch.rand(n, 3, 32, 32, device="meta")
+    out = aug._policy_colour(x, ops, bins, signs)
+    assert out.device.type == "meta" and out.shape == (n, 3, 32, 32)

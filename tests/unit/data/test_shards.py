@@ -11,7 +11,8 @@ from pillsnap.data.cache import PixelStore, decode_sample, photo_samples, row_by
 from pillsnap.data.class_map import build_class_map
 from pillsnap.data.datasets import classification_samples
 from pillsnap.data.manifest import write_manifest
-from pillsnap.data.prepare import manifest_path, pixel_store, run_validation, shard_results_dir
+from pillsnap.data.detector_store import DetectorStore, fit_long_side
+from pillsnap.data.prepare import cache_root, manifest_path, pixel_store, run_validation, shard_results_dir
 from pillsnap.data.shards import ShardError, ShardSettings, plan_shards, run_shard
 from pillsnap.data.validate import validate_manifest
 
@@ -51,6 +52,36 @@ def test_one_decode_gives_the_report_and_the_cache_of_the_two_passes(broken, mak
     # training finds every row: nothing is decoded again
     assert store.ensure(data.samples, show_progress=False).tolist() == rows.tolist()
     assert not (store.dir / "pixels.u8").exists()
+    # the same decode fitted every combination photo into the detector's store, as ultralytics reads and resizes it
+    combos = manifest[manifest.kind == "combination"].image_path.tolist()
+    detector = DetectorStore(cache_root(cfg), cfg.detection.image_size)
+    assert len(combos) >= 3 and result["pixel_cache"]["detector_rows_added"] == len(detector) == len(combos)
+    fitted = detector.rows([(p, None) for p in combos])
+    for path, row in zip(combos, fitted):
+        assert np.array_equal(detector.get(int(row)), fit_long_side(path, None, cfg.detection.image_size)), path
+    assert detector.ensure([(p, None) for p in combos], show_progress=False).tolist() == fitted.tolist()
+    assert not (detector.dir / "pixels.u8").exists()
+
+
+def test_a_photo_that_is_not_an_rgb_png_is_fitted_as_opencv_decodes_it(tiny_manifest, tmp_path):
+    """Pillow's pixels stand in for OpenCV's only where both decoders must agree (8-bit RGB PNG): a JPEG's row is
+    OpenCV's own decode, like ultralytics' imread."""
+    from PIL import Image
+
+    from pillsnap.core.identity import file_stamp
+    from pillsnap.data.shards import Photo, inspect_photo
+
+    png = tiny_manifest[tiny_manifest.kind == "combination"].iloc[0]
+    jpeg = tmp_path / "photo.jpg"
+    Image.open(png.image_path).convert("RGB").save(jpeg, quality=80)
+    settings = ShardSettings(True, False, str(tmp_path / "cache"), 64, 0.0, True, detector_size=96)
+    for path in (png.image_path, str(jpeg)):
+        photo = Photo(path, int(png.width), int(png.height), (), file_stamp(path), combination=True)
+        inspected = inspect_photo(photo, settings)
+        assert inspected.check[0] is None
+        np.testing.assert_array_equal(inspected.detector_row, fit_long_side(path, None, 96))
+    single = Photo(png.image_path, int(png.width), int(png.height), (), file_stamp(png.image_path))
+    assert inspect_photo(single, settings).detector_row is None
 
 
 def test_a_finished_shard_is_not_redone_and_an_unfinished_one_is(broken, make_config, tmp_path):
@@ -116,7 +147,25 @@ def test_the_cache_is_left_to_training_when_the_disk_cannot_hold_the_manifest(br
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
     result = run_validation(cfg, show_progress=False)
     assert "cannot hold" in result["pixel_cache"]["note"] and result["pixel_cache"]["rows_added"] == 0
-    assert not list(pixel_store(cfg).dir.glob("seg-*"))
+    assert not list(pixel_store(cfg).dir.glob("seg-*")) and result["pixel_cache"]["detector_rows_added"] == 0
+
+
+def test_the_detector_rows_are_left_to_training_when_the_disk_holds_only_the_classifiers(broken, make_config,
+                                                                                          tmp_path, monkeypatch):
+    import shutil
+
+    from pillsnap.data import cache
+
+    cfg = _experiment(make_config, tmp_path, broken[0])
+    samples = [s for p, k, b in zip(*(broken[0][c] for c in ("image_path", "kind", "boxes")))
+               for s in photo_samples(p, k, b, True)]
+    # room for the classifier's rows and one detector row
+    free = pixel_store(cfg).plan(samples).bytes_needed + cache.DISK_MARGIN_BYTES + row_bytes(cfg.detection.image_size)
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    result = run_validation(cfg, show_progress=False)
+    assert result["pixel_cache"]["rows_added"] > 0 and result["pixel_cache"]["detector_rows_added"] == 0
+    assert "left to each stage's training" in result["pixel_cache"]["note"]
+    assert not DetectorStore(cache_root(cfg), cfg.detection.image_size).dir.exists()
 
 
 def test_photo_samples_are_the_classifier_samples(tiny_manifest):

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import torch
-import torchvision
 
-from pillsnap.metrics.detection import detection_metrics, match_detections
-from pillsnap.infer.detection import (detection_samples, evaluate_detector, letterbox, load_bgr, map_detector, nms, onnx_raw_predictor, torch_raw_predictor)
+from pillsnap.metrics.detection import box_iou, detection_metrics, match_detections
+from pillsnap.infer.detection import (detection_samples, evaluate_detector, letterbox, load_bgr, map_detector, nms,
+                                      nms_batch, onnx_raw_predictor, torch_raw_predictor)
 from pillsnap.data.yolo_dataset import detection_rows
 from pillsnap.models.detector import export_detector_onnx, load_detector_checkpoint
 from tests.unit.detection_support import det_data, sequential_run  # noqa: F401  (session fixtures)
@@ -18,20 +18,40 @@ def _raw(rng, n=400, nc=1, size=160.0):
     return np.concatenate([xy, wh, scores], 1).T.astype(np.float32)  # (4+nc, N) like the YOLO head
 
 
+def greedy_nms(raw, conf, iou, max_det):
+    """The rule written out plainly: best first, a box goes when its IoU with a kept box of its class > iou."""
+    scores, cls = raw[4:].max(0), raw[4:].argmax(0)
+    keep = scores > conf
+    xywh, scores, cls = raw[:4].T[keep], scores[keep], cls[keep]
+    boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+    kept = []
+    for i in np.argsort(-scores, kind="stable"):
+        if len(kept) < max_det and all(cls[j] != cls[i] or box_iou(boxes[i:i + 1], boxes[j:j + 1])[0, 0] <= iou
+                                       for j in kept):
+            kept.append(i)
+    return np.concatenate([boxes[kept], scores[kept, None], cls[kept, None].astype(np.float32)], 1)
+
+
 @pytest.mark.parametrize("nc", [1, 3])
-def test_nms_matches_torchvision(nc):
+def test_nms_is_the_greedy_per_class_rule(nc):
     rng = np.random.default_rng(nc)
     raw = _raw(rng, nc=nc)
-    ours = nms(raw, conf=0.05, iou=0.5, max_det=1000)
-    scores, cls = raw[4:].max(0), raw[4:].argmax(0)
-    keep = scores > 0.05
-    xywh = torch.from_numpy(raw[:4].T[keep])
-    boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
-    idx = torchvision.ops.batched_nms(boxes, torch.from_numpy(scores[keep]), torch.from_numpy(cls[keep]), 0.5)
-    np.testing.assert_allclose(ours[:, :4], boxes[idx].numpy(), rtol=1e-6)
-    np.testing.assert_array_equal(ours[:, 5], cls[keep][idx.numpy()])
-    assert np.all(np.diff(ours[:, 4]) <= 0)
+    ours, plain = nms(raw, conf=0.05, iou=0.5, max_det=1000), greedy_nms(raw, 0.05, 0.5, 1000)
+    np.testing.assert_allclose(ours, plain, rtol=1e-6)
+    assert np.all(np.diff(ours[:, 4]) <= 0) and len(ours) < (raw[4:].max(0) > 0.05).sum()
     assert len(nms(raw, 0.05, 0.5, max_det=7)) == 7
+
+
+def test_nms_over_a_batch_keeps_images_apart():
+    """One call for the batch: a box never suppresses one of another image, and each image's rows equal its own."""
+    rng = np.random.default_rng(5)
+    raw = np.stack([_raw(rng, nc=2) for _ in range(3)])
+    raw[1] = raw[0]  # two identical images: each keeps all its boxes
+    batched = nms_batch(torch.from_numpy(raw), 0.05, 0.5, 100)
+    for image, rows in zip(raw, batched):
+        np.testing.assert_allclose(rows, greedy_nms(image, 0.05, 0.5, 100), rtol=1e-6)
+    np.testing.assert_array_equal(batched[0], batched[1])
+    assert [len(r) for r in nms_batch(np.zeros((2, 5, 10), np.float32), 0.05, 0.5, 10)] == [0, 0]
 
 
 def test_ap_precision_recall_match_ultralytics_ap_per_class():

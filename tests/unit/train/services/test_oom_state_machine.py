@@ -172,7 +172,7 @@ class FakeUnit:
         self.oom = OomRecovery(policy(cooldown_sec=0, **guard_rails), OomState(batch_size, 1, "bf16"))
         self.error, self.calls = error, 0
         self.replay = SimpleNamespace(capture=lambda: None, restore=lambda: None)
-        self.train_model = SimpleNamespace(confirm=lambda: None, fall_back=lambda exc: False)
+        self.train_model = SimpleNamespace(fall_back=lambda exc: False)
         self.optimizer = SimpleNamespace(zero_grad=lambda set_to_none=True: None)
         self.updated = 0
 

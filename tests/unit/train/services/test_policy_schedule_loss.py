@@ -54,6 +54,25 @@ def test_a_backend_that_fails_at_the_first_forward_falls_back_once():
     assert torch.equal(compiled(torch.ones(1, 2)), model(torch.ones(1, 2)))
 
 
+def test_only_the_compilers_own_failure_drops_compile():
+    """The model's own error (eager raises it too) and an OOM while compiling or capturing (the D-8 machine's) keep
+    compile; each is raised to the caller instead of replayed on the eager model."""
+    from pillsnap.train.services.oom_state_machine import is_oom_error
+
+    model = torch.nn.Linear(2, 2)
+    compiled = CompiledModel(model, "default", backend="aot_eager")
+    with pytest.raises(Exception) as own:
+        compiled(torch.ones(1, 3))  # the wrong width: the model's error, found while dynamo traces it
+    assert not compiled.fall_back(own.value) and compiled.state == "compiled"
+
+    def out_of_memory(gm, example_inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (during graph capture)")
+    starved = CompiledModel(model, "reduce-overhead", backend=out_of_memory)
+    with pytest.raises(Exception) as oom:
+        starved(torch.ones(1, 2))
+    assert is_oom_error(oom.value) and not starved.fall_back(oom.value) and starved.state == "compiled"
+
+
 def test_warmup_then_cosine_without_restarts():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = lr_schedule(opt, total_steps=100, warmup_steps=10, kind="cosine", reference_global_batch=8)

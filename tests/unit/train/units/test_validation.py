@@ -89,3 +89,24 @@ def test_the_top_five_of_the_logits_start_with_the_argmax():
     assert (top[:, 0] == logits.argmax(1)).all()
     assert (np.sort(top, 1) == np.sort(np.argsort(-logits, 1)[:, :5], 1)).all()
     assert metrics_from_top(labels, top) == classification_metrics(labels, logits)
+
+
+def test_the_classifier_validates_in_loader_workers_that_end_with_the_pass(make_config, tmp_path, tiny_stage):
+    """Rows decode in the validation loader's workers; none outlives the pass (the memory check, which sums the
+    process and its children at the epoch's end, must not read them as a leak); the figures equal in-process
+    validation's."""
+    import psutil
+
+    m, cmap = tiny_stage
+    in_process = classifier_member(make_config(tmp_path / "a", "dataloader.num_workers=0"), m, cmap,
+                                   tmp_path / "a").unit
+    cfg = make_config(tmp_path / "b", "dataloader.num_workers=2", "dataloader.persistent_workers=true")
+    unit = classifier_member(cfg, m, cmap, tmp_path / "b").unit
+    unit.model.load_state_dict(in_process.model.state_dict())
+    assert unit.val_loader.num_workers == 2 and not unit.val_loader.persistent_workers
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    metrics = unit.validate()
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+    alone = in_process.validate()
+    for key in ("n", "accuracy", "macro_f1", "top5"):
+        assert metrics[key] == alone[key], key
