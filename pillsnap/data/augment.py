@@ -21,7 +21,7 @@ executors agree up to interpolation rounding (under 1/255 of a pixel value).
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -102,22 +102,26 @@ class BatchAugment:
                  labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if not len(images):
             return normalise(images), labels
+        # Every parameter is drawn and composed on the host from the host's seeds and boxes; only the pixels live
+        # on the device, and parameters go there with non-blocking copies: the step never waits for the device.
         u = sample_uniforms(seeds.tolist())
         ops, bins, signs = self._policy_choices(u)
-        forward = self._geometry(u, boxes.cpu().double(), ops, bins, signs)
-        colour = self._colour(u, images)
+        forward = self._geometry(u, boxes.cpu().double(), ops, bins, signs)  # no-op for host boxes
+        colour, mean_gain = self._colour(u)
         policy_colour = any(POLICY_OPS[int(k)] in COLOUR for slot in ops for k in slot.unique())
         use_torch = self.executor == "torch" or (self.executor == "auto" and images.device.type == "cuda")
         if use_torch:
-            x = _warp_torch(images, forward)
-            x = _apply_colour_torch(x, colour.to(x.device))
+            colour = to_device(colour, images.device)
+            if mean_gain is not None:
+                colour[:, :, 3] += to_device(mean_gain, images.device) * mean_grey(images)[:, None]
+            x = _apply_colour_torch(_warp_torch(images, forward), colour)
             x = normalise(self._policy_colour(x, ops, bins, signs)) if policy_colour else normalise(x)
-        elif policy_colour:
-            x = _warp_and_colour_cv2(images, forward, colour, normalised=False)
-            x = normalise(self._policy_colour(x, ops, bins, signs))
         else:
-            x = _warp_and_colour_cv2(images, forward, colour, normalised=True)
-        x = self._erase(x, u.to(x.device))
+            if mean_gain is not None:
+                colour[:, :, 3] += mean_gain * mean_grey(images)[:, None]
+            x = _warp_and_colour_cv2(images, forward, colour, normalised=not policy_colour)
+            x = normalise(self._policy_colour(x, ops, bins, signs)) if policy_colour else x
+        x = self._erase(x, u)
         if self.mixup is not None and len(x) % 2 == 0:
             x, labels = self._mix(x, labels, int(seeds[0]))
         return x, labels
@@ -186,11 +190,13 @@ class BatchAugment:
         return _translate(centre + shift) @ linear @ _translate(-centre) @ lossless @ zoom
 
     # ------------------------------------------------------------------ colour
-    def _colour(self, u: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, 4): brightness, contrast, saturation, hue and channel gain as ONE affine on RGB in [0, 1].
+    def _colour(self, u: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(N, 3, 4): brightness, contrast, saturation, hue and channel gain as ONE affine on RGB in [0, 1], and
+        with contrast, the (N, 3) gain of each photo's mean grey in its offset (None without contrast).
 
         Composed without clamping between the steps (the executors clamp once, at the end); contrast blends
-        towards the image's mean grey, estimated on a strided subsample of the photo.
+        towards the photo's mean grey (`mean_grey`), which the steps after it carry linearly: the executor adds
+        gain x mean where the pixels are, so the matrices never wait for them.
         """
         c, n = self.cfg, len(u)
         jitter = lambda i, span: 1 + (2 * u[:, i] - 1) * span  # noqa: E731
@@ -198,22 +204,24 @@ class BatchAugment:
         grey_row = torch.tensor(GREY, dtype=torch.float64)
         b = jitter(U_BRIGHT, c.brightness)
         matrix, offset = eye * b.view(-1, 1, 1), torch.zeros(n, 3, dtype=torch.float64)
+        mean_gain = None
         if c.contrast:
             k = jitter(U_CONTRAST, c.contrast)
-            sample = images[:, :, ::8, ::8].double().cpu() / 255.0
-            mean = (sample * grey_row.view(1, 3, 1, 1)).sum(1).mean((1, 2)) * b  # after brightness
-            matrix, offset = matrix * k.view(-1, 1, 1), offset * k.view(-1, 1) + ((1 - k) * mean).view(-1, 1)
+            matrix = matrix * k.view(-1, 1, 1)
+            mean_gain = ((1 - k) * b).view(-1, 1).expand(n, 3)  # towards the mean grey after brightness
+        steps = []
         if c.saturation:
             sat = jitter(U_SAT, c.saturation).view(-1, 1, 1)
-            blend = sat * eye + (1 - sat) * grey_row.view(1, 1, 3).expand(n, 3, 3)
-            matrix, offset = blend @ matrix, (blend @ offset.unsqueeze(-1)).squeeze(-1)
+            steps.append(sat * eye + (1 - sat) * grey_row.view(1, 1, 3).expand(n, 3, 3))
         if c.hue:
-            hue = _hue_matrix((2 * u[:, U_HUE] - 1) * c.hue * 2 * math.pi)
-            matrix, offset = hue @ matrix, (hue @ offset.unsqueeze(-1)).squeeze(-1)
+            steps.append(_hue_matrix((2 * u[:, U_HUE] - 1) * c.hue * 2 * math.pi))
         if c.channel_gain:
-            gain = torch.diag_embed(1 + (2 * u[:, U_GAIN_R:U_GAIN_B + 1] - 1) * c.channel_gain)
-            matrix, offset = gain @ matrix, (gain @ offset.unsqueeze(-1)).squeeze(-1)
-        return torch.cat([matrix, offset.unsqueeze(-1)], 2)
+            steps.append(torch.diag_embed(1 + (2 * u[:, U_GAIN_R:U_GAIN_B + 1] - 1) * c.channel_gain))
+        for step in steps:
+            matrix, offset = step @ matrix, (step @ offset.unsqueeze(-1)).squeeze(-1)
+            if mean_gain is not None:
+                mean_gain = (step @ mean_gain.unsqueeze(-1)).squeeze(-1)
+        return torch.cat([matrix, offset.unsqueeze(-1)], 2), mean_gain
 
     @property
     def wide(self) -> bool:
@@ -244,15 +252,16 @@ class BatchAugment:
                 chosen = ops[slot] == k
                 if op not in COLOUR or not chosen.any():
                     continue
-                mag = _policy_magnitude(op, bins[slot], self.wide, self.size)[chosen].to(x.device, x.dtype)
-                sign = signs[slot][chosen].to(x.device, x.dtype)
+                mag = to_device(_policy_magnitude(op, bins[slot], self.wide, self.size)[chosen].to(x.dtype), x.device)
+                sign = to_device(signs[slot][chosen].to(x.dtype), x.device)
                 # host indices: a boolean mask on the device would make it count the chosen ones (a sync)
-                index = chosen.nonzero().squeeze(1).to(x.device)
+                index = to_device(chosen.nonzero().squeeze(1), x.device)
                 x.index_copy_(0, index, _COLOUR_OPS[op](x.index_select(0, index).clamp(0, 1), mag, sign))
         return x
 
     # ------------------------------------------------------------------ erasing and mixing
     def _erase(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Random erasing; its rectangles drawn on the host (`u`), the mask made where the pixels are."""
         p = self.cfg.erasing
         if p <= 0:
             return x
@@ -265,10 +274,12 @@ class BatchAugment:
         h = torch.sqrt(area * ratio).clamp_max(1.0)
         w = torch.sqrt(area / ratio).clamp_max(1.0)
         top, left = u[:, U_ERASE_Y] * (1 - h), u[:, U_ERASE_X] * (1 - w)
+        spans = to_device(torch.stack([top, top + h, left, left + w], 1), x.device)
+        top, bottom, left, right = spans.unbind(1)
         grid = (torch.arange(self.size, device=x.device, dtype=torch.float64) + 0.5) / self.size
-        rows = (grid[None] >= top[:, None]) & (grid[None] < (top + h)[:, None])
-        cols = (grid[None] >= left[:, None]) & (grid[None] < (left + w)[:, None])
-        mask = (rows[:, :, None] & cols[:, None, :]) & erase[:, None, None]
+        rows = (grid[None] >= top[:, None]) & (grid[None] < bottom[:, None])
+        cols = (grid[None] >= left[:, None]) & (grid[None] < right[:, None])
+        mask = (rows[:, :, None] & cols[:, None, :]) & to_device(erase, x.device)[:, None, None]
         return x.masked_fill(mask[:, None], 0.0)  # 0 after normalisation = the mean colour (timm's "const")
 
     def _mix(self, x: torch.Tensor, labels: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -306,6 +317,17 @@ def _translate(t: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor to the pixels' device without waiting for the device's queue (a blocking copy synchronises
+    the stream; a pageable source is staged at once, so the host may reuse it right after)."""
+    return t.to(device, non_blocking=True)
+
+
+def mean_grey(images: torch.Tensor) -> torch.Tensor:
+    """(N,) each uint8 photo's mean grey in [0, 1], on a strided subsample, on the photos' own device."""
+    return _grey(images[:, :, ::8, ::8].double() / 255.0).mean((1, 2, 3))
+
+
 def _grey(x: torch.Tensor) -> torch.Tensor:
     return GREY[0] * x[:, 0:1] + GREY[1] * x[:, 1:2] + GREY[2] * x[:, 2:3]
 
@@ -331,8 +353,8 @@ def _warp_torch(images: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
     x = images.float().div_(255.0)
     moved = _moved(forward)
     if moved.any():
-        theta = torch.linalg.inv(forward[moved])[:, :2].to(x.dtype).to(x.device)
-        index = moved.nonzero().squeeze(1).to(x.device)
+        theta = to_device(torch.linalg.inv(forward[moved])[:, :2].to(x.dtype), x.device)
+        index = to_device(moved.nonzero().squeeze(1), x.device)
         part = x.index_select(0, index)
         grid = F.affine_grid(theta, list(part.shape), align_corners=False)
         x.index_copy_(0, index, F.grid_sample(part, grid, mode="bilinear", padding_mode="reflection",

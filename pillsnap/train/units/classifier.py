@@ -52,7 +52,8 @@ class ClassifierUnit(TrainUnit):
     # ------------------------------------------------------------------ batches
     def to_device(self, batch: Batch, train: bool) -> Batch:
         dev = self.policy.device
-        moved = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        # the pixels and targets go to the device; seeds, boxes and indices stay where augmentation reads them
+        moved = {k: v.to(dev, non_blocking=True) if k in ("images", "targets") else v for k, v in batch.items()}
         moved = finish_batch(moved, self.augment if train else None)
         if self.policy.channels_last:
             moved["images"] = moved["images"].contiguous(memory_format=torch.channels_last)

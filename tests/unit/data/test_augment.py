@@ -141,3 +141,34 @@ def test_the_policy_colour_ops_keep_to_the_batchs_device(policy):
     x = torch.rand(n, 3, 32, 32, device="meta")
     out = aug._policy_colour(x, ops, bins, signs)
     assert out.device.type == "meta" and out.shape == (n, 3, 32, 32)
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+def test_the_device_path_reads_nothing_back_and_never_waits_for_the_device(policy):
+    """The whole device path (warp, colour with contrast, every policy op, erasing, mixup) on a `meta` batch: a
+    meta tensor has no values, so any read back to the host (.item, .tolist, bool(), .cpu) fails here as it
+    would synchronise a GPU; and every host-to-device copy is non-blocking (a blocking one waits for the
+    device's queue)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.blocking = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" \
+                    and str(kwargs.get("device")) == "meta" and not kwargs.get("non_blocking", False):
+                self.blocking.append(tuple(args[0].shape))
+            return func(*args, **kwargs)
+
+    cfg = AugmentConfig(policy=policy, policy_ops=3, erasing=0.5, mixup=0.2)
+    aug = BatchAugment(cfg, 32, 5, executor="torch")
+    images = torch.empty(16, 3, 32, 32, dtype=torch.uint8, device="meta")
+    labels = torch.empty(16, dtype=torch.long, device="meta")
+    boxes = torch.tensor([[0.5, 0.5, 0.3, 0.2]] * 16)
+    with Copies() as copies:
+        out, targets = aug(images, torch.arange(16), boxes, labels)
+    assert out.device.type == targets.device.type == "meta" and out.shape == (16, 3, 32, 32)
+    assert copies.blocking == []
