@@ -254,9 +254,14 @@ def _log_decision(d: OomDecision) -> None:
 
 
 def release_cached_memory() -> None:
-    """Free what the failed step left behind; torch.cuda.empty_cache only where CUDA exists."""
+    """Free what the failed step left behind; the CUDA parts only where CUDA exists. CUDA graphs recorded by
+    torch.compile(mode="reduce-overhead") keep their own memory pool, which empty_cache cannot return: the graph
+    trees are reset first, and the next step records them again at the new batch size."""
     gc.collect()
     if torch.cuda.is_available():
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
         torch.cuda.empty_cache()
 
 

@@ -261,3 +261,18 @@ def test_scale_optimizer_hparams_scales_groups_and_scheduler_base():
     sched.step()  # the scheduler recomputes lr from base_lrs: the scale must survive
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.05)
+
+
+def test_recovery_releases_the_cuda_graph_pools_before_the_cache(monkeypatch):
+    """empty_cache cannot return what recorded CUDA graphs hold: the graph trees are reset first (so the next step
+    records them again at the new batch size), then the cache is emptied."""
+    import torch._inductor.cudagraph_trees as trees
+
+    from pillsnap.train.services.oom_state_machine import release_cached_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trees, "reset_cudagraph_trees", lambda: calls.append("graphs"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("cache"))
+    release_cached_memory()
+    assert calls == ["graphs", "cache"]
