@@ -72,7 +72,7 @@ class ApiResults:
     p95_ms: Optional[float] = None
     throughput_img_s: Optional[float] = None
     success_pct: Optional[float] = None  # planned requests answered (what a stage's check can show; not uptime)
-    device: Optional[str] = None
+    device: Optional[str] = None  # what made the figures (an ONNX session's provider), else the serving device
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ def _api_results(api: Optional[Mapping[str, Any]]) -> Optional[ApiResults]:
         return None
     planned, sent = api.get("planned", api.get("requests")), api.get("requests") or 0
     success = 100.0 * (sent - api.get("errors", 0)) / planned if planned else None  # unsent = not answered
-    return ApiResults(api.get("p95_ms"), api.get("throughput_img_s"), success, api.get("device"))
+    return ApiResults(api.get("p95_ms"), api.get("throughput_img_s"), success, api.get("runs_on") or api.get("device"))
 
 
 def _training_results(trained: Mapping[str, Mapping[str, Any]], checks: Mapping[str, Status]) -> TrainingResults:

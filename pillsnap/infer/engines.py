@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pillsnap.config import PillSnapConfig
-from pillsnap.core.devices import serving_device
+from pillsnap.core.devices import device_name, serving_device
 from pillsnap.data.class_map import ClassMap, check_same
 from pillsnap.infer.detection import Detector, onnx_raw_predictor, torch_raw_predictor
 from pillsnap.core import layout
@@ -31,6 +31,7 @@ class InferenceSetupError(RuntimeError):
 
 class ClassifierEngine(Protocol):
     name: str
+    runs_on: str  # where its figures are made, as reports print it
 
     def logits(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -41,6 +42,11 @@ class TorchClassifierEngine:
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.model = model.float().to(self.device).eval()
+
+    @property
+    def runs_on(self) -> str:
+        """Where its figures are made."""
+        return device_name(self.device)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
@@ -56,6 +62,12 @@ class OnnxClassifierEngine:
         self.session = onnx_session(self.path, providers=onnx_providers(self.device), threads=threads)
         self.input_name = self.session.get_inputs()[0].name
 
+    @property
+    def runs_on(self) -> str:
+        """Where its figures are made: the session's first provider, not the device asked for (a CPU build of
+        onnxruntime runs on the CPU of a GPU machine)."""
+        return onnx_runs_on(self.session.get_providers(), self.device)
+
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
@@ -64,6 +76,14 @@ def check_engine(engine: str) -> str:
     if engine not in ENGINES:
         raise InferenceSetupError(f"inference.engine={engine!r} is not one of {list(ENGINES)}")
     return engine
+
+
+def onnx_runs_on(providers: List[str], device: torch.device) -> str:
+    if providers and providers[0] == "CUDAExecutionProvider":
+        return f"{device_name(device)} (onnxruntime CUDA)"
+    missing = ("; this onnxruntime has no CUDA provider: install onnxruntime-gpu to serve ONNX on the GPU"
+               if device.type == "cuda" else "")
+    return f"{device_name(torch.device('cpu'))} (onnxruntime CPU{missing})"
 
 
 def onnx_providers(device: torch.device) -> List[str]:

@@ -32,6 +32,10 @@ class BatchingEngine:
         self.passes = 0  # forward passes run; fewer than calls means passes were shared
         self.calls = 0
 
+    @property
+    def runs_on(self) -> str:
+        return self.engine.runs_on
+
     def logits(self, batch: np.ndarray) -> np.ndarray:
         call = _Call(batch)
         with self._lock:

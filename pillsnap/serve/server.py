@@ -33,6 +33,7 @@ def stage_loader(cfg: PillSnapConfig, stage: Optional[int], engine: Optional[str
             predictor.classifier = BatchingEngine(predictor.classifier, cfg.serve.micro_batch_max)
         identity = predictor.identity  # the same in /ready and in every answer
         facts = {"stage": identity["stage"], "engine": identity["engine"], "device": device_name(serving_device(cfg)),
+                 "runs_on": predictor.classifier.runs_on,
                  "num_classes": len(predictor.labels), "class_map_hash": identity["class_map_hash"],
                  "model_files": {n: f["path"] for n, f in identity["files"].items()}, "model": identity,
                  "detector": predictor.has_detector, "default_mode": predictor.default_mode,

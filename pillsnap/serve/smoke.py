@@ -121,6 +121,8 @@ def api_smoke_test(cfg: PillSnapConfig, stage: int, photos: Sequence[str], engin
         with running_server(cfg, stage, engine, s.smoke_timeout_s) as server:
             out["ready_s"] = round(server.started_s, 2)
             out["model"] = server.ready.get("model")  # which files answered, by sha256
+            # what made the figures: the ONNX session's provider, not the device asked for
+            out["runs_on"] = server.ready.get("runs_on")
             with httpx.Client() as client:
                 first = post_photo(client, server, photos[0], "single")
             reference = load_predictor(cfg, stage, engine).predict(photos[0], "single")
@@ -135,7 +137,7 @@ def api_smoke_test(cfg: PillSnapConfig, stage: int, photos: Sequence[str], engin
         out["reason"] = "answers differ from the pipeline" if not out["answer_matches_pipeline"] else \
             f"{out['errors']} of {out['requests']} requests sent failed and {out['unsent']} of {out['planned']} " \
             f"planned were not sent within serve.smoke_timeout_s ({s.smoke_timeout_s:g} s)"
-    log.info("API check (%s, %s): %s", engine, out["device"], out)
+    log.info("API check (%s on %s): %s", engine, out.get("runs_on") or out["device"], out)
     return out
 
 

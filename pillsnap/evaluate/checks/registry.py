@@ -325,7 +325,8 @@ def _full_dataset(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
 def _api(ev: StageEvidence, cfg: PillSnapConfig) -> Outcome:
     if ev.api is None:
         return _missing("the API check did not run")
-    keys = ("deployed", "engine", "device", "ready_s", "requests", "errors", "p95_ms", "throughput_img_s", "reason")
+    keys = ("deployed", "engine", "device", "runs_on", "ready_s", "requests", "errors", "p95_ms", "throughput_img_s",
+            "reason")
     return _verdict(bool(ev.api.get("deployed")), {k: ev.api.get(k) for k in keys if k in ev.api})
 
 

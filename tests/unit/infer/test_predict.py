@@ -189,3 +189,18 @@ def test_predict_answers_every_readable_photo_and_reports_the_unreadable(exporte
     assert [r["image"] for r in results] == [photos[0], str(broken), photos[1]]
     assert "pills" in results[0] and "pills" in results[2] and "cannot read image" in results[1]["error"]
     assert str(broken) in captured.err
+
+
+def test_an_onnx_figure_names_the_provider_that_made_it(monkeypatch):
+    """A CPU build of onnxruntime on a GPU machine runs the model on the CPU: its figures say so, and how to fix
+    it; the CUDA provider's say the GPU."""
+    import torch
+
+    import pillsnap.infer.engines as engines
+
+    monkeypatch.setattr(engines, "device_name", lambda d: f"{d.type}: the {d.type} model")
+    gpu = torch.device("cuda")
+    on_cpu = engines.onnx_runs_on(["CPUExecutionProvider"], gpu)
+    assert on_cpu.startswith("cpu: ") and "no CUDA provider" in on_cpu and "onnxruntime-gpu" in on_cpu
+    assert engines.onnx_runs_on(["CUDAExecutionProvider", "CPUExecutionProvider"], gpu).startswith("cuda: ")
+    assert engines.onnx_runs_on(["CPUExecutionProvider"], torch.device("cpu")) == "cpu: the cpu model (onnxruntime CPU)"

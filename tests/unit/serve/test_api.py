@@ -43,6 +43,7 @@ def test_health_is_open_and_ready_says_what_is_served(server):
     assert httpx.get(f"{running.url}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{running.url}/ready", headers=running.headers).json()
     assert ready["ready"] and ready["stage"] == 1 and ready["engine"] == engine and ready["num_classes"] == 6
+    assert ready["runs_on"].startswith("cpu:") and ("onnxruntime CPU" in ready["runs_on"]) == (engine == "onnx")
     assert ready["device"].startswith("cpu:") and ready["model_files"]["classifier"].endswith(
         "best.pt" if engine == "torch" else "classifier.onnx")
     assert len(ready["class_map_hash"]) == 16 and ready["detector"]
