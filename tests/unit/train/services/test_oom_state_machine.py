@@ -276,3 +276,29 @@ def test_recovery_releases_the_cuda_graph_pools_before_the_cache(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("cache"))
     release_cached_memory()
     assert calls == ["graphs", "cache"]
+
+
+def test_an_oom_while_compiling_is_recovered_by_d8_with_compile_kept():
+    """An OOM raised while the compiler runs (CUDA-graph capture, autotuning) reaches the guard wrapped in the
+    compiler's error: it is the D-8 machine's OOM (a recovery step, then the step again, compiled), never a reason
+    to train eagerly."""
+    from pillsnap.train.services.policy import CompiledModel
+
+    captures = []
+
+    def capture_runs_out_once(gm, example_inputs):
+        captures.append(len(captures))
+        if len(captures) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (while capturing a graph)")
+        return gm.forward
+
+    unit = FakeUnit()
+    unit.model = torch.nn.Linear(2, 2)
+    unit.train_model = CompiledModel(unit.model, "reduce-overhead", backend=capture_runs_out_once)
+    unit.forward_backward = lambda batch, weight: unit.train_model(torch.ones(1, 2)).sum()
+    unit.prepare_update = lambda: None
+    guard = _guard(unit)
+    guard.step([object()], 1, 1, _emergency)
+    assert [e["action"] for e in guard.events] == [AMP_FP16] and unit.updated == 1
+    assert unit.train_model.state == "compiled" and unit.train_model.current is not unit.train_model.eager
+    assert captures == [0, 1]
