@@ -18,6 +18,7 @@ from pillsnap.config import PillSnapConfig
 from pillsnap.data.augment import BatchAugment
 from pillsnap.data.class_map import ClassMap
 from pillsnap.data.detector_store import DetectorStore, StoredImages
+from pillsnap.data.cache import PixelStore
 from pillsnap.data.prepare import cache_root, pixel_store
 from pillsnap.data.datasets import (ClassificationDataset, ClassificationSamples, Collate, EpochSampler, RankSlice,
                                     classification_samples, make_loader)
@@ -92,13 +93,26 @@ def classifier_data(cfg: PillSnapConfig, subset: pd.DataFrame, labels: ClassMap,
     def build(batch_size: int, workers: int) -> DataLoader:
         return make_loader(train_ds, batch_size, dl, True, sampler, workers, Collate(augment))
 
-    # Rows are decoded (JPEG) in loader workers that live for one validation only: persistent ones stayed alive
+    # JPEG rows are decoded in loader workers that live for one validation only: persistent ones stayed alive
     # between validations, and the memory check (the process and its children) read them as a 2.5 GB leak.
-    val_loader = make_loader(val_ds, cfg.train.classification.batch_size, dl, False,
-                             RankSlice(len(val_ds), rank, world), dl.num_workers, Collate(normalise_only=on_cpu),
-                             persistent=False)
+    val_slice = RankSlice(len(val_ds), rank, world)
+    val_loader = make_loader(val_ds, cfg.train.classification.batch_size, dl, False, val_slice,
+                             val_loader_workers(len(val_slice), store, dl.num_workers),
+                             Collate(normalise_only=on_cpu), persistent=False)
     train = UnitData(train_ds, sampler, build, dl.num_workers, dl.drop_last)
     return ClassifierData(train_samples, val_samples, train, val_loader)
+
+
+# A loader worker costs ~1-3 s to start (a fresh interpreter importing torch) and a JPEG row ~1 ms to decode: below
+# this many rows a worker would not pay for its start, and raw rows (a read, no decode) never repay one.
+ROWS_PER_VAL_WORKER = 2000
+
+
+def val_loader_workers(samples: int, store: Optional[PixelStore], workers: int) -> int:
+    """Workers for one validation pass over `samples` rows: the decoding ones it pays to start, up to `workers`."""
+    if store is None or store.fmt.kind != "jpeg":
+        return 0 if store is not None else workers  # no store: every sample is a PNG decode
+    return min(workers, samples // ROWS_PER_VAL_WORKER)
 
 
 class SeededItems(torch.utils.data.Dataset):

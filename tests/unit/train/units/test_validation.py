@@ -91,16 +91,21 @@ def test_the_top_five_of_the_logits_start_with_the_argmax():
     assert metrics_from_top(labels, top) == classification_metrics(labels, logits)
 
 
-def test_the_classifier_validates_in_loader_workers_that_end_with_the_pass(make_config, tmp_path, tiny_stage):
-    """Rows decode in the validation loader's workers; none outlives the pass (the memory check, which sums the
-    process and its children at the epoch's end, must not read them as a leak); the figures equal in-process
+def test_the_classifier_validates_in_loader_workers_that_end_with_the_pass(make_config, tmp_path, tiny_stage,
+                                                                           monkeypatch):
+    """JPEG rows decode in the validation loader's workers; none outlives the pass (the memory check, which sums
+    the process and its children at the epoch's end, must not read them as a leak); the figures equal in-process
     validation's."""
     import psutil
 
+    import pillsnap.train.data as train_data
+
+    monkeypatch.setattr(train_data, "ROWS_PER_VAL_WORKER", 1)  # the tiny stage's few rows: as many as a release's
     m, cmap = tiny_stage
-    in_process = classifier_member(make_config(tmp_path / "a", "dataloader.num_workers=0"), m, cmap,
+    jpeg = "dataloader.cache.format=jpeg"
+    in_process = classifier_member(make_config(tmp_path / "a", jpeg, "dataloader.num_workers=0"), m, cmap,
                                    tmp_path / "a").unit
-    cfg = make_config(tmp_path / "b", "dataloader.num_workers=2", "dataloader.persistent_workers=true")
+    cfg = make_config(tmp_path / "b", jpeg, "dataloader.num_workers=2", "dataloader.persistent_workers=true")
     unit = classifier_member(cfg, m, cmap, tmp_path / "b").unit
     unit.model.load_state_dict(in_process.model.state_dict())
     assert unit.val_loader.num_workers == 2 and not unit.val_loader.persistent_workers
@@ -110,3 +115,16 @@ def test_the_classifier_validates_in_loader_workers_that_end_with_the_pass(make_
     alone = in_process.validate()
     for key in ("n", "accuracy", "macro_f1", "top5"):
         assert metrics[key] == alone[key], key
+
+
+def test_validation_starts_only_the_workers_that_pay_for_their_start(tmp_path):
+    """A worker's start (a fresh interpreter) is repaid by ~2,000 JPEG decodes; raw rows never repay one."""
+    from pillsnap.data.cache import PixelStore
+    from pillsnap.data.row_format import RowFormat
+    from pillsnap.train.data import ROWS_PER_VAL_WORKER, val_loader_workers
+
+    jpeg, raw = PixelStore(tmp_path, 64, 0.0, RowFormat("jpeg", 90)), PixelStore(tmp_path, 64)
+    assert val_loader_workers(50_000, jpeg, 8) == 8  # Stage 4's slice of a rank
+    assert val_loader_workers(3 * ROWS_PER_VAL_WORKER, jpeg, 8) == 3
+    assert val_loader_workers(ROWS_PER_VAL_WORKER - 1, jpeg, 8) == 0
+    assert val_loader_workers(50_000, raw, 8) == 0 and val_loader_workers(50_000, None, 8) == 8
