@@ -274,12 +274,11 @@ def run_shard(shard: Shard, settings: ShardSettings, results_dir: Path, workers:
 def _summary(shard: Shard, path: Path, checks: Sequence[Check], computed: bool, settings: ShardSettings,
              worker: str) -> Dict:
     samples = sum(len(p.samples) for p in shard.photos) if settings.cache_dir is not None else 0
-    fitted = len(detector_photos(shard, settings))
+    fitted = bool(detector_photos(shard, settings))
     return {"shard": shard.index, "first": shard.first, "photos": len(shard.photos), "result": str(path),
             "worker": worker,
             "segment": shard.segment if samples else None, "bad_photos": sum(1 for err, _ in checks if err),
-            "cached_samples": samples, "detector_segment": shard.segment if fitted else None,
-            "detector_rows": fitted, "computed": computed}
+            "cached_samples": samples, "detector_segment": shard.segment if fitted else None, "computed": computed}
 
 
 def read_checks(summaries: Sequence[Dict], photos: int) -> List[Check]:

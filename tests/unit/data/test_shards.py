@@ -122,6 +122,8 @@ def test_settings_and_photos_name_a_shard():
     assert [s.key for s in plan_shards(manifest, settings, 4)] == keys  # stable: a re-run finds them
     other = ShardSettings(True, True, "/cache", 320, 0.0, False)
     assert not set(keys) & {s.key for s in plan_shards(manifest, other, 4)}  # another cache size: other shards
+    fitting = ShardSettings(True, True, "/cache", 384, 0.0, False, detector_size=640)
+    assert not set(keys) & {s.key for s in plan_shards(manifest, fitting, 4)}  # the detector store filled too
     changed = manifest.assign(width=[976] * 9 + [977])
     assert [s.key for s in plan_shards(changed, settings, 4)][:2] == keys[:2]  # only the changed shard differs
     assert plan_shards(changed, settings, 4)[2].key != keys[2]
